@@ -1,0 +1,88 @@
+"""Fit the safe rational P(x) / (1 + |S(x)|) of nora.py to GELU (and SiLU, ReLU) and show where the fit holds.
+
+    python fit_gelu.py                     # GELU on [-8, 8]
+    python fit_gelu.py --all               # GELU, SiLU and ReLU
+    python fit_gelu.py --range -6 6        # another fitting range
+
+Prints the coefficients in a form that can be pasted into nora.py, a table of max / mean error
+on several ranges, and the values at far-out points. With --weights and a ViT checkpoint it also
+measures where that model's fc1 outputs (the GELU inputs) lie, on random-noise images or, with
+--images, on a .pt tensor of normalised images.
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+import nora
+
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
+def error_table(fn, num, den, ranges=(3, 6, 8, 10, 12, 16)):
+    rows = []
+    for r in ranges:
+        x = torch.linspace(-r, r, 20001, dtype=torch.float64)
+        err = (nora.rational(x[None], num[None], den[None])[0] - fn(x)).abs()
+        rows.append((f"[-{r}, {r}]", err.max().item(), err.mean().item()))
+    return rows
+
+
+def preactivation_ranges(weights, images, size, patch, img_size, layer_scale):
+    model = nora.VisionTransformer(size, patch, img_size, num_classes=0, layer_scale=layer_scale)
+    nora.load_pretrained(model, weights, verbose=False)
+    model.eval()
+    seen = []
+    for block in model.blocks:
+        block.mlp.act.register_forward_hook(lambda m, inp, out: seen.append(inp[0].flatten()))
+    x = torch.load(images) if images else torch.randn(8, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(x)
+    print(f"\nfc1 outputs of {weights} on {'images ' + images if images else 'random-noise images'}:")
+    print("| layer | min | max | 0.01% | 99.99% | beyond +-8 |\n|---|---|---|---|---|---|")
+    for i, a in enumerate(seen):
+        q = torch.quantile(a[torch.randperm(len(a), generator=torch.Generator().manual_seed(0))[:10**6]],
+                           torch.tensor([1e-4, 1 - 1e-4]))
+        print(f"| {i} | {a.min():.2f} | {a.max():.2f} | {q[0]:.2f} | {q[1]:.2f} | {(a.abs() > 8).float().mean():.2e} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--range", nargs=2, type=float, default=(-8.0, 8.0), metavar=("LO", "HI"))
+    p.add_argument("--all", action="store_true", help="also fit SiLU and ReLU")
+    p.add_argument("--out", help="also write the coefficients and errors to this JSON file")
+    p.add_argument("--weights", help="a ViT checkpoint whose pre-activation range to measure")
+    p.add_argument("--images", help="a .pt tensor (N, 3, S, S) of normalised images for --weights")
+    p.add_argument("--size", default="tiny", choices=nora.VIT_SIZES)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--layer-scale", action="store_true")
+    args = p.parse_args()
+
+    results = {}
+    for name in (ACTIVATIONS if args.all else ["gelu"]):
+        fn = ACTIVATIONS[name]
+        num, den = nora.fit_rational(fn, x_range=tuple(args.range))
+        print(f"\n{name.upper()} fitted on [{args.range[0]:g}, {args.range[1]:g}]; paste into nora.py:")
+        print(f"{name.upper()}_COEFFS = (\n    [{', '.join(f'{c:.10e}' for c in num)}],\n"
+              f"    [{', '.join(f'{c:.10e}' for c in den)}],\n)")
+        table = error_table(fn, num, den)
+        print("| range | max error | mean error |\n|---|---|---|")
+        for r, mx, mean in table:
+            print(f"| {r} | {mx:.4g} | {mean:.3g} |")
+        far = torch.tensor([-20.0, -10.0, 10.0, 20.0], dtype=torch.float64)
+        y = nora.rational(far[None], num[None], den[None])[0]
+        print("far out: " + ", ".join(f"f({x:g}) = {v:.3f} (true {t:.3f})" for x, v, t in zip(far, y, fn(far))))
+        results[name] = {"range": list(args.range), "numerator": num.tolist(), "denominator": den.tolist(),
+                         "errors": [{"range": r, "max": mx, "mean": mean} for r, mx, mean in table]}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"\nwrote {args.out}")
+    if args.weights:
+        preactivation_ranges(args.weights, args.images, args.size, args.patch_size, args.img_size, args.layer_scale)
+
+
+if __name__ == "__main__":
+    main()

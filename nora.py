@@ -1,0 +1,743 @@
+"""
+NoRA: Nonlinear Rational Adapter, in one file.
+
+"Don't Forget the Nonlinearity: Unlocking Activation Functions in Efficient Fine-Tuning"
+(arXiv 2509.13240). NoRA fine-tunes a frozen pretrained network by replacing each fixed
+activation (GELU in a ViT's MLP) with a group-wise rational function P(x)/Q(x), initialised to
+match GELU, and training only a low-rank update of its coefficients (plus the task head).
+NoRA++ adds LoRA on the weights.
+
+Read it top to bottom; each section uses only what came before it.
+  1. The rational function P(x)/Q(x)              paper Eqs. 1, 5, 6
+  2. Fitting the coefficients to GELU (and others)  paper Appendix B
+  3. GroupRational: a learnable group rational       paper Sec. 3 (after Group-KAN)
+  4. NoRA: low-rank updates of the coefficients      paper Eqs. 7, 8
+  5. LoRA, for NoRA++                                 paper Eqs. 2, 3
+  6. A small ViT with timm's names, and its weights
+  7. Putting adapters on any model
+"""
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. The rational function (Eqs. 1, 5, 6)
+#
+# A rational activation is phi(x) = P(x) / Q(x) (Eq. 1). A plain polynomial Q has roots, so
+# phi has poles; Eq. 6 makes it safe by writing the denominator as
+#       Q(x) = 1 + |b_1 x + b_2 x^2 + ... + b_n x^n|  >= 1,
+# We use degrees (m, n) = (5, 4), as Group-KAN and the released NoRA code do, and we leave out
+# the b_0 of Eq. 6, as that code does too: a constant term would only flatten |.| near x = 0.
+#
+# "Group-wise": the C channels (last dimension) are cut into G contiguous blocks, and channel c
+# uses the coefficients of group c // (C / G). So the coefficients are a (G, m+1) numerator
+# matrix and a (G, n) denominator matrix, whatever the size of x.
+#
+# We evaluate P and Q with Horner's rule, a0 + x(a1 + x(a2 + ...)), which never forms x^5 as a
+# tensor, and write the backward pass by hand: autograd over Horner would keep every
+# intermediate for backward (a dozen tensors the size of x); ours keeps only x and recomputes.
+# -----------------------------------------------------------------------------
+
+def _horner(x, coeffs):
+    """p(x) and p'(x) for a polynomial with per-group coefficients (G, k), x of shape (N, G, D)."""
+    c = coeffs.unsqueeze(-1)                   # (G, k, 1): broadcasts against (N, G, D)
+    p, dp = c[:, -1].expand_as(x), torch.zeros_like(x)
+    for i in range(coeffs.shape[1] - 2, -1, -1):
+        dp = torch.addcmul(p, dp, x)           # d/dx (p x + c) = p + x dp
+        p = torch.addcmul(c[:, i], p, x)       # p x + c_i
+    return p, dp
+
+
+def _group_sum_of_powers(t, x, k, start):
+    """[sum over each group of t * x^i for i in start .. start+k-1] as a (G, k) matrix."""
+    out = []
+    t = t * x ** start if start else t
+    for _ in range(k):
+        out.append(t.sum(dim=(0, 2)))
+        t = t * x
+    return torch.stack(out, dim=1)
+
+
+class _RationalFunction(torch.autograd.Function):
+    """y = P(x) / (1 + |S(x)|), S(x) = x * s(x), with gradients for x, P's and s's coefficients."""
+
+    @staticmethod
+    def forward(ctx, x, numerator, denominator):
+        P, _ = _horner(x, numerator)
+        s, _ = _horner(x, denominator)
+        ctx.save_for_backward(x, numerator, denominator)
+        return P / (1 + (s * x).abs())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, numerator, denominator = ctx.saved_tensors
+        P, dP = _horner(x, numerator)
+        s, ds = _horner(x, denominator)
+        S, dS = s * x, torch.addcmul(s, ds, x)           # S = x s,  S' = s + x s'
+        Q, sign = 1 + S.abs(), S.sign()
+        y = P / Q
+        # dy/dx = (P' - y Q') / Q with Q' = sign(S) S'
+        grad_x = grad * (dP - y * sign * dS) / Q
+        # dy/da_i = x^i / Q ;  dy/db_j = -y sign(S) x^j / Q ;  summed over each group
+        g = grad / Q
+        grad_num = _group_sum_of_powers(g, x, numerator.shape[1], 0)
+        grad_den = _group_sum_of_powers(-g * y * sign, x, denominator.shape[1], 1)
+        return grad_x, grad_num, grad_den
+
+
+def rational(x, numerator, denominator):
+    r"""Group-wise safe rational function of Eq. 6, applied to the last dimension of ``x``.
+
+    .. math::
+        \phi_g(x) = \frac{a_{g,0} + a_{g,1} x + \dots + a_{g,m} x^m}
+                         {1 + |b_{g,1} x + \dots + b_{g,n} x^n|}
+
+    Args:
+        x: tensor of any shape (..., C); C must be divisible by G.
+        numerator: (G, m+1) coefficients a_0 .. a_m of each group.
+        denominator: (G, n) coefficients b_1 .. b_n of each group.
+
+    Half-precision inputs are computed in float32 (x^5 overflows float16 for |x| > 9.2) and the
+    result is cast back, so it is safe to call under autocast.
+    """
+    if numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]:
+        raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G; "
+                         f"got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
+    G, C = numerator.shape[0], x.shape[-1]
+    if C % G:
+        divisors = [d for d in range(1, min(C, 64) + 1) if C % d == 0]
+        raise ValueError(f"rational: {C} channels cannot be split into {G} equal groups; "
+                         f"use a group count that divides {C}, e.g. one of {divisors}")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        y = _RationalFunction.apply(x.to(dtype).reshape(-1, G, C // G),
+                                    numerator.to(dtype), denominator.to(dtype))
+    return y.view(x.shape).to(x.dtype)
+
+# -----------------------------------------------------------------------------
+# 2. Fitting the coefficients (Appendix B)
+#
+# Rationals approximate smooth activations fast (Eq. 33), but only on a bounded range K with no
+# pole (Eq. 31). Our Q >= 1 has no pole, so the question is only which range to fit on: it must
+# cover where the pretrained model's pre-activations actually are, or swapping GELU for its
+# rational changes the model. Measured on a real pretrained ViT-S (DINOv2 weights, 36 crops of
+# real photos; `fit_gelu.py --weights`): 99.99% of fc1 outputs lie in [-6.5, 6.7] in every
+# block but the first, whose negative tail reaches -23. Fitting on [-8, 8] covers 99.65% of all
+# of them; swapping GELU for that fit changes the model's features by 2.4% (relative L2,
+# cosine >= 0.9995), and wider ranges do worse (4% for [-10, 10], 12% for [-12, 12]): a (5, 4)
+# rational grows linearly at both ends, so accuracy in the core beats covering the tails.
+#
+# Fitting P/Q to f is a nonlinear least-squares problem. The Sanathanan-Koerner iteration turns
+# it into a sequence of linear ones: with weights w = 1/Q_prev, solve
+#       min || w (P(x) - f(x) S(x) - f(x)) ||      (since f = P/(1+S)  <=>  P - f S = f)
+# and repeat. It converges in a few steps to a fit whose S stays >= 0 on the range, so the |.|
+# of Eq. 6 changes nothing there. Deterministic: float64 and a fixed grid.
+# -----------------------------------------------------------------------------
+
+def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-8.0, 8.0), points=4001, iters=30):
+    """Least-squares fit of Eq. 6's P(x)/(1+|S(x)|) to ``fn`` on ``x_range``.
+
+    Returns (numerator (num_degree+1,), denominator (den_degree,)) as float64 tensors.
+    """
+    x = torch.linspace(*x_range, points, dtype=torch.float64)
+    f = fn(x)
+    V = x[:, None] ** torch.arange(num_degree + 1)       # columns x^0 .. x^m
+    W = x[:, None] ** torch.arange(1, den_degree + 1)    # columns x^1 .. x^n
+    w = torch.ones_like(x)
+    for _ in range(iters):
+        A = torch.cat([V, -f[:, None] * W], dim=1) * w[:, None]
+        coeffs = torch.linalg.lstsq(A, (f * w)[:, None], driver="gelsd").solution[:, 0]
+        w = 1 / (1 + (W @ coeffs[num_degree + 1:]).abs())
+    return coeffs[:num_degree + 1], coeffs[num_degree + 1:]
+
+
+# Fitted with `python fit_gelu.py --all` (x_range (-8, 8)). Max |error| on [-8, 8]: GELU 0.0038,
+# SiLU 0.0012, ReLU 0.10 (at the kink); off the range they drift linearly, e.g. GELU(-20) -> -2.0.
+# Do not use the published Group-KAN numbers: they were fitted on [-3, 3] and are off by 6 on [-6, 6].
+GELU_COEFFS = (
+    [-3.7304774803e-03, 5.0000000000e-01, 4.2073908510e-01, 1.2734100259e-01, 1.6485181616e-02, 7.7278929358e-04],
+    [3.7799624542e-15, 2.5468200517e-01, 5.8286708793e-16, 1.5455785872e-03],
+)
+SILU_COEFFS = (
+    [4.2963707572e-04, 5.0000000000e-01, 2.4896105147e-01, 5.0749308249e-02, 4.9270938071e-03, 1.8818536180e-04],
+    [-1.3588956349e-14, 1.0149861650e-01, -1.2351231149e-15, 3.7637072360e-04],
+)
+RELU_COEFFS = (
+    [1.0108280537e-01, 5.0000000000e-01, 5.7259410346e-01, 2.3928065561e-01, 4.0404417741e-02, 2.3417856946e-03],
+    [-2.8085173076e-15, 4.7856131122e-01, -1.6098233857e-15, 4.6835713892e-03],
+)
+COEFFS = {"gelu": GELU_COEFFS, "silu": SILU_COEFFS, "swish": SILU_COEFFS, "relu": RELU_COEFFS}
+
+
+def _init_coefficients(init, groups):
+    """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair."""
+    if isinstance(init, str):
+        if init not in COEFFS:
+            raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
+                             f"or pass (numerator, denominator) tensors, e.g. from fit_rational()")
+        init = COEFFS[init]
+    num, den = (torch.as_tensor(c, dtype=torch.float32) for c in init)
+    num = num.expand(groups, -1) if num.dim() == 1 else num
+    den = den.expand(groups, -1) if den.dim() == 1 else den
+    if num.shape[0] != groups or den.shape[0] != groups:
+        raise ValueError(f"coefficients have {num.shape[0]} and {den.shape[0]} rows, expected {groups} groups")
+    if not (torch.isfinite(num).all() and torch.isfinite(den).all()):
+        raise ValueError("rational coefficients contain NaN or inf; refit them with fit_rational()")
+    return num.clone(), den.clone()
+
+# -----------------------------------------------------------------------------
+# 3. GroupRational: a learnable group-wise rational activation (Sec. 3)
+#
+# One rational per channel is expensive and one for the whole layer is too rigid; following
+# Group-KAN, all channels of a group share one rational. This is the "rational tuning" baseline
+# of Table 4: every coefficient is a free parameter.
+# -----------------------------------------------------------------------------
+
+class GroupRational(nn.Module):
+    """Group-wise rational activation with learnable coefficients.
+
+    Args:
+        groups: number of contiguous channel groups G (must divide the channel count).
+        init: a name in ``COEFFS`` ('gelu', 'silu', 'relu') or a (numerator, denominator)
+            pair of 1-D tensors (shared by all groups) or 2-D (G, .) tensors.
+    """
+
+    def __init__(self, groups=8, init="gelu"):
+        super().__init__()
+        num, den = _init_coefficients(init, groups)
+        self.numerator = nn.Parameter(num)
+        self.denominator = nn.Parameter(den)
+
+    def forward(self, x):
+        return rational(x, self.numerator, self.denominator)
+
+    def extra_repr(self):
+        return f"groups={self.numerator.shape[0]}, degrees=({self.numerator.shape[1] - 1}, {self.denominator.shape[1]})"
+
+# -----------------------------------------------------------------------------
+# 4. NoRA: low-rank updates of the rational coefficients (Eqs. 7, 8)
+#
+# NoRA freezes the base coefficients P_g, Q_g (initialised to GELU) and learns a low-rank
+# perturbation of each (Eq. 7):
+#       phi'(x) = (P + dP)(x) / (Q + dQ)(x)
+# The paper's Eq. 8 gives each group g its own product A_g B_g with A_g in R^{d x r} and
+# B_g in R^{r x 1}, i.e. a free d-vector per group ("group" form below). The released code
+# instead factorises the whole G x d update matrix ("shared" form, our default):
+#       dP = B_P @ A_P * alpha / r,     A_P in R^{r x (m+1)} shared,  B_P in R^{G x r} per group
+# so dP has rank <= r across groups: groups move along r shared directions in coefficient
+# space. Per layer that is r (m+1+n) + 2 G r numbers (52 at G = 8, r = 2).
+#
+# As in LoRA, A starts as small noise and B at zero (Sec. 3: A ~ N(0, 0.02)), so at step 0 NoRA
+# is exactly its base rational. The denominator update goes inside the |.| (b -> b + db), so
+# Q stays >= 1 however far training moves it.
+# -----------------------------------------------------------------------------
+
+class NoRA(nn.Module):
+    """Rational activation with frozen base coefficients and a trainable low-rank update.
+
+    Args:
+        groups: number of channel groups G.
+        rank: rank r of the update.
+        alpha: scale; the update is multiplied by alpha / rank (default alpha = 2 * rank,
+            the released code's alpha = 6 at r = 3).
+        init: base coefficients, as for :class:`GroupRational`.
+        adapt: 'both', 'numerator' or 'denominator' (Table 5 ablation).
+        form: 'shared' (released code, dP = B @ A with A shared by all groups) or
+            'group' (paper text, dP_g = A_g B_g per group).
+    """
+
+    def __init__(self, groups=8, rank=2, alpha=None, init="gelu", adapt="both", form="shared"):
+        super().__init__()
+        if adapt not in ("both", "numerator", "denominator") or form not in ("shared", "group"):
+            raise ValueError(f"adapt must be both|numerator|denominator and form shared|group, got {adapt!r}, {form!r}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        num, den = _init_coefficients(init, groups)
+        self.register_buffer("numerator", num)
+        self.register_buffer("denominator", den)
+        self.rank, self.form, self.adapt = rank, form, adapt
+        self.scaling = (alpha if alpha is not None else 2 * rank) / rank
+        for side, d, trainable in (("P", num.shape[1], adapt != "denominator"),
+                                   ("Q", den.shape[1], adapt != "numerator")):
+            A_shape, B_shape = ((rank, d), (groups, rank)) if form == "shared" else ((groups, d, rank), (groups, rank))
+            setattr(self, f"A_{side}", nn.Parameter(torch.randn(A_shape) * 0.02, requires_grad=trainable))
+            setattr(self, f"B_{side}", nn.Parameter(torch.zeros(B_shape), requires_grad=trainable))
+
+    def _delta(self, A, B):
+        if self.form == "shared":
+            return B @ A * self.scaling                                   # (G, r) @ (r, d)
+        return torch.einsum("gdr,gr->gd", A, B) * self.scaling            # A_g (d, r) @ B_g (r,)
+
+    def coefficients(self):
+        """The adapted coefficients (P + dP, Q + dQ) of Eq. 7, each (G, .)."""
+        return (self.numerator + self._delta(self.A_P, self.B_P),
+                self.denominator + self._delta(self.A_Q, self.B_Q))
+
+    def forward(self, x):
+        return rational(x, *self.coefficients())
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into the base coefficients, so inference costs one plain rational."""
+        num, den = self.coefficients()
+        if not (torch.isfinite(num).all() and torch.isfinite(den).all()):
+            raise ValueError("NoRA.merge: the adapted coefficients contain NaN or inf; training diverged "
+                             "(lower the learning rate or the NoRA alpha)")
+        self.numerator.copy_(num)
+        self.denominator.copy_(den)
+        self.B_P.zero_()
+        self.B_Q.zero_()
+
+    @torch.no_grad()
+    def grow(self, groups):
+        """Split every group into groups / G copies of itself (paper Sec. 4.2), leaving the function unchanged.
+
+        Channel c moves from group c // (C/G) to group c // (C/groups); each old group's block
+        of channels becomes groups/G consecutive new groups, so every tensor indexed by group is
+        repeated in place with repeat_interleave.
+        """
+        old = self.numerator.shape[0]
+        if groups % old:
+            raise ValueError(f"NoRA.grow: new group count {groups} must be a multiple of {old}")
+        k = groups // old
+        for name in ("numerator", "denominator"):
+            setattr(self, name, getattr(self, name).repeat_interleave(k, 0))
+        for name in ("A_P", "B_P", "A_Q", "B_Q"):
+            p = getattr(self, name)
+            if name.startswith("B") or self.form == "group":
+                setattr(self, name, nn.Parameter(p.repeat_interleave(k, 0), requires_grad=p.requires_grad))
+
+    def extra_repr(self):
+        return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
+                f"adapt={self.adapt}, form={self.form}")
+
+# -----------------------------------------------------------------------------
+# 5. LoRA, for NoRA++ (Eqs. 2, 3)
+#
+# LoRA learns W = W0 + B A * alpha / r with A (r x k) random and B (d x r) zero (Eq. 2) and
+# computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
+# linear; LoRA on "q and v" (paper C.1) is then two updates on two row blocks of that one
+# weight, so `rows` lists the (start, stop) row blocks to adapt, each with its own A and B.
+# The class extends nn.Linear so `weight` and `bias` keep their names in the state dict.
+# -----------------------------------------------------------------------------
+
+class LoRALinear(nn.Linear):
+    """nn.Linear with a LoRA update on all of its output rows or on the row blocks in ``rows``."""
+
+    def __init__(self, in_features, out_features, bias=True, rank=8, alpha=16, rows=None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        rows = rows or [(0, out_features)]
+        width = rows[0][1] - rows[0][0]
+        if any(stop - start != width for start, stop in rows) or rows[-1][1] > out_features:
+            raise ValueError(f"LoRALinear: row blocks {rows} must have equal widths within {out_features} rows")
+        self.rank, self.scaling, self.merged = rank, alpha / rank, False
+        self.register_buffer("rows", torch.cat([torch.arange(a, b, device=device) for a, b in rows]), persistent=False)
+        self.lora_A = nn.Parameter(torch.empty(len(rows), rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(len(rows), width, rank, device=device, dtype=dtype))
+        for A in self.lora_A:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as in microsoft/LoRA
+
+    @classmethod
+    def from_linear(cls, linear, **kwargs):
+        """Wrap an existing nn.Linear; its weight and bias are shared, not copied."""
+        w = linear.weight
+        lora = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                   device=w.device, dtype=w.dtype, **kwargs)
+        lora.weight, lora.bias = linear.weight, linear.bias
+        return lora
+
+    def delta_weight(self):
+        """B A * alpha / r for each row block, flattened to (len(rows), in_features)."""
+        return (self.lora_B @ self.lora_A).flatten(0, 1) * self.scaling
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        h = torch.einsum("...i,tri->...tr", x, self.lora_A)             # A x, per block
+        d = torch.einsum("...tr,twr->...tw", h, self.lora_B).flatten(-2)  # B (A x)
+        return y.index_add(-1, self.rows, d * self.scaling)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight.index_add_(0, self.rows, self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.index_add_(0, self.rows, -self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self):
+        return super().extra_repr() + f", rank={self.rank}, scaling={self.scaling:g}, adapted_rows={len(self.rows)}"
+
+# -----------------------------------------------------------------------------
+# 6. A small ViT with timm's names, and pretrained weights
+#
+# The paper adapts timm's `vit_tiny_patch16_224`: pre-norm blocks of attention and an MLP with
+# exact GELU, a class token whose final state feeds the head. The modules below use exactly
+# timm's attribute names, so a timm state dict loads with no renaming. `layer_scale=True` adds
+# the per-channel LayerScale of DeiT-III and DINOv2 (`ls1.gamma`, `ls2.gamma`).
+# -----------------------------------------------------------------------------
+
+VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}   # width, depth, heads
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, embed_dim=192):
+        super().__init__()
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+
+    def forward(self, x):                        # (B, 3, H, W) -> (B, H/p * W/p, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)       # rows: q | k | v
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()                      # the activation NoRA replaces
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-5))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4, layer_scale=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with timm's module names. ``size`` is 'tiny', 'small' or 'base' (VIT_SIZES)."""
+
+    def __init__(self, size="tiny", patch_size=16, img_size=224, num_classes=1000, layer_scale=False):
+        super().__init__()
+        dim, depth, heads = VIT_SIZES[size]
+        self.patch_embed = PatchEmbed(img_size, patch_size, dim)
+        num_patches = self.patch_embed.grid_size[0] * self.patch_embed.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, layer_scale=layer_scale) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(x))
+
+    def forward(self, x):
+        return self.head(self.forward_features(x)[:, 0])   # class-token pooling
+
+
+# Default weights (the paper's ViT-Tiny): timm's augreg ImageNet-21k -> 1k checkpoint.
+DEFAULT_WEIGHTS = ("https://huggingface.co/timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+                   "/resolve/main/model.safetensors")
+AUGREG_MEAN = AUGREG_STD = (0.5, 0.5, 0.5)                  # normalisation for those weights
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # DeiT, DINOv2
+
+
+def download(url, cache_dir=None, sha256=None):
+    """Download ``url`` once into the cache and return the local path.
+
+    The cache is ``cache_dir``, else $NORA_CACHE, else ~/.cache/nora. The file is checked
+    against its Content-Length and, where known, its sha256 (the ``sha256`` argument, or an
+    ETag that is one, as the Hugging Face hub sends), and only then moved into place.
+    """
+    cache_dir = Path(cache_dir or os.environ.get("NORA_CACHE") or Path.home() / ".cache" / "nora")
+    dest = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{url.rstrip('/').rsplit('/', 1)[-1]}"
+    if dest.exists():
+        return dest
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkstemp(dir=cache_dir, suffix=".part")[1])
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0)
+            etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"')
+            digest, done = hashlib.sha256(), 0
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                print(f"\rdownloading {url}: {done / 2**20:.1f}"
+                      f"{f' / {size / 2**20:.1f}' if size else ''} MiB", end="", file=sys.stderr)
+            print(file=sys.stderr)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"could not download {url} ({e}).\nIf this machine is offline, download the file on one that "
+            f"is online and pass its local path instead (load_pretrained(model, 'path/to/file'), or "
+            f"--weights path/to/file in train_vit.py), or copy it to {dest}") from None
+    expected = sha256 or (etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None)
+    if (size and done != size) or (expected and digest.hexdigest() != expected):
+        tmp.unlink()
+        raise RuntimeError(f"download of {url} is corrupt: got {done} bytes with sha256 "
+                           f"{digest.hexdigest()}, expected {size or '?'} bytes with sha256 {expected or '?'}; try again")
+    os.replace(tmp, dest)
+    return dest
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file is an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and byte range, then the raw bytes; torch reads it directly."""
+    data = Path(path).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    body = bytearray(data[8 + n:])     # writable, so torch.frombuffer does not warn
+    state = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            dtype, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            state[name] = (torch.frombuffer(body[start:end], dtype=dtype) if end > start
+                           else torch.empty(0, dtype=dtype)).view(info["shape"])
+    return state
+
+
+def _from_big_vision(w):
+    """Google's original ViT .npz (vit_jax layout, e.g. the augreg release) to timm names."""
+    pre = "opt/target/" if "opt/target/embedding/kernel" in w else ""
+    t = lambda k: torch.from_numpy(w[pre + k])
+    sd = {"patch_embed.proj.weight": t("embedding/kernel").permute(3, 2, 0, 1),   # HWIO -> OIHW
+          "patch_embed.proj.bias": t("embedding/bias"),
+          "cls_token": t("cls"),
+          "pos_embed": t("Transformer/posembed_input/pos_embedding"),
+          "norm.weight": t("Transformer/encoder_norm/scale"),
+          "norm.bias": t("Transformer/encoder_norm/bias")}
+    if pre + "head/kernel" in w:
+        sd["head.weight"], sd["head.bias"] = t("head/kernel").T, t("head/bias")
+    i = 0
+    while f"{pre}Transformer/encoderblock_{i}/LayerNorm_0/scale" in w:
+        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        mha = src + "MultiHeadDotProductAttention_1/"
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            sd[dst + norm + ".weight"], sd[dst + norm + ".bias"] = t(src + ln + "/scale"), t(src + ln + "/bias")
+        # q, k, v kernels are (dim, heads, head_dim): flatten the heads, transpose to (out, in), stack
+        sd[dst + "attn.qkv.weight"] = torch.cat([t(mha + n + "/kernel").flatten(1).T for n in ("query", "key", "value")])
+        sd[dst + "attn.qkv.bias"] = torch.cat([t(mha + n + "/bias").flatten() for n in ("query", "key", "value")])
+        sd[dst + "attn.proj.weight"] = t(mha + "out/kernel").flatten(0, 1).T
+        sd[dst + "attn.proj.bias"] = t(mha + "out/bias")
+        for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+            sd[dst + f"mlp.{fc}.weight"] = t(src + f"MlpBlock_3/{dense}/kernel").T
+            sd[dst + f"mlp.{fc}.bias"] = t(src + f"MlpBlock_3/{dense}/bias")
+        i += 1
+    return sd
+
+
+def read_checkpoint(path):
+    """A state dict in timm names from a .safetensors, .pth/.pt/.bin or .npz file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; pass a .safetensors, .pth, .bin or .npz file, "
+                                f"or a URL to download (default: {DEFAULT_WEIGHTS})")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix == ".npz":
+        import numpy as np
+        with np.load(path) as w:
+            return _from_big_vision(w)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):                 # training checkpoints wrap the weights
+        state = state.get(key, state) if isinstance(state, dict) else state
+    return state
+
+
+def resample_pos_embed(pos_embed, grid_size):
+    """Resize the patch part of a (1, 1 + h*w, D) position embedding to ``grid_size``, bicubically,
+    as timm does; the class-token position is kept as it is."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(math.sqrt(patch_pos.shape[1]))
+    patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    patch_pos = F.interpolate(patch_pos, size=grid_size, mode="bicubic", antialias=True, align_corners=False)
+    return torch.cat([cls_pos.float(), patch_pos.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True):
+    """Load a timm-layout checkpoint into ``model`` (a VisionTransformer, or any module with timm's names).
+
+    ``source`` is a local .safetensors, .pth/.bin or .npz file, or a URL (downloaded once and
+    cached, see :func:`download`). The position embedding is resampled to the model's image
+    size; a head for another number of classes (or none) leaves the model's own head in place.
+    """
+    path = download(source, cache_dir) if str(source).startswith(("http://", "https://")) else source
+    state = read_checkpoint(path)
+    own = model.state_dict()
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
+    if state.get("head.weight") is None or state["head.weight"].shape != own.get("head.weight", torch.empty(0)).shape:
+        found = state.pop("head.weight", None)
+        state.pop("head.bias", None)
+        if verbose and "head.weight" in own:
+            had = f"a head for {found.shape[0]} classes" if found is not None else "no head"
+            print(f"load_pretrained: checkpoint has {had}; keeping the model's new "
+                  f"{own['head.weight'].shape[0]}-class head (randomly initialised)")
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    unexpected = [k for k in state if k not in own]
+    if bad or missing or unexpected:
+        raise ValueError(f"load_pretrained: {path} does not match this model (is the size, patch size or "
+                         f"layer_scale right?)\n  shape mismatches: {bad[:5]}\n  missing: {missing[:5]}\n"
+                         f"  unexpected: {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+# -----------------------------------------------------------------------------
+# 7. Putting adapters on any model
+#
+# NoRA needs nothing from the model but its activation modules: `add_nora` swaps every
+# nn.GELU (or any module type you name) for a NoRA module and freezes everything else, so it
+# works the same on our ViT, timm's, or a Hugging Face model (whose GELU class is its own:
+# pass target=transformers.activations.GELUActivation). `add_lora` does the same for linears.
+# Activations called as functions (F.gelu inside forward) cannot be found this way.
+# -----------------------------------------------------------------------------
+
+ADAPTER_PARAMETERS = ("A_P", "B_P", "A_Q", "B_Q", "lora_A", "lora_B")
+
+
+def freeze(model):
+    """requires_grad=False for every parameter except those of adapters already added."""
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] not in ADAPTER_PARAMETERS:
+            p.requires_grad_(False)
+    return model
+
+
+def replace_modules(model, target, make):
+    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if target(child)]
+    for parent, name, child in found:
+        setattr(parent, name, make(child))
+    return len(found)
+
+
+def add_nora(model, groups=8, rank=2, target=nn.GELU, **nora_kwargs):
+    """Freeze ``model`` and replace each ``target`` activation with a :class:`NoRA` module.
+
+    ``nora_kwargs`` go to NoRA (alpha, init, adapt, form). Train the task head with
+    :func:`mark_trainable`.
+    """
+    freeze(model)
+    device = next(model.parameters()).device
+    n = replace_modules(model, lambda m: isinstance(m, target),
+                        lambda m: NoRA(groups, rank, **nora_kwargs).to(device))
+    if n == 0:
+        raise ValueError(f"add_nora: the model has no {target.__name__} module; pass target=<its activation class>")
+    return model
+
+
+def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv"):
+    """Freeze ``model`` and put LoRA on each nn.Linear whose name ends with one of ``targets``.
+
+    A target named 'qkv' is timm's fused projection: only the parts named in ``qkv`` (default
+    q and v, as in the paper's C.1 and the LoRA paper) are adapted.
+    """
+    freeze(model)
+    names = {id(m): name for name, m in model.named_modules()}
+
+    def make(linear):
+        rows = None
+        if names[id(linear)].endswith("qkv"):
+            d = linear.out_features // 3
+            rows = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv]
+        return LoRALinear.from_linear(linear, rank=rank, alpha=alpha, rows=rows)
+
+    n = replace_modules(model, lambda m: type(m) is nn.Linear and names[id(m)].endswith(tuple(targets)), make)
+    if n == 0:
+        raise ValueError(f"add_lora: no nn.Linear named *{targets} in the model")
+    return model
+
+
+def mark_trainable(model, *prefixes):
+    """Make the parameters whose names start with any of ``prefixes`` trainable (e.g. 'head')."""
+    hits = [p.requires_grad_(True) for name, p in model.named_parameters() if name.startswith(prefixes)]
+    if not hits:
+        raise ValueError(f"mark_trainable: no parameter name starts with {prefixes}")
+    return model
+
+
+def merge(model):
+    """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
+    inference costs what the base model costs (NoRA: one rational per activation)."""
+    for m in model.modules():
+        if isinstance(m, (NoRA, LoRALinear)):
+            m.merge()
+    return model
+
+
+def adapter_state_dict(model):
+    """The trainable tensors (adapters and head) plus NoRA's base coefficients: all that a fine-tune
+    adds to the pretrained model, to be loaded back with :func:`load_adapter`."""
+    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+    keep |= {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, NoRA)
+             for b in ("numerator", "denominator")}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keep}
+
+
+def load_adapter(model, state):
+    """Load an :func:`adapter_state_dict` into a model prepared with the same add_nora/add_lora calls."""
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"load_adapter: the model has no {unexpected[:5]}; build it with the same "
+                         f"add_nora / add_lora settings (groups, rank, targets) before loading")
+    return model
+
+
+def count_parameters(model):
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
