@@ -1,0 +1,480 @@
+"""Tests for nora.py (and the scripts). No network, no downloaded files: every checkpoint, data
+folder and server a test needs, it makes itself. Run: python -m pytest -q test_nora.py"""
+import http.server
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nora
+
+torch.set_num_threads(2)
+
+
+def tiny_vit(num_classes=10, **kw):
+    """A ViT-Tiny-shaped model at 32 px (4 patches) with 2 blocks: the real widths, small cost."""
+    torch.manual_seed(0)
+    model = nora.VisionTransformer("tiny", patch_size=16, img_size=32, num_classes=num_classes, **kw)
+    model.blocks = model.blocks[:2]
+    return model.eval()
+
+
+def images(n=4, size=32, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# --- 1. the rational function ----------------------------------------------------------------
+
+def reference_rational(x, num, den):
+    """Eq. 6 written out with powers, the obvious way."""
+    G = num.shape[0]
+    xg = x.reshape(*x.shape[:-1], G, -1)
+    P = sum(num[:, i, None] * xg ** i for i in range(num.shape[1]))
+    S = sum(den[:, j, None] * xg ** (j + 1) for j in range(den.shape[1]))
+    return (P / (1 + S.abs())).reshape(x.shape)
+
+
+def test_rational_matches_reference_for_any_leading_shape():
+    torch.manual_seed(0)
+    num, den = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    for shape in [(8,), (3, 8), (2, 5, 16), (2, 3, 4, 8)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        torch.testing.assert_close(nora.rational(x, num, den), reference_rational(x, num, den))
+
+
+def test_rational_gradcheck_input_and_coefficients():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    num = (torch.randn(3, 6, dtype=torch.float64) * 0.5).requires_grad_()
+    den = (torch.randn(3, 4, dtype=torch.float64) * 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(nora.rational, (x, num, den))
+    # and at the fitted GELU, where b1 = b3 = 0 puts S near 0 at x = 0
+    num_g, den_g = (torch.tensor(c, dtype=torch.float64).repeat(3, 1).requires_grad_() for c in nora.GELU_COEFFS)
+    assert torch.autograd.gradcheck(nora.rational, (x, num_g, den_g))
+
+
+def test_rational_saves_only_the_input_for_backward():
+    x = torch.randn(64, 32, requires_grad=True)
+    num, den = (torch.randn(4, 6, requires_grad=True), torch.randn(4, 4, requires_grad=True))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        nora.rational(x, num, den)
+    assert sorted(saved) == sorted([x.numel(), num.numel(), den.numel()])
+
+
+def test_denominator_is_at_least_one_so_no_poles():
+    torch.manual_seed(0)
+    x = torch.linspace(-50, 50, 10001).repeat(16, 1).T.contiguous()   # (10001, 16)
+    for _ in range(20):
+        num, den = torch.ones(4, 6), torch.randn(4, 4) * 10
+        y = nora.rational(x, num, den)
+        P = sum(x ** i for i in range(6))
+        assert torch.isfinite(y).all()
+        assert (y.abs() <= P.abs() * (1 + 1e-5) + 1e-5).all()    # |P/Q| <= |P|  <=>  Q >= 1
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    x = torch.tensor([[-12.0, -3.0, 0.5, 11.0]])
+    num, den = (torch.tensor(c).repeat(1, 1) for c in nora.GELU_COEFFS)
+    expected = nora.rational(x, num, den)
+    for dtype in (torch.float16, torch.bfloat16):
+        y = nora.rational(x.to(dtype), num, den)      # 11^5 overflows float16
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.01)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = nora.rational(x.to(dtype), num, den)
+        assert torch.isfinite(y).all()
+
+
+def test_rational_rejects_bad_shapes_with_clear_errors():
+    num, den = torch.zeros(8, 6), torch.zeros(8, 4)
+    with pytest.raises(ValueError, match="cannot be split into 8 equal groups"):
+        nora.rational(torch.randn(2, 100), num, den)
+    with pytest.raises(ValueError, match="same G"):
+        nora.rational(torch.randn(2, 64), num, torch.zeros(4, 4))
+
+
+# --- 2. fitting ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,fn,bound", [("gelu", F.gelu, 0.004), ("silu", F.silu, 0.0013), ("relu", F.relu, 0.11)])
+def test_shipped_fits_hold_their_stated_error_on_minus8_to_8(name, fn, bound):
+    x = torch.linspace(-8, 8, 20001)
+    num, den = (torch.tensor(c)[None] for c in nora.COEFFS[name])
+    err = (nora.rational(x[None], num, den)[0] - fn(x)).abs().max().item()
+    assert err < bound
+
+
+def test_fit_rational_reproduces_the_shipped_gelu_coefficients():
+    num, den = nora.fit_rational(F.gelu, x_range=(-8, 8))
+    torch.testing.assert_close(num, torch.tensor(nora.GELU_COEFFS[0], dtype=torch.float64), atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(den, torch.tensor(nora.GELU_COEFFS[1], dtype=torch.float64), atol=1e-8, rtol=1e-6)
+
+
+def test_fit_rational_fits_tanh():
+    num, den = nora.fit_rational(torch.tanh, x_range=(-4, 4))
+    x = torch.linspace(-4, 4, 1001, dtype=torch.float64)
+    assert (nora.rational(x[None], num[None], den[None])[0] - torch.tanh(x)).abs().max() < 0.01
+
+
+# --- 3-4. GroupRational and NoRA -----------------------------------------------------------------
+
+def test_group_rational_init_and_errors():
+    act = nora.GroupRational(4, "silu")
+    assert act.numerator.shape == (4, 6) and act.denominator.shape == (4, 4) and act.numerator.requires_grad
+    x = torch.linspace(-5, 5, 64)[None]
+    assert (act(x) - F.silu(x)).abs().max() < 0.002
+    with pytest.raises(ValueError, match="unknown activation"):
+        nora.GroupRational(4, "mish")
+    with pytest.raises(ValueError, match="NaN"):
+        nora.GroupRational(2, (torch.tensor([0.0, float("nan"), 0, 0, 0, 0]), torch.zeros(4)))
+    with pytest.raises(ValueError, match="expected 4 groups"):
+        nora.GroupRational(4, (torch.zeros(3, 6), torch.zeros(3, 4)))
+
+
+@pytest.mark.parametrize("form", ["shared", "group"])
+def test_nora_at_init_equals_its_base_rational_exactly(form):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 64) * 3
+    base = nora.GroupRational(8, "gelu")
+    assert torch.equal(nora.NoRA(8, 2, form=form)(x), base(x))
+
+
+def test_nora_parameter_counts_match_the_formulas():
+    # shared (released code): r (6 + 4) + 2 G r;  group (paper text): G (6 r + r) + G (4 r + r)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert count(nora.NoRA(8, 2)) == 2 * 10 + 2 * 8 * 2 == 52
+    assert count(nora.NoRA(8, 3, form="group")) == 8 * (6 * 3 + 3) + 8 * (4 * 3 + 3) == 288
+    assert count(nora.NoRA(8, 2, adapt="numerator")) == 2 * 6 + 8 * 2
+    assert count(nora.NoRA(8, 2, adapt="denominator")) == 2 * 4 + 8 * 2
+
+
+def test_nora_adapt_numerator_only_leaves_denominator_fixed():
+    torch.manual_seed(0)
+    m = nora.NoRA(4, 2, adapt="numerator")
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(16, 32)).pow(2).sum().backward()
+        opt.step()
+    num, den = m.coefficients()
+    assert not torch.equal(num, m.numerator) and torch.equal(den, m.denominator)
+
+
+def train_steps(model, steps=5, lr=1e-2, x=None, classes=10, seed=0):
+    """A few AdamW steps on a fixed random batch; returns the losses."""
+    torch.manual_seed(seed)
+    x = images(8) if x is None else x
+    y = torch.arange(len(x)) % classes
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("form", ["shared", "group"])
+def test_nora_merge_and_grow_leave_outputs_unchanged_after_training(form):
+    torch.manual_seed(0)
+    m = nora.NoRA(4, 2, form=form)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05)
+    x = torch.randn(32, 64) * 2
+    for _ in range(5):
+        opt.zero_grad()
+        (m(x) - torch.sin(x)).pow(2).mean().backward()
+        opt.step()
+    before = m(x).detach()
+    assert not torch.allclose(before, nora.GroupRational(4)(x))      # training did move it
+    m.grow(16)
+    assert m.numerator.shape == (16, 6)
+    torch.testing.assert_close(m(x).detach(), before)
+    m.merge()
+    assert (m.B_P == 0).all() and (m.B_Q == 0).all()
+    torch.testing.assert_close(m(x).detach(), before)
+    torch.testing.assert_close(nora.rational(x, m.numerator, m.denominator), before)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        m.grow(24)
+
+
+def test_nora_merge_refuses_nan():
+    m = nora.NoRA(2, 1)
+    with torch.no_grad():
+        m.B_P.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        m.merge()
+
+
+# --- 5. LoRA -------------------------------------------------------------------------------------
+
+def test_lora_on_q_and_v_rows_of_qkv_merges_and_unmerges():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 36)
+    lora = nora.LoRALinear.from_linear(lin, rank=2, alpha=4, rows=[(0, 12), (24, 36)])
+    assert lora.weight is lin.weight
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(lora(x), lin(x))                    # B = 0 at init
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    y = lora(x)
+    delta = y - lin(x)
+    assert delta[:, 12:24].abs().max() == 0 and delta[:, :12].abs().min() > 0   # k rows untouched
+    expected = x @ (lora.lora_B[1] @ lora.lora_A[1]).T * 2.0       # v block: B A x * alpha / r
+    torch.testing.assert_close(delta[:, 24:], expected)
+    w0 = lin.weight.detach().clone()
+    lora.merge()
+    torch.testing.assert_close(lora(x), y)
+    lora.unmerge()
+    torch.testing.assert_close(lin.weight, w0)
+    torch.testing.assert_close(lora(x), y)
+    with pytest.raises(ValueError, match="equal widths"):
+        nora.LoRALinear(12, 36, rows=[(0, 12), (24, 30)])
+
+
+# --- 6. the ViT and its weights ------------------------------------------------------------------
+
+def test_vit_state_dict_has_timms_names_and_shapes():
+    sd = nora.VisionTransformer("tiny").state_dict()
+    assert sd["cls_token"].shape == (1, 1, 192) and sd["pos_embed"].shape == (1, 197, 192)
+    assert sd["patch_embed.proj.weight"].shape == (192, 3, 16, 16)
+    assert sd["blocks.11.attn.qkv.weight"].shape == (576, 192)
+    assert sd["blocks.0.mlp.fc1.weight"].shape == (768, 192) and sd["head.weight"].shape == (1000, 192)
+    assert sum(v.numel() for v in sd.values()) == 5_717_416                   # timm's vit_tiny count
+    assert "blocks.0.ls1.gamma" in nora.VisionTransformer("small", layer_scale=True).state_dict()
+
+
+def write_safetensors(path, state):
+    """The safetensors format written by hand (header length, JSON header, raw bytes)."""
+    import json
+    import struct
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, v in state.items():
+        b = v.contiguous().view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def to_big_vision(sd):
+    """The augreg .npz layout, written out independently of nora._from_big_vision."""
+    n = lambda t: t.detach().numpy()
+    w = {"embedding/kernel": n(sd["patch_embed.proj.weight"].permute(2, 3, 1, 0)),
+         "embedding/bias": n(sd["patch_embed.proj.bias"]), "cls": n(sd["cls_token"]),
+         "Transformer/posembed_input/pos_embedding": n(sd["pos_embed"]),
+         "Transformer/encoder_norm/scale": n(sd["norm.weight"]), "Transformer/encoder_norm/bias": n(sd["norm.bias"]),
+         "head/kernel": n(sd["head.weight"].T), "head/bias": n(sd["head.bias"])}
+    D, H = sd["cls_token"].shape[-1], 3
+    for i in range(len([k for k in sd if k.endswith("attn.qkv.weight")])):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        q, k, v = sd[b + "attn.qkv.weight"].chunk(3)
+        qb, kb, vb = sd[b + "attn.qkv.bias"].chunk(3)
+        for name, wt, bs in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
+            w[p + f"MultiHeadDotProductAttention_1/{name}/kernel"] = n(wt.T.reshape(D, H, D // H))
+            w[p + f"MultiHeadDotProductAttention_1/{name}/bias"] = n(bs.reshape(H, D // H))
+        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = n(sd[b + "attn.proj.weight"].T.reshape(H, D // H, D))
+        w[p + "MultiHeadDotProductAttention_1/out/bias"] = n(sd[b + "attn.proj.bias"])
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[p + ln + "/scale"], w[p + ln + "/bias"] = n(sd[b + norm + ".weight"]), n(sd[b + norm + ".bias"])
+        for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+            w[p + f"MlpBlock_3/{dense}/kernel"] = n(sd[b + f"mlp.{fc}.weight"].T)
+            w[p + f"MlpBlock_3/{dense}/bias"] = n(sd[b + f"mlp.{fc}.bias"])
+    return w
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "safetensors-fp16", "pth", "bin", "npz"])
+def test_load_pretrained_from_each_file_format(tmp_path, fmt):
+    src = tiny_vit()
+    for p in src.parameters():                 # make every tensor distinct from a fresh init
+        nn.init.normal_(p, std=0.1)
+    sd = src.state_dict()
+    path = tmp_path / f"w.{fmt.split('-')[0]}"
+    if fmt == "safetensors":
+        write_safetensors(path, sd)
+    elif fmt == "safetensors-fp16":
+        write_safetensors(path, {k: v.half() for k, v in sd.items()})
+    elif fmt == "npz":
+        np.savez(path, **to_big_vision(sd))
+    else:
+        torch.save({"model": sd} if fmt == "pth" else sd, path)
+    dst = nora.load_pretrained(tiny_vit(), path)
+    tol = dict(atol=1e-3, rtol=1e-3) if fmt.endswith("fp16") else dict(atol=0, rtol=0)
+    for k, v in dst.state_dict().items():
+        torch.testing.assert_close(v, sd[k].to(v.dtype), **tol)
+
+
+def test_load_pretrained_resamples_pos_embed_and_replaces_a_wrong_head(tmp_path, capsys):
+    src = tiny_vit(num_classes=1000)
+    with torch.no_grad():                     # position embedding value = row + 2 * column
+        grid = torch.linspace(-1, 1, 2)
+        src.pos_embed[0, 1:] = (grid[:, None, None] + 2 * grid[None, :, None]).reshape(4, 1) * torch.ones(192)
+    write_safetensors(tmp_path / "w.safetensors", src.state_dict())
+    model = tiny_vit(num_classes=10)
+    model.patch_embed = nora.PatchEmbed(64, 16, 192)              # 64 px: a 4 x 4 grid
+    model.pos_embed = nn.Parameter(torch.zeros(1, 17, 192))
+    head = model.head.weight.detach().clone()
+    nora.load_pretrained(model, tmp_path / "w.safetensors")
+    assert "1000 classes" in capsys.readouterr().out
+    assert torch.equal(model.head.weight, head)
+    assert torch.equal(model.pos_embed[0, 0], src.pos_embed[0, 0])       # class position kept
+    pe = model.pos_embed[0, 1:, 0].reshape(4, 4)
+    # bicubic resampling is linear and separable, so steps along a row stay twice those down a
+    # column (a transposed grid would swap them)
+    torch.testing.assert_close(pe[0] - pe[0, 0], 2 * (pe[:, 0] - pe[0, 0]))
+    assert (pe[0, 1:] > pe[0, :-1]).all()
+    torch.testing.assert_close(pe.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_load_pretrained_errors_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        nora.load_pretrained(tiny_vit(), tmp_path / "missing.safetensors")
+    torch.save(nora.VisionTransformer("small", img_size=32).state_dict(), tmp_path / "small.pth")
+    with pytest.raises(ValueError, match="does not match this model"):
+        nora.load_pretrained(tiny_vit(), tmp_path / "small.pth")
+
+
+class _Server:
+    """A loopback HTTP server for one file, with an optional (wrong or right) sha256 ETag."""
+
+    def __init__(self, payload, etag=None):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path != "/model.safetensors":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                if etag:
+                    self.send_header("ETag", f'"{etag}"')
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+
+
+def test_download_from_loopback_server_caches_and_verifies(tmp_path):
+    import hashlib
+    src = tiny_vit()
+    write_safetensors(tmp_path / "w.safetensors", src.state_dict())
+    payload = (tmp_path / "w.safetensors").read_bytes()
+    with _Server(payload, etag=hashlib.sha256(payload).hexdigest()) as server:
+        model = nora.load_pretrained(tiny_vit(), f"{server.url}/model.safetensors", cache_dir=tmp_path / "cache")
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, src.state_dict()[k])
+        with pytest.raises(RuntimeError, match="(?s)could not download .*pass its local path"):
+            nora.download(f"{server.url}/nothing-here", cache_dir=tmp_path / "cache")
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("model.safetensors")
+    # the server is gone: the cached copy is used
+    assert nora.download(f"{server.url}/model.safetensors", cache_dir=tmp_path / "cache") == cached[0]
+    with _Server(payload, etag="0" * 64) as server:
+        with pytest.raises(RuntimeError, match="corrupt"):
+            nora.download(f"{server.url}/model.safetensors", cache_dir=tmp_path / "other")
+    assert not any((tmp_path / "other").iterdir())                # nothing half-written left behind
+
+
+def test_download_offline_says_how_to_use_a_local_file(tmp_path):
+    with pytest.raises(RuntimeError, match="(?s)offline.*local path"):
+        nora.download("http://127.0.0.1:9/model.safetensors", cache_dir=tmp_path)   # port 9: nothing listens
+
+
+def test_our_vit_matches_timm_with_the_same_weights():
+    timm = pytest.importorskip("timm")
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
+    ours = nora.VisionTransformer("tiny", num_classes=10).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = images(2, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+# --- 7. adapters on a model ----------------------------------------------------------------------
+
+def test_add_nora_keeps_the_model_close_to_gelu_and_equal_to_the_rational_swap():
+    gelu_model = tiny_vit()
+    x = images(4) * 2
+    with torch.no_grad():
+        ref = gelu_model(x)
+    swapped = tiny_vit()
+    nora.replace_modules(swapped, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(8, "gelu"))
+    adapted = nora.add_nora(tiny_vit(), groups=8, rank=2)
+    with torch.no_grad():
+        out, out_swapped = adapted(x), swapped(x)
+    assert torch.equal(out, out_swapped)
+    assert (out - ref).abs().max() < 0.01 * ref.abs().max()
+
+
+def test_add_nora_trains_only_the_adapters_and_head_and_counts_match():
+    model = nora.add_nora(tiny_vit(), groups=8, rank=2)
+    nora.mark_trainable(model, "head")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {f"blocks.{i}.mlp.act.{p}" for i in range(2) for p in ("A_P", "B_P", "A_Q", "B_Q")} | {"head.weight", "head.bias"}
+    trainable, total = nora.count_parameters(model)
+    assert trainable == 2 * 52 + 192 * 10 + 10
+    with pytest.raises(ValueError, match="no ReLU module"):
+        nora.add_nora(tiny_vit(), target=nn.ReLU)
+
+
+def test_add_nora_then_add_lora_keeps_nora_trainable():
+    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2), rank=4, alpha=8)
+    trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"A_P", "B_P", "A_Q", "B_Q", "lora_A", "lora_B"}
+    assert nora.count_parameters(model)[0] == 2 * 52 + 2 * 2 * (4 * 192 + 192 * 4)
+
+
+@pytest.mark.parametrize("method", ["nora", "nora++", "lora"])
+def test_training_lowers_the_loss_and_merge_keeps_outputs(method):
+    model = tiny_vit()
+    if method != "lora":
+        nora.add_nora(model, groups=8, rank=2)
+    if method != "nora":
+        nora.add_lora(model, rank=4, alpha=8)
+    nora.mark_trainable(model, "head")
+    losses = train_steps(model, steps=8, lr=1e-2)
+    assert losses[-1] < 0.7 * losses[0]
+    x = images(3, seed=5)
+    with torch.no_grad():
+        before = model(x)
+        nora.merge(model)
+        after = model(x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_nora_alone_moves_the_backbone_function():
+    """With the head frozen, only NoRA can lower the loss, so its gradients must reach it."""
+    model = nora.add_nora(tiny_vit(), groups=8, rank=2)
+    losses = train_steps(model, steps=8, lr=5e-2)
+    assert losses[-1] < losses[0] - 0.01
+
+
+def test_adapter_state_dict_round_trips_onto_a_fresh_model(tmp_path):
+    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, form="group"), rank=2)
+    nora.mark_trainable(model, "head")
+    train_steps(model, steps=3)
+    state = nora.adapter_state_dict(model)
+    assert all(k.startswith("head.") or "mlp.act." in k or "lora_" in k for k in state)
+    torch.save(state, tmp_path / "adapter.pt")
+    fresh = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, form="group"), rank=2)
+    nora.load_adapter(fresh, torch.load(tmp_path / "adapter.pt"))
+    x = images(3, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="same add_nora"):
+        nora.load_adapter(tiny_vit(), state)
