@@ -329,61 +329,54 @@ class NoRA(nn.Module):
 # computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
 # linear; LoRA on "q and v" (paper C.1) is then two updates on two row blocks of that one
 # weight, so `rows` lists the (start, stop) row blocks to adapt, each with its own A and B.
-# The class extends nn.Linear so `weight` and `bias` keep their names in the state dict.
+# The frozen layer is kept as `base`: any module with a `weight` of shape (out, in) will do.
 # -----------------------------------------------------------------------------
 
-class LoRALinear(nn.Linear):
-    """nn.Linear with a LoRA update on all of its output rows or on the row blocks in ``rows``."""
+class LoRALinear(nn.Module):
+    """A frozen linear ``base`` plus a LoRA update on all its output rows or on the row blocks in ``rows``."""
 
-    def __init__(self, in_features, out_features, bias=True, rank=8, alpha=16, rows=None,
-                 device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device, dtype)
+    def __init__(self, base, rank=8, alpha=16, rows=None):
+        super().__init__()
+        out_features, in_features = base.weight.shape
         rows = rows or [(0, out_features)]
         width = rows[0][1] - rows[0][0]
-        if any(stop - start != width for start, stop in rows) or rows[-1][1] > out_features:
+        if any(stop - start != width for start, stop in rows) or max(stop for _, stop in rows) > out_features:
             raise ValueError(f"LoRALinear: row blocks {rows} must have equal widths within {out_features} rows")
-        self.rank, self.scaling, self.merged = rank, alpha / rank, False
-        self.register_buffer("rows", torch.cat([torch.arange(a, b, device=device) for a, b in rows]), persistent=False)
-        self.lora_A = nn.Parameter(torch.empty(len(rows), rank, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(len(rows), width, rank, device=device, dtype=dtype))
+        self.base, self.rank, self.scaling, self.merged = base, rank, alpha / rank, False
+        w = base.weight
+        self.register_buffer("rows", torch.cat([torch.arange(a, b, device=w.device) for a, b in rows]), persistent=False)
+        self.lora_A = nn.Parameter(torch.empty(len(rows), rank, in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(len(rows), width, rank, device=w.device, dtype=w.dtype))
         for A in self.lora_A:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as in microsoft/LoRA
 
-    @classmethod
-    def from_linear(cls, linear, **kwargs):
-        """Wrap an existing nn.Linear; its weight and bias are shared, not copied."""
-        w = linear.weight
-        lora = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                   device=w.device, dtype=w.dtype, **kwargs)
-        lora.weight, lora.bias = linear.weight, linear.bias
-        return lora
-
     def delta_weight(self):
-        """B A * alpha / r for each row block, flattened to (len(rows), in_features)."""
+        """B A * alpha / r for each row block, stacked to (len(rows), in_features)."""
         return (self.lora_B @ self.lora_A).flatten(0, 1) * self.scaling
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.merged:
             return y
-        h = torch.einsum("...i,tri->...tr", x, self.lora_A)             # A x, per block
+        h = torch.einsum("...i,tri->...tr", x, self.lora_A)               # A x, per block
         d = torch.einsum("...tr,twr->...tw", h, self.lora_B).flatten(-2)  # B (A x)
         return y.index_add(-1, self.rows, d * self.scaling)
 
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.weight.index_add_(0, self.rows, self.delta_weight())
+            self.base.weight.index_add_(0, self.rows, self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.weight.index_add_(0, self.rows, -self.delta_weight())
+            self.base.weight.index_add_(0, self.rows, -self.delta_weight())
             self.merged = False
 
     def extra_repr(self):
-        return super().extra_repr() + f", rank={self.rank}, scaling={self.scaling:g}, adapted_rows={len(self.rows)}"
+        return f"rank={self.rank}, scaling={self.scaling:g}, adapted_rows={len(self.rows)}"
+
 
 # -----------------------------------------------------------------------------
 # 6. A small ViT with timm's names, and pretrained weights
@@ -694,7 +687,7 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv"):
         if names[id(linear)].endswith("qkv"):
             d = linear.out_features // 3
             rows = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv]
-        return LoRALinear.from_linear(linear, rank=rank, alpha=alpha, rows=rows)
+        return LoRALinear(linear, rank=rank, alpha=alpha, rows=rows)
 
     n = replace_modules(model, lambda m: type(m) is nn.Linear and names[id(m)].endswith(tuple(targets)), make)
     if n == 0:

@@ -215,8 +215,8 @@ def test_nora_merge_refuses_nan():
 def test_lora_on_q_and_v_rows_of_qkv_merges_and_unmerges():
     torch.manual_seed(0)
     lin = nn.Linear(12, 36)
-    lora = nora.LoRALinear.from_linear(lin, rank=2, alpha=4, rows=[(0, 12), (24, 36)])
-    assert lora.weight is lin.weight
+    lora = nora.LoRALinear(lin, rank=2, alpha=4, rows=[(0, 12), (24, 36)])
+    assert lora.base is lin
     x = torch.randn(5, 12)
     torch.testing.assert_close(lora(x), lin(x))                    # B = 0 at init
     with torch.no_grad():
@@ -233,7 +233,7 @@ def test_lora_on_q_and_v_rows_of_qkv_merges_and_unmerges():
     torch.testing.assert_close(lin.weight, w0)
     torch.testing.assert_close(lora(x), y)
     with pytest.raises(ValueError, match="equal widths"):
-        nora.LoRALinear(12, 36, rows=[(0, 12), (24, 30)])
+        nora.LoRALinear(lin, rows=[(0, 12), (24, 30)])
 
 
 # --- 6. the ViT and its weights ------------------------------------------------------------------
