@@ -450,11 +450,13 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT with timm's module names. ``size`` is 'tiny', 'small' or 'base' (VIT_SIZES)."""
+    """ViT with timm's module names. ``size`` is 'tiny', 'small' or 'base' (VIT_SIZES); ``depth``
+    overrides the size's block count (fewer blocks make quick experiments and tests)."""
 
-    def __init__(self, size="tiny", patch_size=16, img_size=224, num_classes=1000, layer_scale=False):
+    def __init__(self, size="tiny", patch_size=16, img_size=224, num_classes=1000, layer_scale=False, depth=None):
         super().__init__()
-        dim, depth, heads = VIT_SIZES[size]
+        dim, full_depth, heads = VIT_SIZES[size]
+        depth = depth or full_depth
         self.patch_embed = PatchEmbed(img_size, patch_size, dim)
         num_patches = self.patch_embed.grid_size[0] * self.patch_embed.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))

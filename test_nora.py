@@ -478,3 +478,77 @@ def test_adapter_state_dict_round_trips_onto_a_fresh_model(tmp_path):
         torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
     with pytest.raises(ValueError, match="same add_nora"):
         nora.load_adapter(tiny_vit(), state)
+
+
+# --- train_vit.py end to end ---------------------------------------------------------------------
+
+def write_cifar(root, name, n_train=40, n_test=20, seed=0):
+    """A CIFAR folder in the real python format (pickled dicts of uint8 rows), with random images."""
+    import pickle
+    rng = np.random.default_rng(seed)
+    classes, folder, files, test, key = {
+        "cifar10": (10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels"),
+        "cifar100": (100, "cifar-100-python", ["train"], "test", "fine_labels")}[name]
+    path = root / folder
+    path.mkdir(parents=True)
+    for f, n in [(f, n_train // len(files)) for f in files] + [(test, n_test)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, classes, n))}
+        with open(path / f, "wb") as fh:
+            pickle.dump(batch, fh)
+
+
+TINY_RUN = ["--weights", "none", "--depth", "1", "--img-size", "32", "--epochs", "1", "--batch-size", "10",
+            "--threads", "2", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_cifar(root, "cifar10")
+    write_cifar(root, "cifar100", n_train=60)
+    return root
+
+
+@pytest.mark.parametrize("method", nora.METHODS)
+def test_train_vit_runs_every_method_and_writes_results(cifar_root, tmp_path, method):
+    import json
+    import train_vit
+    dataset = "cifar100" if method in ("nora", "lora", "rational") else "cifar10"
+    out = tmp_path / "results.json"
+    for _ in range(2):                                              # appends, not overwrites
+        rec = train_vit.main(["--dataset", dataset, "--data-root", str(cifar_root), "--method", method,
+                              "--out", str(out), *TINY_RUN])
+    records = json.loads(out.read_text())
+    assert len(records) == 2 and records[0]["method"] == method and records[0]["dataset"] == dataset
+    assert records[0]["accuracy"] == records[1]["accuracy"]          # seeded: the same run twice
+    assert 0 < rec["trainable"] <= rec["total"] and len(rec["history"]) == 1
+
+
+def test_train_vit_saved_adapter_reloads_to_the_same_accuracy(cifar_root, tmp_path, capsys):
+    import train_vit
+    save = tmp_path / "adapter.pt"
+    rec = train_vit.main(["--data-root", str(cifar_root), "--method", "nora++", "--save", str(save), *TINY_RUN])
+    assert save.stat().st_size < 200_000
+    again = train_vit.main(["--data-root", str(cifar_root), "--eval-adapter", str(save), *TINY_RUN])
+    assert again["accuracy"] == rec["accuracy"]
+
+
+def test_train_vit_grows_groups_and_runs_a_table(cifar_root, tmp_path, monkeypatch):
+    import train_vit
+    monkeypatch.chdir(tmp_path)
+    rec = train_vit.main(["--data-root", str(cifar_root), "--groups", "32", "--grow-from", "8", "--rank", "3", *TINY_RUN])
+    assert rec["trainable"] == 3 * 10 + 2 * 32 * 3 + 192 * 10 + 10
+    train_vit.main(["--data-root", str(cifar_root), "--dataset", "cifar100", "--table", "activations", *TINY_RUN])
+    text = (tmp_path / "table-activations-cifar100-paper.md").read_text()
+    assert "| prelu |" in text and "| nora |" in text and "77.46" in text
+
+
+def test_train_vit_missing_data_offline_says_where_to_put_it(tmp_path):
+    import train_vit
+    with pytest.raises(SystemExit, match="not found. Put the extracted"):
+        train_vit.main(["--data-root", str(tmp_path), "--no-download", *TINY_RUN])
+    incomplete = tmp_path / "inc"
+    write_cifar(incomplete, "cifar10")
+    (incomplete / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(SystemExit, match="data_batch_3 is missing"):
+        train_vit.main(["--data-root", str(incomplete), *TINY_RUN])
