@@ -56,6 +56,32 @@ def test_rational_gradcheck_input_and_coefficients():
     assert torch.autograd.gradcheck(nora.rational, (x, num_g, den_g))
 
 
+def test_blocked_eager_backward_and_compiled_path_match_the_whole_tensor_backward(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 64, requires_grad=True)
+    num = (torch.randn(4, 6) * 0.3).requires_grad_()
+    den = (torch.randn(4, 4) * 0.3).requires_grad_()
+    g = torch.randn(2, 50, 64)
+
+    def grads():
+        x.grad = num.grad = den.grad = None
+        nora.rational(x, num, den).backward(g)
+        return x.grad.clone(), num.grad.clone(), den.grad.clone()
+    monkeypatch.setitem(nora._kernels, "block", None)
+    whole = grads()
+    monkeypatch.setitem(nora._kernels, "block", 640)                 # 10 rows a block: 10 blocks
+    for a, b in zip(grads(), whole):
+        torch.testing.assert_close(a, b)
+    if not nora.compile_rational():                                   # takes ~10 s; warns where it cannot
+        pytest.skip("torch.compile is not available here")
+    try:
+        for a, b in zip(grads(), whole):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    finally:
+        nora.compile_rational(False)
+    assert nora._kernels["forward"] is nora._rational_forward
+
+
 def test_rational_saves_only_the_input_for_backward():
     x = torch.randn(64, 32, requires_grad=True)
     num, den = (torch.randn(4, 6, requires_grad=True), torch.randn(4, 4, requires_grad=True))
