@@ -15,6 +15,7 @@ Read it top to bottom; each section uses only what came before it.
   5. LoRA, for NoRA++                                 paper Eqs. 2, 3
   6. A small ViT with timm's names, and its weights
   7. Putting adapters on any model
+  8. Baselines for the paper's tables (DoRA, QLoRA, VPT, adapters, other activations)
 """
 import hashlib
 import json
@@ -37,9 +38,9 @@ import torch.nn.functional as F
 #
 # A rational activation is phi(x) = P(x) / Q(x) (Eq. 1). A plain polynomial Q has roots, so
 # phi has poles; Eq. 6 makes it safe by writing the denominator as
-#       Q(x) = 1 + |b_1 x + b_2 x^2 + ... + b_n x^n|  >= 1,
-# We use degrees (m, n) = (5, 4), as Group-KAN and the released NoRA code do, and we leave out
-# the b_0 of Eq. 6, as that code does too: a constant term would only flatten |.| near x = 0.
+#       Q(x) = 1 + |b_1 x + b_2 x^2 + ... + b_n x^n|  >= 1.
+# We use degrees (m, n) = (5, 4), as Group-KAN and the released NoRA code do, and leave out the
+# b_0 of Eq. 6, as that code does: then Q(0) = 1, and S(x) = x s(x) has a factor x we use below.
 #
 # "Group-wise": the C channels (last dimension) are cut into G contiguous blocks, and channel c
 # uses the coefficients of group c // (C / G). So the coefficients are a (G, m+1) numerator
@@ -141,11 +142,12 @@ def compile_rational(enable=True):
         _kernels.update(_EAGER)
         return False
     try:
-        forward = torch.compile(_rational_forward, dynamic=True)
-        backward = torch.compile(_rational_backward, dynamic=True)
+        # static shapes: dynamic ones ran 40x slower here; each new input shape compiles once (~2 s)
+        forward = torch.compile(_rational_forward, dynamic=False)
+        backward = torch.compile(_rational_backward, dynamic=False)
         x, num, den = torch.randn(4, 8), torch.randn(2, 6), torch.randn(2, 4)
         forward(x, num, den), backward(x, num, den, x)
-    except Exception as e:  # noqa: BLE001 - any failure to compile means: stay eager
+    except Exception as e:                                # any failure to compile: stay eager
         warnings.warn(f"compile_rational: torch.compile failed ({type(e).__name__}: {e}); using the eager path")
         return False
     _kernels.update(forward=forward, backward=backward, block=None)
@@ -196,7 +198,8 @@ def rational(x, numerator, denominator):
 # Fitting P/Q to f is a nonlinear least-squares problem. The Sanathanan-Koerner iteration turns
 # it into a sequence of linear ones: with weights w = 1/Q_prev, solve
 #       min || w (P(x) - f(x) S(x) - f(x)) ||      (since f = P/(1+S)  <=>  P - f S = f)
-# and repeat. It converges in a few steps to a fit whose S stays >= 0 on the range, so the |.|
+# and repeat. For GELU, SiLU and ReLU it converges in a few steps to a fit whose S stays >= 0
+# on the range (b1 = b3 = 0: these fits are even in the denominator), so the |.|
 # of Eq. 6 changes nothing there. Deterministic: float64 and a fixed grid.
 # -----------------------------------------------------------------------------
 
@@ -294,7 +297,8 @@ class GroupRational(nn.Module):
 # space. Per layer that is r (m+1+n) + 2 G r numbers (52 at G = 8, r = 2).
 #
 # As in LoRA, A starts as small noise and B at zero (Sec. 3: A ~ N(0, 0.02)), so at step 0 NoRA
-# is exactly its base rational. The denominator update goes inside the |.| (b -> b + db), so
+# is exactly its base rational. (The released code's kaiming-uniform A, ~20x larger, lets the
+# first steps bend x^4 and x^5 terms hard; on a real pretrained ViT-S it collapsed to chance.) The denominator update goes inside the |.| (b -> b + db), so
 # Q stays >= 1 however far training moves it.
 # -----------------------------------------------------------------------------
 

@@ -578,3 +578,15 @@ def test_train_vit_missing_data_offline_says_where_to_put_it(tmp_path):
     (incomplete / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(SystemExit, match="data_batch_3 is missing"):
         train_vit.main(["--data-root", str(incomplete), *TINY_RUN])
+
+
+def test_efficiency_table_runs_and_reports_ratios(tmp_path, monkeypatch):
+    """Smoke test of the benchmark command: it must run and write its table. The timings it
+    prints are measurements, not assertions."""
+    import train_vit
+    monkeypatch.chdir(tmp_path)
+    train_vit.main(["--table", "efficiency", "--repeats", "1", "--bench-batch", "1", "--threads", "2"])
+    text = (tmp_path / "table-efficiency-cpu.md").read_text()
+    for row in ("| GELU |", "| ours, eager |", "| LoRA |", "| NoRA, eager |", "| NoRA merged, eager |"):
+        assert row in text
+    assert "| 624 |" in text                     # NoRA's trainable count at G = 8, r = 2: 12 x 52

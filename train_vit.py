@@ -247,6 +247,170 @@ def table(args, data):
     print(f"\nwrote {md}" + (f" and appended to {args.out}" if args.out else ""))
 
 
+# --- efficiency (paper Table 6, extended) ------------------------------------------------------
+
+def released_rational(x, numerator, denominator):
+    """The released code's pure-PyTorch group rational, for comparison only: stack x^0 .. x^5 and
+    multiply each group's coefficients in with bmm (keeps the stacked powers for backward)."""
+    G, C = numerator.shape[0], x.shape[-1]
+    xg = x.reshape(-1, G, C // G).permute(1, 0, 2).reshape(G, 1, -1)            # (G, 1, N*D)
+    powers = torch.cat([xg ** i for i in range(numerator.shape[1])], dim=1)     # (G, 6, N*D)
+    P = torch.bmm(numerator.unsqueeze(1), powers)
+    S = torch.bmm(denominator.unsqueeze(1), powers[:, 1:denominator.shape[1] + 1])
+    y = (P / (1 + S.abs())).reshape(G, -1, C // G).permute(1, 0, 2)
+    return y.reshape(x.shape)
+
+
+def horner_autograd(x, numerator, denominator):
+    """Eq. 6 by Horner's rule with autograd doing the backward, for comparison only."""
+    G, C = numerator.shape[0], x.shape[-1]
+    xg, a, b = x.reshape(-1, G, C // G), numerator.unsqueeze(-1), denominator.unsqueeze(-1)
+    P, s = a[:, -1], b[:, -1]
+    for i in range(numerator.shape[1] - 2, -1, -1):
+        P = P * xg + a[:, i]
+    for j in range(denominator.shape[1] - 2, -1, -1):
+        s = s * xg + b[:, j]
+    return (P / (1 + (s * xg).abs())).reshape(x.shape)
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def interleaved_medians(candidates, repeats, device, warmup=1):
+    """Median seconds of each callable, run round-robin (so drifts in machine speed hit all alike)."""
+    times = {k: [] for k in candidates}
+    for r in range(warmup + repeats):
+        for k, fn in candidates.items():
+            dt, _ = timed(fn, device)
+            if r >= warmup:
+                times[k].append(dt)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs its forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def efficiency(args):
+    dev, reps = args.device, args.repeats
+    lines = [f"Efficiency on {dev.type} ({torch.get_num_threads()} threads), median of {reps} interleaved repeats "
+             f"after warm-up, torch {torch.__version__}.\n"]
+    # 1. the activation alone: a ViT-Tiny MLP's hidden activations for 16 images, G = 8
+    x0 = torch.randn(16, 197, 768, device=dev)
+    num, den = (torch.tensor(c, device=dev).repeat(8, 1) for c in nora.GELU_COEFFS)
+    ops = {"GELU": lambda x, n, d: F.gelu(x), "released-style rational (powers + bmm)": released_rational,
+           "Horner under autograd": horner_autograd, "ours, eager": nora.rational, "ours, compiled": nora.rational}
+
+    def op_step(fn, backward):
+        x, n, d = (t.clone().requires_grad_(backward) for t in (x0, num, den))
+        y = fn(x, n, d)
+        if backward:
+            y.backward(torch.ones_like(y))
+    rows = {}
+    for compiled in (False, True):
+        if compiled and not nora.compile_rational():
+            break
+        names = [k for k in ops if (k == "ours, compiled") == compiled]
+        print(f"timing the activation alone: {', '.join(names)}", flush=True)
+        fwd = interleaved_medians({k: (lambda f=ops[k]: op_step(f, False)) for k in names}, reps, dev)
+        both = interleaved_medians({k: (lambda f=ops[k]: op_step(f, True)) for k in names}, reps, dev)
+        for k in names:
+            x, n, d = (t.clone().requires_grad_() for t in (x0, num, den))
+            rows[k] = (fwd[k], both[k], saved_bytes(lambda: ops[k](x, n, d))[1])
+        nora.compile_rational(False)
+    g = rows["GELU"]
+    lines.append("| activation on (16, 197, 768), G = 8 | forward ms | x GELU | forward + backward ms | x GELU "
+                 "| saved for backward (MB) |\n|---|---|---|---|---|---|")
+    lines += [f"| {k} | {f * 1e3:.2f} | {f / g[0]:.2f} | {b * 1e3:.2f} | {b / g[1]:.2f} | {m / 2**20:.1f} |"
+              for k, (f, b, m) in rows.items()]
+
+    # 2. the whole model: ViT-Tiny, frozen backbone, one training step and inference
+    B = args.bench_batch
+    x = torch.randn(B, 3, 224, 224, device=dev)
+    y = torch.randint(0, 10, (B,), device=dev)
+
+    def model_for(method):
+        torch.manual_seed(0)
+        m = nora.prepare(nora.VisionTransformer("tiny", num_classes=10), method, groups=8, rank=2).to(dev)
+        return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+
+    def train_step(model, opt):
+        with torch.autocast(dev.type, enabled=args.amp):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def infer(model):
+        model.eval()
+        with torch.no_grad(), torch.autocast(dev.type, enabled=args.amp):
+            model(x)
+        model.train()
+
+    from torch.utils.flop_counter import FlopCounterMode
+    results = {}
+    for compiled in (False, True):
+        if compiled and not nora.compile_rational():
+            break
+        tag = "compiled" if compiled else "eager"
+        methods = {"LoRA": "lora", f"NoRA, {tag}": "nora", f"NoRA++, {tag}": "nora++"}
+        models = {k: model_for(m) for k, m in methods.items()}
+        print(f"timing ViT-Tiny training steps and inference ({tag}), {reps + 1} rounds", flush=True)
+        steps = interleaved_medians({k: (lambda mo=mo: train_step(*mo)) for k, mo in models.items()}, reps, dev)
+        merged = {"GELU model": model_for("head")[0], f"NoRA merged, {tag}": nora.merge(model_for("nora")[0])}
+        inference = interleaved_medians({k: (lambda m=m: infer(m)) for k, m in {**merged, **{k: v[0] for k, v in models.items()}}.items()}, reps, dev)
+        for k, (m, opt) in models.items():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                train_step(m, opt)
+                memory = torch.cuda.max_memory_allocated()
+            else:
+                memory = saved_bytes(lambda: F.cross_entropy(m(x), y))[1]
+            with FlopCounterMode(display=False) as fc:
+                infer(m)
+            trainable = sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head"))
+            results[k] = dict(trainable=trainable, flops=fc.get_total_flops() / B, latency=inference[k] / B,
+                              step=steps[k], memory=memory)
+        for k, m in merged.items():
+            results[k] = dict(trainable=0, flops=None, latency=inference[k] / B, step=None, memory=None)
+        nora.compile_rational(False)
+    lora, gelu = results["LoRA"], results["GELU model"]
+    mem = "peak memory (MB)" if dev.type == "cuda" else "saved for backward (MB)"
+    lines.append(f"\n| ViT-Tiny, batch {B}, 224 px | trainable (excl. head) | matmul GFLOPs / image | forward ms / image "
+                 f"| x GELU model | train step ms | x LoRA | {mem} | x LoRA |\n|---|---|---|---|---|---|---|---|---|")
+    for k, r in results.items():
+        cells = [f"{r['trainable']:,}", "-" if r["flops"] is None else f"{r['flops'] / 1e9:.3f}",
+                 f"{r['latency'] * 1e3:.2f}", f"{r['latency'] / gelu['latency']:.2f}",
+                 "-" if r["step"] is None else f"{r['step'] * 1e3:.0f}",
+                 "-" if r["step"] is None else f"{r['step'] / lora['step']:.2f}",
+                 "-" if r["memory"] is None else f"{r['memory'] / 2**20:.0f}",
+                 "-" if r["memory"] is None else f"{r['memory'] / lora['memory']:.3f}"]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines.append("\nFLOPs: torch.utils.flop_counter (matmuls, convolution, attention; elementwise work such as "
+                 "the activation is not counted). Memory on CPU: bytes of the distinct tensors autograd saves "
+                 "for backward in one training step.")
+    text = "\n".join(lines)
+    print(text)
+    md = Path(f"table-efficiency-{dev.type}.md")
+    md.write_text(text + "\n")
+    print(f"\nwrote {md}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", choices=CIFAR)
@@ -279,6 +443,8 @@ def parse_args(argv=None):
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision (on by default on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5, help="--table efficiency: timed repeats per measurement")
+    p.add_argument("--bench-batch", type=int, default=32, help="--table efficiency: batch size of the model rows")
     p.add_argument("--out", help="append a JSON record of every run to this file")
     p.add_argument("--save", help="write the adapters + head (and the settings) to this file")
     p.add_argument("--eval-adapter", help="load a --save file onto the pretrained model and evaluate it")
@@ -303,7 +469,7 @@ def main(argv=None):
     if args.device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     if args.table == "efficiency":
-        sys.exit("error: --table efficiency is not implemented yet")
+        return efficiency(args)
     train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_root, not args.no_download)
     tr = balanced_subset(train_y, args.train_subset, args.seed)
     te = balanced_subset(test_y, args.test_subset, args.seed + 1)
