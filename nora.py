@@ -734,25 +734,30 @@ def add_nora(model, groups=8, rank=2, target=nn.GELU, **nora_kwargs):
     return model
 
 
-def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv"):
-    """Freeze ``model`` and put LoRA on each nn.Linear whose name ends with one of ``targets``.
+def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv", layer=LoRALinear):
+    """Freeze ``model`` and put LoRA on each linear layer whose name ends with one of ``targets``.
 
     A target named 'qkv' is timm's fused projection: only the parts named in ``qkv`` (default
-    q and v, as in the paper's C.1 and the LoRA paper) are adapted.
+    q and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
+    ``weight`` counts as linear; ``layer`` is the adapter class (DoRALinear is another).
     """
     freeze(model)
     names = {id(m): name for name, m in model.named_modules()}
 
+    def is_target(m):
+        weight = getattr(m, "weight", None)
+        return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(m, LoRALinear)
+                and names[id(m)].endswith(tuple(targets)))
+
     def make(linear):
         rows = None
         if names[id(linear)].endswith("qkv"):
-            d = linear.out_features // 3
+            d = linear.weight.shape[0] // 3
             rows = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv]
-        return LoRALinear(linear, rank=rank, alpha=alpha, rows=rows)
+        return layer(linear, rank=rank, alpha=alpha, rows=rows)
 
-    n = replace_modules(model, lambda m: type(m) is nn.Linear and names[id(m)].endswith(tuple(targets)), make)
-    if n == 0:
-        raise ValueError(f"add_lora: no nn.Linear named *{targets} in the model")
+    if replace_modules(model, is_target, make) == 0:
+        raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
     return model
 
 
@@ -951,9 +956,7 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
     elif method in ("lora", "dora", "qlora"):
         if method == "qlora":
             replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
-        layer = DoRALinear if method == "dora" else LoRALinear
-        replace_modules(model, lambda m: isinstance(m, (nn.Linear, NF4Linear)) and m.weight.shape[0] == 3 * dim,
-                        lambda m: layer(m, lora_rank, lora_alpha, rows=[(0, dim), (2 * dim, 3 * dim)]))
+        add_lora(model, lora_rank, lora_alpha, layer=DoRALinear if method == "dora" else LoRALinear)
     elif method == "vpt":
         model.blocks = nn.Sequential(PromptTokens(10, dim), *model.blocks)
     elif method == "adapter":

@@ -122,12 +122,11 @@ def build_model(args):
         except (RuntimeError, OSError, ValueError) as e:
             sys.exit(f"error: {e}")
     total = nora.count_parameters(model)[1]
-    grow_to = args.groups
     nora.prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha)
     if args.grow_from:                                  # paper Sec. 4.2: replicate groups
         for m in model.modules():
             if isinstance(m, nora.NoRA):
-                m.grow(grow_to)
+                m.grow(args.groups)
     return model.to(args.device), total
 
 
