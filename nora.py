@@ -801,6 +801,12 @@ def count_parameters(model):
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
+
+def parameter_report(model):
+    """'trainable T of N parameters (P%)', for logs."""
+    trainable, total = count_parameters(model)
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
+
 # -----------------------------------------------------------------------------
 # 8. Baselines for the paper's tables
 #

@@ -454,6 +454,7 @@ def test_add_nora_trains_only_the_adapters_and_head_and_counts_match():
     assert names == {f"blocks.{i}.mlp.act.{p}" for i in range(2) for p in ("A_P", "B_P", "A_Q", "B_Q")} | {"head.weight", "head.bias"}
     trainable, total = nora.count_parameters(model)
     assert trainable == 2 * 52 + 192 * 10 + 10
+    assert nora.parameter_report(model) == f"trainable 2,034 of {total:,} parameters ({100 * 2034 / total:.3f}%)"
     with pytest.raises(ValueError, match="no ReLU module"):
         nora.add_nora(tiny_vit(), target=nn.ReLU)
 
