@@ -367,12 +367,14 @@ def test_load_pretrained_errors_say_what_to_do(tmp_path):
 
 
 class _Server:
-    """A loopback HTTP server for one file, with an optional (wrong or right) sha256 ETag."""
+    """A loopback HTTP server for one file at ``path``, with an optional (wrong or right) sha256 ETag."""
 
-    def __init__(self, payload, etag=None):
+    def __init__(self, payload, etag=None, path="/model.safetensors"):
+        served = path
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                if self.path != "/model.safetensors":
+                if self.path != served:
                     self.send_error(404)
                     return
                 self.send_response(200)
@@ -591,3 +593,23 @@ def test_efficiency_table_runs_and_reports_ratios(tmp_path, monkeypatch):
     for row in ("| GELU |", "| ours, eager |", "| LoRA |", "| NoRA, eager |", "| NoRA merged, eager |"):
         assert row in text
     assert "| 624 |" in text                     # NoRA's trainable count at G = 8, r = 2: 12 x 52
+
+
+def test_train_vit_downloads_cifar_from_a_server_and_checks_its_md5(tmp_path, monkeypatch):
+    import hashlib
+    import tarfile
+    import train_vit
+    write_cifar(tmp_path / "src", "cifar10")
+    with tarfile.open(tmp_path / "cifar.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    payload = (tmp_path / "cifar.tar.gz").read_bytes()
+    folder, train_files, test_file, key, _, _ = train_vit.CIFAR["cifar10"]
+    with _Server(payload, path="/cifar-10-python.tar.gz") as server:
+        url = f"{server.url}/cifar-10-python.tar.gz"
+        monkeypatch.setitem(train_vit.CIFAR, "cifar10", (folder, train_files, test_file, key, url, "0" * 32))
+        with pytest.raises(SystemExit, match="could not download cifar10"):
+            train_vit.main(["--data-root", str(tmp_path / "bad"), *TINY_RUN])
+        md5 = hashlib.md5(payload).hexdigest()
+        monkeypatch.setitem(train_vit.CIFAR, "cifar10", (folder, train_files, test_file, key, url, md5))
+        rec = train_vit.main(["--data-root", str(tmp_path / "data"), *TINY_RUN])
+    assert (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_5").is_file() and rec["accuracy"] >= 0
