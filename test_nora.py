@@ -56,7 +56,7 @@ def test_rational_gradcheck_input_and_coefficients():
     assert torch.autograd.gradcheck(nora.rational, (x, num_g, den_g))
 
 
-def test_blocked_eager_backward_and_compiled_path_match_the_whole_tensor_backward(monkeypatch):
+def test_blocked_eager_kernels_and_compiled_path_match_the_whole_tensor_kernels(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(2, 50, 64, requires_grad=True)
     num = (torch.randn(4, 6) * 0.3).requires_grad_()
@@ -69,7 +69,10 @@ def test_blocked_eager_backward_and_compiled_path_match_the_whole_tensor_backwar
         return x.grad.clone(), num.grad.clone(), den.grad.clone()
     monkeypatch.setitem(nora._kernels, "block", None)
     whole = grads()
+    y_whole = nora.rational(x, num, den)
     monkeypatch.setitem(nora._kernels, "block", 640)                 # 10 rows a block: 10 blocks
+    assert len(nora._row_blocks(x.view(-1, 64))) == 10
+    torch.testing.assert_close(nora.rational(x, num, den), y_whole)
     for a, b in zip(grads(), whole):
         torch.testing.assert_close(a, b)
     if not nora.compile_rational():                                   # takes ~10 s; warns where it cannot
