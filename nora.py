@@ -677,8 +677,9 @@ def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True)
     own = model.state_dict()
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
-    if state.get("head.weight") is None or state["head.weight"].shape != own.get("head.weight", torch.empty(0)).shape:
-        found = state.pop("head.weight", None)
+    found = state.get("head.weight")
+    if found is None or "head.weight" not in own or found.shape != own["head.weight"].shape:
+        state.pop("head.weight", None)
         state.pop("head.bias", None)
         if verbose and "head.weight" in own:
             had = f"a head for {found.shape[0]} classes" if found is not None else "no head"
@@ -957,8 +958,6 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
     all with ``groups`` groups."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    nora_kwargs = dict(alpha=alpha, form="group" if method == "nora-group" else "shared",
-                       adapt={"nora-num": "numerator", "nora-den": "denominator"}.get(method, "both"))
     freeze(model)
     dim = model.cls_token.shape[-1]
     if method == "full":
@@ -974,7 +973,8 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
     elif method == "adapter":
         model.blocks = nn.Sequential(*[nn.Sequential(block, Adapter(dim, 48)) for block in model.blocks])
     elif method.startswith("nora"):
-        add_nora(model, groups, rank, **nora_kwargs)
+        add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared",
+                 adapt={"nora-num": "numerator", "nora-den": "denominator"}.get(method, "both"))
         if method == "nora++":
             add_lora(model, lora_rank, lora_alpha)
     elif method == "rational":
