@@ -303,9 +303,10 @@ class GroupRational(nn.Module):
 # space. Per layer that is r (m+1+n) + 2 G r numbers (52 at G = 8, r = 2).
 #
 # As in LoRA, A starts as small noise and B at zero (Sec. 3: A ~ N(0, 0.02)), so at step 0 NoRA
-# is exactly its base rational. (The released code's kaiming-uniform A, ~20x larger, lets the
-# first steps bend x^4 and x^5 terms hard; on a real pretrained ViT-S it collapsed to chance.) The denominator update goes inside the |.| (b -> b + db), so
-# Q stays >= 1 however far training moves it.
+# is exactly its base rational. (The released code's kaiming-uniform A has std 0.24, 12x more,
+# so the first steps bend the x^4 and x^5 terms hard; on a real pretrained ViT-S it collapsed to
+# chance.) The denominator update goes inside the |.| (b -> b + db), so Q stays >= 1 however
+# far training moves it.
 # -----------------------------------------------------------------------------
 
 class NoRA(nn.Module):
@@ -370,7 +371,8 @@ class NoRA(nn.Module):
 
         Channel c moves from group c // (C/G) to group c // (C/groups); each old group's block
         of channels becomes groups/G consecutive new groups, so every tensor indexed by group is
-        repeated in place with repeat_interleave.
+        repeated in place with repeat_interleave. The trainable tensors are replaced, so grow
+        before building the optimizer.
         """
         old = self.numerator.shape[0]
         if groups % old:
