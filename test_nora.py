@@ -563,6 +563,14 @@ def test_train_vit_saved_adapter_reloads_to_the_same_accuracy(cifar_root, tmp_pa
     assert save.stat().st_size < 200_000
     again = train_vit.main(["--data-root", str(cifar_root), "--eval-adapter", str(save), *TINY_RUN])
     assert again["accuracy"] == rec["accuracy"]
+    # the saved run's dataset is used even when the command line does not repeat it: this folder
+    # holds only CIFAR-100, so reading the default CIFAR-10 would fail
+    only100 = tmp_path / "only100"
+    write_cifar(only100, "cifar100", n_train=60)
+    rec100 = train_vit.main(["--data-root", str(only100), "--dataset", "cifar100", "--method", "nora",
+                             "--save", str(save), *TINY_RUN])
+    again = train_vit.main(["--data-root", str(only100), "--no-download", "--eval-adapter", str(save), *TINY_RUN])
+    assert again["accuracy"] == rec100["accuracy"]
 
 
 def test_train_vit_grows_groups_and_runs_a_table(cifar_root, tmp_path, monkeypatch):

@@ -199,23 +199,25 @@ def record(args, result):
     return rec
 
 
+SAVED_SETTINGS = ("method", "groups", "rank", "alpha", "grow_from", "size", "patch_size", "img_size",
+                  "layer_scale", "depth", "dataset", "mean", "std")
+
+
+def evaluate_adapter(args, data, state):
+    """Load a --save file's adapters and head onto the pretrained model (args already hold its settings)."""
+    model, _ = build_model(args)
+    nora.load_adapter(model, state)
+    acc = evaluate(model.to(args.device), data[2], data[3], args)
+    print(f"RESULT eval-adapter {args.eval_adapter}: method={args.method} accuracy={acc:.2f}%")
+    return dict(accuracy=acc)
+
+
 def run(args, data):
-    if args.eval_adapter:
-        saved = torch.load(args.eval_adapter, map_location="cpu", weights_only=False)
-        for k in ("method", "groups", "rank", "alpha", "grow_from", "size", "patch_size", "img_size",
-                  "layer_scale", "depth", "dataset", "mean", "std"):
-            setattr(args, k, saved["args"][k])
-        model, total = build_model(args)
-        nora.load_adapter(model, saved["state"])
-        acc = evaluate(model.to(args.device), data[2], data[3], args)
-        print(f"RESULT eval-adapter {args.eval_adapter}: method={args.method} accuracy={acc:.2f}%")
-        return dict(accuracy=acc)
     model, result = train(args, data)
     if args.save:
-        torch.save({"args": {k: v for k, v in vars(args).items() if k != "device"},
-                    "state": nora.adapter_state_dict(model)}, args.save)
-        print(f"saved adapter and head ({sum(v.numel() for v in nora.adapter_state_dict(model).values()):,} "
-              f"numbers) to {args.save}")
+        state = nora.adapter_state_dict(model)
+        torch.save({"args": {k: v for k, v in vars(args).items() if k != "device"}, "state": state}, args.save)
+        print(f"saved adapter and head ({sum(v.numel() for v in state.values()):,} numbers) to {args.save}")
     return record(args, result)
 
 
@@ -469,10 +471,16 @@ def main(argv=None):
         torch.use_deterministic_algorithms(True)
     if args.table == "efficiency":
         return efficiency(args)
+    if args.eval_adapter:                               # the saved run's settings pick the data too
+        saved = torch.load(args.eval_adapter, map_location="cpu", weights_only=False)
+        for k in SAVED_SETTINGS:
+            setattr(args, k, saved["args"][k])
     train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_root, not args.no_download)
     tr = balanced_subset(train_y, args.train_subset, args.seed)
     te = balanced_subset(test_y, args.test_subset, args.seed + 1)
     data = (train_x[tr], train_y[tr], test_x[te], test_y[te])
+    if args.eval_adapter:
+        return evaluate_adapter(args, data, saved["state"])
     return table(args, data) if args.table else run(args, data)
 
 
