@@ -23,9 +23,8 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import urllib.error
-import urllib.request
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -44,15 +43,25 @@ import torch.nn.functional as F
 #
 # "Group-wise": the C channels (last dimension) are cut into G contiguous blocks, and channel c
 # uses the coefficients of group c // (C / G). So the coefficients are a (G, m+1) numerator
-# matrix and a (G, n) denominator matrix, whatever the size of x.
+# matrix and a (G, n) denominator matrix, whatever the size of x. Written out as Eq. 6 reads,
+# with autograd doing the rest, that is `rational_reference` below.
 #
-# We evaluate P and Q with Horner's rule, a0 + x(a1 + x(a2 + ...)), which never forms x^5 as a
+# That version keeps every power of x for backward. So `rational` evaluates P and Q with Horner's rule, a0 + x(a1 + x(a2 + ...)), which never forms x^5 as a
 # tensor, and write the backward pass by hand: autograd over Horner would keep a dozen tensors
 # the size of x for backward; ours keeps only x and recomputes. Two layout choices make it fast
 # on a CPU: x is viewed as (N, C) and each group's coefficients are repeated to one row per
 # channel, (k, C), so every broadcast and every reduction (sum over N) runs along contiguous
 # memory; and backward works in place, so a pass over memory is not also an allocation.
 # -----------------------------------------------------------------------------
+
+def rational_reference(x, numerator, denominator):
+    """Eq. 6 as written: sum_i a_i x^i / (1 + |sum_j b_j x^j|) per group. Slow and memory-hungry,
+    but plainly right: the tests check `rational` against it, and double backward uses it."""
+    xg = x.reshape(*x.shape[:-1], numerator.shape[0], -1)                     # (..., G, C/G)
+    P = sum(numerator[:, i, None] * xg ** i for i in range(numerator.shape[1]))
+    S = sum(denominator[:, j, None] * xg ** (j + 1) for j in range(denominator.shape[1]))
+    return (P / (1 + S.abs())).reshape(x.shape)
+
 
 def _per_channel(coeffs, channels):
     """(G, k) group coefficients -> (k, C): row i holds coefficient i of each channel's group."""
@@ -132,6 +141,10 @@ class _RationalFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, numerator, denominator = ctx.saved_tensors
+        if torch.is_grad_enabled():                       # create_graph=True (e.g. a gradient penalty):
+            inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, numerator, denominator)]
+            y = rational_reference(*inputs)               # differentiate Eq. 6 itself, twice if asked
+            return torch.autograd.grad(y, inputs, grad, create_graph=True)
         grad = grad.contiguous()
         parts = [_kernels["backward"](x[b], numerator, denominator, grad[b]) for b in _row_blocks(x)]
         if len(parts) == 1:
@@ -151,7 +164,8 @@ def compile_rational(enable=True):
         # static shapes: dynamic ones ran 40x slower here; each new input shape compiles once (~2 s)
         forward = torch.compile(_rational_forward, dynamic=False)
         backward = torch.compile(_rational_backward, dynamic=False)
-        x, num, den = torch.randn(4, 8), torch.randn(2, 6), torch.randn(2, 4)
+        x = torch.linspace(-4, 4, 32).view(4, 8)         # not randn: compiling must not move the global RNG
+        num, den = torch.ones(2, 6), torch.ones(2, 4)
         forward(x, num, den), backward(x, num, den, x)
     except Exception as e:                                # any failure to compile: stay eager
         warnings.warn(f"compile_rational: torch.compile failed ({type(e).__name__}: {e}); using the eager path")
@@ -173,8 +187,11 @@ def rational(x, numerator, denominator):
         denominator: (G, n) coefficients b_1 .. b_n of each group.
 
     Half-precision inputs are computed in float32 (x^5 overflows float16 for |x| > 9.2) and the
-    result is cast back, so it is safe to call under autocast.
+    result is cast back, so it is safe to call under autocast. Beyond |x| ~ 1e7 (float32) the
+    powers overflow and the result is inf or NaN; a fitted rational means nothing that far out.
     """
+    if not x.is_floating_point():
+        raise TypeError(f"rational: expected a floating-point input, got {x.dtype} (convert with x.float())")
     if numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]:
         raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G; "
                          f"got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
@@ -184,6 +201,8 @@ def rational(x, numerator, denominator):
         raise ValueError(f"rational: {C} channels cannot be split into {G} equal groups; "
                          f"use a group count that divides {C}, e.g. one of {divisors}")
     dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.numel() == 0:
+        return x.clone()
     with torch.autocast(x.device.type, enabled=False):
         y = _RationalFunction.apply(x.to(dtype).reshape(-1, C), numerator.to(dtype), denominator.to(dtype))
     return y.view(x.shape).to(x.dtype)
@@ -214,8 +233,13 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-8.0, 8.0), points=400
 
     Returns (numerator (num_degree+1,), denominator (den_degree,)) as float64 tensors.
     """
+    if num_degree < 1 or den_degree < 2 or iters < 1 or points < num_degree + den_degree + 1:
+        raise ValueError(f"fit_rational: need num_degree >= 1, den_degree >= 2, iters >= 1 and more points than "
+                         f"coefficients; got {num_degree}, {den_degree}, {iters}, {points}")
     x = torch.linspace(*x_range, points, dtype=torch.float64)
     f = fn(x)
+    if not torch.isfinite(f).all():
+        raise ValueError(f"fit_rational: the function is not finite everywhere on {x_range}; fit on a range where it is")
     V = x[:, None] ** torch.arange(num_degree + 1)       # columns x^0 .. x^m
     W = x[:, None] ** torch.arange(1, den_degree + 1)    # columns x^1 .. x^n
     w = torch.ones_like(x)
@@ -246,6 +270,8 @@ COEFFS = {"gelu": GELU_COEFFS, "silu": SILU_COEFFS, "swish": SILU_COEFFS, "relu"
 
 def _init_coefficients(init, groups):
     """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair."""
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
     if isinstance(init, str):
         if init not in COEFFS:
             raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
@@ -323,17 +349,25 @@ class NoRA(nn.Module):
             'group' (paper text, dP_g = A_g B_g per group).
     """
 
-    def __init__(self, groups=8, rank=2, alpha=None, init="gelu", adapt="both", form="shared"):
+    def __init__(self, groups=8, rank=2, alpha=None, init="gelu", adapt="both", form="shared", basis_scale=3.0):
         super().__init__()
         if adapt not in ("both", "numerator", "denominator") or form not in ("shared", "group"):
             raise ValueError(f"adapt must be both|numerator|denominator and form shared|group, got {adapt!r}, {form!r}")
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"NoRA: rank must be a positive integer, got {rank!r}")
+        if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"NoRA: alpha must be a positive number (or None for 2 * rank), got {alpha!r}")
+        if not (math.isfinite(basis_scale) and basis_scale > 0):
+            raise ValueError(f"NoRA: basis_scale must be a positive number, got {basis_scale!r}")
         num, den = _init_coefficients(init, groups)
         self.register_buffer("numerator", num)
         self.register_buffer("denominator", den)
         self.rank, self.form, self.adapt = rank, form, adapt
         self.scaling = (alpha if alpha is not None else 2 * rank) / rank
+        self.basis_scale = basis_scale
+        self.register_buffer("basis_P", basis_scale ** -torch.arange(num.shape[1], dtype=torch.float32), persistent=False)
+        self.register_buffer("basis_Q", basis_scale ** -torch.arange(1, den.shape[1] + 1, dtype=torch.float32),
+                             persistent=False)
         for side, d, trainable in (("P", num.shape[1], adapt != "denominator"),
                                    ("Q", den.shape[1], adapt != "numerator")):
             A_shape, B_shape = ((rank, d), (groups, rank)) if form == "shared" else ((groups, d, rank), (groups, rank))
@@ -347,8 +381,8 @@ class NoRA(nn.Module):
 
     def coefficients(self):
         """The adapted coefficients (P + dP, Q + dQ) of Eq. 7, each (G, .)."""
-        return (self.numerator + self._delta(self.A_P, self.B_P),
-                self.denominator + self._delta(self.A_Q, self.B_Q))
+        return (self.numerator + self._delta(self.A_P, self.B_P) * self.basis_P,
+                self.denominator + self._delta(self.A_Q, self.B_Q) * self.basis_Q)
 
     def forward(self, x):
         return rational(x, *self.coefficients())
@@ -365,6 +399,19 @@ class NoRA(nn.Module):
         self.B_P.zero_()
         self.B_Q.zero_()
 
+    def get_extra_state(self):
+        """Settings that change the function, saved in the state dict so a mismatch is caught on load."""
+        return {"rank": self.rank, "scaling": self.scaling, "form": self.form, "adapt": self.adapt,
+                "basis_scale": self.basis_scale}
+
+    def set_extra_state(self, state):
+        mine = self.get_extra_state()
+        wrong = {k: (v, mine.get(k)) for k, v in state.items() if mine.get(k) != v}
+        if wrong:
+            raise ValueError("NoRA: the saved adapter was trained with other settings (saved, this model): "
+                             + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in wrong.items())
+                             + "; build the model with the saved settings")
+
     @torch.no_grad()
     def grow(self, groups):
         """Split every group into groups / G copies of itself (paper Sec. 4.2), leaving the function unchanged.
@@ -375,7 +422,7 @@ class NoRA(nn.Module):
         before building the optimizer.
         """
         old = self.numerator.shape[0]
-        if groups % old:
+        if not isinstance(groups, int) or groups < 1 or groups % old:
             raise ValueError(f"NoRA.grow: new group count {groups} must be a multiple of {old}")
         k = groups // old
         for name in ("numerator", "denominator"):
@@ -404,12 +451,16 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank=8, alpha=16, rows=None):
         super().__init__()
+        if not isinstance(rank, int) or rank < 1 or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"LoRALinear: rank must be a positive integer and alpha a positive number, "
+                             f"got rank {rank!r}, alpha {alpha!r}")
         out_features, in_features = base.weight.shape
         rows = rows or [(0, out_features)]
         width = rows[0][1] - rows[0][0]
         if any(stop - start != width for start, stop in rows) or max(stop for _, stop in rows) > out_features:
             raise ValueError(f"LoRALinear: row blocks {rows} must have equal widths within {out_features} rows")
         self.base, self.rank, self.scaling, self.merged = base, rank, alpha / rank, False
+        self.row_blocks = [[start, stop] for start, stop in rows]
         w = base.weight
         self.register_buffer("rows", torch.cat([torch.arange(a, b, device=w.device) for a, b in rows]), persistent=False)
         self.lora_A = nn.Parameter(torch.empty(len(rows), rank, in_features, device=w.device, dtype=w.dtype))
@@ -431,6 +482,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
+        if not isinstance(self.base.weight, nn.Parameter):   # e.g. a 4-bit weight rebuilt at each call
+            raise TypeError(f"LoRALinear.merge: the base {type(self.base).__name__} has no stored weight to "
+                            f"merge into (a quantised layer?); keep the model unmerged")
         if not self.merged:
             self.base.weight.index_add_(0, self.rows, self.delta_weight())
             self.merged = True
@@ -440,6 +494,17 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base.weight.index_add_(0, self.rows, -self.delta_weight())
             self.merged = False
+
+    def get_extra_state(self):
+        return {"rank": self.rank, "scaling": self.scaling, "row_blocks": self.row_blocks}
+
+    def set_extra_state(self, state):
+        if self.merged:
+            raise ValueError("LoRALinear: cannot load an adapter into a merged layer; unmerge() it first "
+                             "(or load into a freshly built model)")
+        if state != self.get_extra_state():
+            raise ValueError(f"LoRALinear: the saved adapter has {state}, this layer {self.get_extra_state()}; "
+                             f"build the model with the saved settings")
 
     def extra_repr(self):
         return f"rank={self.rank}, scaling={self.scaling:g}, adapted_rows={len(self.rows)}"
@@ -551,40 +616,25 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # D
 def download(url, cache_dir=None, sha256=None):
     """Download ``url`` once into the cache and return the local path.
 
-    The cache is ``cache_dir``, else $NORA_CACHE, else ~/.cache/nora. The file is checked
-    against its Content-Length and, where known, its sha256 (the ``sha256`` argument, or an
-    ETag that is one, as the Hugging Face hub sends), and only then moved into place.
+    The cache is ``cache_dir``, else $NORA_CACHE, else ~/.cache/nora. torch.hub's downloader
+    writes to a temporary file, shows progress and, given ``sha256``, checks the file before
+    moving it into place, so an interrupted download never leaves a file behind.
     """
     cache_dir = Path(cache_dir or os.environ.get("NORA_CACHE") or Path.home() / ".cache" / "nora")
-    dest = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{url.rstrip('/').rsplit('/', 1)[-1]}"
+    name = Path(urllib.parse.urlparse(url).path).name or "download"      # no ?query in the file name
+    dest = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{name}"
     if dest.exists():
         return dest
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(dir=cache_dir, suffix=".part")[1])
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            size = int(response.headers.get("Content-Length") or 0)
-            etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"')
-            digest, done = hashlib.sha256(), 0
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                print(f"\rdownloading {url}: {done / 2**20:.1f}"
-                      f"{f' / {size / 2**20:.1f}' if size else ''} MiB", end="", file=sys.stderr)
-            print(file=sys.stderr)
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=sys.stderr.isatty())
     except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
         raise RuntimeError(
             f"could not download {url} ({e}).\nIf this machine is offline, download the file on one that "
             f"is online and pass its local path instead (load_pretrained(model, 'path/to/file'), or "
             f"--weights path/to/file in train_vit.py), or copy it to {dest}") from None
-    expected = sha256 or (etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None)
-    if (size and done != size) or (expected and digest.hexdigest() != expected):
-        tmp.unlink()
-        raise RuntimeError(f"download of {url} is corrupt: got {done} bytes with sha256 "
-                           f"{digest.hexdigest()}, expected {size or '?'} bytes with sha256 {expected or '?'}; try again")
-    os.replace(tmp, dest)
+    except RuntimeError as e:                             # torch.hub: the sha256 did not match
+        raise RuntimeError(f"download of {url} is corrupt ({e}); try again") from None
     return dest
 
 
@@ -597,15 +647,23 @@ def read_safetensors(path):
     """A .safetensors file is an 8-byte little-endian header length, a JSON header giving each
     tensor's dtype, shape and byte range, then the raw bytes; torch reads it directly."""
     data = Path(path).read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    body = bytearray(data[8 + n:])     # writable, so torch.frombuffer does not warn
-    state = {}
-    for name, info in header.items():
-        if name != "__metadata__":
+    try:
+        n = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8:8 + n])
+        body = bytearray(data[8 + n:])     # writable, so torch.frombuffer does not warn
+        state = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
             dtype, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            if not 0 <= start <= end <= len(body):
+                raise ValueError(f"{name} lies past the end of the file")
             state[name] = (torch.frombuffer(body[start:end], dtype=dtype) if end > start
                            else torch.empty(0, dtype=dtype)).view(info["shape"])
+    except (struct.error, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        what = f"unknown dtype {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path} is not a valid .safetensors file ({what}); it may be truncated or an "
+                         f"error page. Download it again, or pass another file") from None
     return state
 
 
@@ -649,11 +707,22 @@ def read_checkpoint(path):
         return read_safetensors(path)
     if path.suffix == ".npz":
         import numpy as np
-        with np.load(path) as w:
-            return _from_big_vision(w)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with np.load(path) as w:
+                return _from_big_vision(w)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path} is not a ViT .npz in Google's layout ({type(e).__name__}: {e}); "
+                             f"download it again, or pass another file") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                # pickle, zip and "unsafe global" errors alike
+        raise ValueError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+                         f"download it again, or pass another file") from None
     for key in ("model", "state_dict"):                 # training checkpoints wrap the weights
         state = state.get(key, state) if isinstance(state, dict) else state
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"{path} holds no state dict of tensors (found {type(state).__name__}); "
+                         f"pass a file of model weights")
     return state
 
 
@@ -674,8 +743,15 @@ def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True)
     cached, see :func:`download`). The position embedding is resampled to the model's image
     size; a head for another number of classes (or none) leaves the model's own head in place.
     """
-    path = download(source, cache_dir) if str(source).startswith(("http://", "https://")) else source
-    state = read_checkpoint(path)
+    url = str(source).startswith(("http://", "https://"))
+    path = download(source, cache_dir) if url else source
+    try:
+        state = read_checkpoint(path)
+    except ValueError as e:
+        if url:                                           # a bad download must not stay in the cache
+            Path(path).unlink(missing_ok=True)
+            raise ValueError(f"{e}\n(the downloaded copy was deleted: run again to download it anew)") from None
+        raise
     own = model.state_dict()
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
@@ -708,55 +784,77 @@ def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True)
 # Activations called as functions (F.gelu inside forward) cannot be found this way.
 # -----------------------------------------------------------------------------
 
-ADAPTER_PARAMETERS = ("A_P", "B_P", "A_Q", "B_Q", "lora_A", "lora_B")
+ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable
+
+
+def _adapter_parameters(model):
+    """Ids of the parameters that adapters own (not those of the layers they wrap)."""
+    return {id(p) for m in model.modules() if isinstance(m, ADAPTERS) for p in m.parameters(recurse=False)}
 
 
 def freeze(model):
-    """requires_grad=False for every parameter except those of adapters already added."""
-    for name, p in model.named_parameters():
-        if name.rsplit(".", 1)[-1] not in ADAPTER_PARAMETERS:
+    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
+    own = _adapter_parameters(model)
+    for p in model.parameters():
+        if id(p) not in own:
             p.requires_grad_(False)
     return model
 
 
+def _freeze_unless_chosen(model):
+    """Freeze a model whose parameters all still train (PyTorch's default); where some are already
+    frozen, the caller has chosen what trains (an earlier adapter, mark_trainable), so keep that."""
+    if all(p.requires_grad for p in model.parameters()):
+        freeze(model)
+
+
 def replace_modules(model, target, make):
-    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count."""
+    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count.
+    Every replacement is built before the first is put in, so a failure leaves the model as it was."""
     found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if target(child)]
-    for parent, name, child in found:
-        setattr(parent, name, make(child))
+    made = [make(child) for _, _, child in found]
+    for (parent, name, _), new in zip(found, made):
+        setattr(parent, name, new)
     return len(found)
 
 
 def add_nora(model, groups=8, rank=2, target=nn.GELU, **nora_kwargs):
-    """Freeze ``model`` and replace each ``target`` activation with a :class:`NoRA` module.
+    """Replace each ``target`` activation (a class or tuple of classes) in ``model`` with a
+    :class:`NoRA` module, and freeze the rest of a fresh model.
 
-    ``nora_kwargs`` go to NoRA (alpha, init, adapt, form). Train the task head with
-    :func:`mark_trainable`.
+    ``nora_kwargs`` go to NoRA (alpha, init, adapt, form, basis_scale). A model whose parameters
+    all train is frozen first; one where some are already frozen keeps its choices. Train the
+    task head with :func:`mark_trainable`.
     """
-    freeze(model)
-    device = next(model.parameters()).device
-    n = replace_modules(model, lambda m: isinstance(m, target),
-                        lambda m: NoRA(groups, rank, **nora_kwargs).to(device))
-    if n == 0:
-        raise ValueError(f"add_nora: the model has no {target.__name__} module; pass target=<its activation class>")
+    names = " or ".join(t.__name__ for t in (target if isinstance(target, tuple) else (target,)))
+    if not any(isinstance(m, target) for m in model.modules()):
+        raise ValueError(f"add_nora: the model has no {names} module; pass target=<its activation class>")
+    NoRA(groups, rank, **nora_kwargs)                     # bad settings fail here, before the model changes
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    _freeze_unless_chosen(model)
+    replace_modules(model, lambda m: isinstance(m, target), lambda m: NoRA(groups, rank, **nora_kwargs).to(device))
     return model
 
 
 def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv", layer=LoRALinear):
-    """Freeze ``model`` and put LoRA on each linear layer whose name ends with one of ``targets``.
+    """Put LoRA on each linear layer of ``model`` whose name ends with one of ``targets``, and
+    freeze the rest of a fresh model (as :func:`add_nora` does).
 
     A target named 'qkv' is timm's fused projection: only the parts named in ``qkv`` (default
     q and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
     ``weight`` counts as linear; ``layer`` is the adapter class (DoRALinear is another).
     """
-    freeze(model)
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not qkv or set(qkv) - set("qkv"):
+        raise ValueError(f"add_lora: qkv={qkv!r} must name some of the parts 'q', 'k', 'v', e.g. 'qv'")
     names = {id(m): name for name, m in model.named_modules()}
 
     def is_target(m):
         weight = getattr(m, "weight", None)
         return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(m, LoRALinear)
-                and names[id(m)].endswith(tuple(targets)))
+                and names[id(m)].endswith(targets))
 
     def make(linear):
         rows = None
@@ -765,13 +863,20 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv", layer=LoRALine
             rows = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv]
         return layer(linear, rank=rank, alpha=alpha, rows=rows)
 
-    if replace_modules(model, is_target, make) == 0:
+    found = [m for m in model.modules() if is_target(m)]
+    if not found:
         raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
+    make(found[0])                                        # bad settings fail here, before the model changes
+    _freeze_unless_chosen(model)
+    replace_modules(model, is_target, make)
     return model
 
 
 def mark_trainable(model, *prefixes):
     """Make the parameters whose names start with any of ``prefixes`` trainable (e.g. 'head')."""
+    prefixes = tuple(p for group in prefixes for p in ([group] if isinstance(group, str) else group))
+    if not prefixes:
+        raise ValueError("mark_trainable: name at least one parameter prefix, e.g. mark_trainable(model, 'head')")
     hits = [p.requires_grad_(True) for name, p in model.named_parameters() if name.startswith(prefixes)]
     if not hits:
         raise ValueError(f"mark_trainable: no parameter name starts with {prefixes}")
@@ -787,22 +892,41 @@ def merge(model):
     return model
 
 
-def adapter_state_dict(model):
-    """The trainable tensors (adapters and head) plus NoRA's base coefficients: all that a fine-tune
-    adds to the pretrained model, to be loaded back with :func:`load_adapter`."""
-    keep = {name for name, p in model.named_parameters() if p.requires_grad}
-    keep |= {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, NoRA)
-             for b in ("numerator", "denominator")}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keep}
+def adapter_state_dict(model, extra=("head",)):
+    """All that a fine-tune adds to the pretrained model, to be loaded back with :func:`load_adapter`:
+    every adapter's tensors and settings (chosen by module type, so freezing the model first loses
+    nothing), the parameters whose names start with ``extra`` (the task head), and any other
+    parameter that trains."""
+    state = model.state_dict()
+    keep = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, ADAPTERS)
+            for k in m.state_dict() if not k.startswith("base.")}
+    keep |= {name for name, p in model.named_parameters() if p.requires_grad or name.startswith(tuple(extra))}
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if k in keep}
 
 
 def load_adapter(model, state):
-    """Load an :func:`adapter_state_dict` into a model prepared with the same add_nora/add_lora calls."""
-    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
-    if unexpected:
-        raise ValueError(f"load_adapter: the model has no {unexpected[:5]}; build it with the same "
-                         f"add_nora / add_lora settings (groups, rank, targets) before loading")
+    """Load an :func:`adapter_state_dict` into a model prepared with the same add_nora/add_lora calls
+    (the settings that change the function, such as alpha, are checked)."""
+    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
+        raise ValueError("load_adapter: the model's LoRA is merged; load into a freshly built model")
+    missing = sorted(set(adapter_state_dict(model, extra=())) - set(state))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or missing:
+        raise ValueError(f"load_adapter: the model has no {result.unexpected_keys[:5]} and the file has no "
+                         f"{missing[:5]}; build the model with the same add_nora / add_lora settings (groups, "
+                         f"rank, targets) before loading, and pass a file made by adapter_state_dict")
     return model
+
+
+def param_groups(model, lr, head_lr=None, head=("head",)):
+    """AdamW parameter groups: the trainable parameters whose names start with ``head`` at
+    ``head_lr``, all other trainable ones (the adapters) at ``lr``. A fresh linear head wants a
+    larger step than a low-rank update of a pretrained model (README: the lr study)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    heads = [p for n, p in trainable if n.startswith(tuple(head))]
+    rest = [p for n, p in trainable if not n.startswith(tuple(head))]
+    groups = [dict(params=heads, lr=lr if head_lr is None else head_lr), dict(params=rest, lr=lr)]
+    return [g for g in groups if g["params"]]
 
 
 def count_parameters(model):
@@ -814,6 +938,8 @@ def count_parameters(model):
 def parameter_report(model):
     """'trainable T of N parameters (P%)', for logs."""
     trainable, total = count_parameters(model)
+    if total == 0:
+        raise ValueError("parameter_report: the model has no parameters")
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
 
 # -----------------------------------------------------------------------------
@@ -949,15 +1075,16 @@ class AReLU(nn.Module):
 
 
 METHODS = ("head", "full", "lora", "dora", "qlora", "vpt", "adapter", "nora", "nora++",
-           "nora-group", "nora-num", "nora-den", "rational", "zero-init", "const", "prelu", "elu", "arelu")
+           "nora-monomial", "nora-group", "nora-num", "nora-den", "rational", "zero-init", "const", "prelu", "elu", "arelu")
 
 
-def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha=16):
+def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha=16, **nora_kwargs):
     """Set ``model`` (a VisionTransformer) up for fine-tuning with ``method`` (one of METHODS) and
     make its head trainable. The Table 4 variants, on frozen GELU-fitted base coefficients:
     'rational' tunes the coefficients directly, 'zero-init' adds a full-rank zero-initialised
     update (NoRA without the low-rank factorisation), 'const' tunes only a0 (our Q has no b0),
-    all with ``groups`` groups."""
+    all with ``groups`` groups. 'nora-monomial' is NoRA with the paper's update of the plain
+    monomial coefficients (basis_scale=1). ``nora_kwargs`` go to every NoRA module."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     freeze(model)
@@ -975,8 +1102,10 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
     elif method == "adapter":
         model.blocks = nn.Sequential(*[nn.Sequential(block, Adapter(dim, 48)) for block in model.blocks])
     elif method.startswith("nora"):
+        if method == "nora-monomial":
+            nora_kwargs["basis_scale"] = 1.0
         add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared",
-                 adapt={"nora-num": "numerator", "nora-den": "denominator"}.get(method, "both"))
+                 adapt={"nora-num": "numerator", "nora-den": "denominator"}.get(method, "both"), **nora_kwargs)
         if method == "nora++":
             add_lora(model, lora_rank, lora_alpha)
     elif method == "rational":

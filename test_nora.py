@@ -28,21 +28,12 @@ def images(n=4, size=32, seed=1):
 
 # --- 1. the rational function ----------------------------------------------------------------
 
-def reference_rational(x, num, den):
-    """Eq. 6 written out with powers, the obvious way."""
-    G = num.shape[0]
-    xg = x.reshape(*x.shape[:-1], G, -1)
-    P = sum(num[:, i, None] * xg ** i for i in range(num.shape[1]))
-    S = sum(den[:, j, None] * xg ** (j + 1) for j in range(den.shape[1]))
-    return (P / (1 + S.abs())).reshape(x.shape)
-
-
 def test_rational_matches_reference_for_any_leading_shape():
     torch.manual_seed(0)
     num, den = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
     for shape in [(8,), (3, 8), (2, 5, 16), (2, 3, 4, 8)]:
         x = torch.randn(shape, dtype=torch.float64)
-        torch.testing.assert_close(nora.rational(x, num, den), reference_rational(x, num, den))
+        torch.testing.assert_close(nora.rational(x, num, den), nora.rational_reference(x, num, den))
 
 
 def test_rational_gradcheck_input_and_coefficients():
@@ -370,20 +361,18 @@ def test_load_pretrained_errors_say_what_to_do(tmp_path):
 
 
 class _Server:
-    """A loopback HTTP server for one file at ``path``, with an optional (wrong or right) sha256 ETag."""
+    """A loopback HTTP server for one file at ``path`` (any query string is ignored)."""
 
-    def __init__(self, payload, etag=None, path="/model.safetensors"):
+    def __init__(self, payload, path="/model.safetensors"):
         served = path
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                if self.path != served:
+                if self.path.split("?")[0] != served:
                     self.send_error(404)
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(payload)))
-                if etag:
-                    self.send_header("ETag", f'"{etag}"')
                 self.end_headers()
                 self.wfile.write(payload)
 
@@ -405,7 +394,7 @@ def test_download_from_loopback_server_caches_and_verifies(tmp_path):
     src = tiny_vit()
     write_safetensors(tmp_path / "w.safetensors", src.state_dict())
     payload = (tmp_path / "w.safetensors").read_bytes()
-    with _Server(payload, etag=hashlib.sha256(payload).hexdigest()) as server:
+    with _Server(payload) as server:
         model = nora.load_pretrained(tiny_vit(), f"{server.url}/model.safetensors", cache_dir=tmp_path / "cache")
         for k, v in model.state_dict().items():
             assert torch.equal(v, src.state_dict()[k])
@@ -415,10 +404,18 @@ def test_download_from_loopback_server_caches_and_verifies(tmp_path):
     assert len(cached) == 1 and cached[0].name.endswith("model.safetensors")
     # the server is gone: the cached copy is used
     assert nora.download(f"{server.url}/model.safetensors", cache_dir=tmp_path / "cache") == cached[0]
-    with _Server(payload, etag="0" * 64) as server:
+    with _Server(payload) as server:
         with pytest.raises(RuntimeError, match="corrupt"):
-            nora.download(f"{server.url}/model.safetensors", cache_dir=tmp_path / "other")
-    assert not any((tmp_path / "other").iterdir())                # nothing half-written left behind
+            nora.download(f"{server.url}/model.safetensors", cache_dir=tmp_path / "other", sha256="0" * 64)
+        assert not any((tmp_path / "other").iterdir())            # nothing half-written left behind
+        # the hub's download button adds a query string: the cached name must keep its suffix
+        path = nora.download(f"{server.url}/model.safetensors?download=true", cache_dir=tmp_path / "q")
+        assert path.name.endswith("-model.safetensors")
+        nora.load_pretrained(tiny_vit(), f"{server.url}/model.safetensors?download=true", cache_dir=tmp_path / "q")
+    with _Server(b"<html>not found</html>") as server:              # an error page served as the file
+        with pytest.raises(ValueError, match="(?s)not a valid .safetensors.*deleted: run again"):
+            nora.load_pretrained(tiny_vit(), f"{server.url}/model.safetensors", cache_dir=tmp_path / "html")
+    assert not any((tmp_path / "html").iterdir())                 # the bad copy is not kept
 
 
 def test_download_offline_says_how_to_use_a_local_file(tmp_path):
@@ -501,7 +498,8 @@ def test_adapter_state_dict_round_trips_onto_a_fresh_model(tmp_path):
     nora.mark_trainable(model, "head")
     train_steps(model, steps=3)
     state = nora.adapter_state_dict(model)
-    assert all(k.startswith("head.") or "mlp.act." in k or "lora_" in k for k in state)
+    assert all(k.startswith("head.") or "mlp.act." in k or "lora_" in k or k.endswith("qkv._extra_state")
+               for k in state)
     torch.save(state, tmp_path / "adapter.pt")
     fresh = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, form="group"), rank=2)
     nora.load_adapter(fresh, torch.load(tmp_path / "adapter.pt"))
@@ -624,3 +622,187 @@ def test_train_vit_downloads_cifar_from_a_server_and_checks_its_md5(tmp_path, mo
         monkeypatch.setitem(train_vit.CIFAR, "cifar10", (folder, train_files, test_file, key, url, md5))
         rec = train_vit.main(["--data-root", str(tmp_path / "data"), *TINY_RUN])
     assert (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_5").is_file() and rec["accuracy"] >= 0
+
+
+# --- bad input, silent loss, unsafe loading (issue 8) ---------------------------------------------
+
+def test_adapter_state_dict_survives_freezing_and_records_settings(tmp_path):
+    model = nora.add_nora(tiny_vit(), groups=8, rank=2)
+    nora.mark_trainable(model, "head")
+    train_steps(model, steps=2)
+    model.requires_grad_(False)                                  # common before export
+    state = nora.adapter_state_dict(model)
+    assert {"blocks.0.mlp.act.A_P", "blocks.0.mlp.act.B_Q", "head.weight"} <= set(state)
+    torch.save(state, tmp_path / "a.pt")
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    fresh = nora.add_nora(tiny_vit(), groups=8, rank=2)
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(nora.load_adapter(fresh, loaded)(x), model(x), atol=0, rtol=0)
+    for other in (dict(alpha=1.0), dict(form="group"), dict(basis_scale=2.0)):
+        with pytest.raises(ValueError, match="other settings"):
+            nora.load_adapter(nora.add_nora(tiny_vit(), groups=8, rank=2, **other), loaded)
+    with pytest.raises(ValueError, match="file has no"):               # a head-only file for a NoRA model
+        nora.load_adapter(fresh, {k: v for k, v in loaded.items() if k.startswith("head")})
+
+
+def test_lora_adapter_refuses_other_alpha_and_merged_models():
+    model = nora.add_lora(tiny_vit(), rank=2, alpha=4)
+    train_steps(model, steps=2)
+    state = nora.adapter_state_dict(model)
+    with pytest.raises(ValueError, match="settings"):
+        nora.load_adapter(nora.add_lora(tiny_vit(), rank=2, alpha=8), state)
+    with pytest.raises(ValueError, match="merged"):
+        nora.load_adapter(nora.merge(nora.add_lora(tiny_vit(), rank=2, alpha=4)), state)
+
+
+def test_merge_refuses_a_quantised_base_instead_of_dropping_the_update():
+    model = nora.prepare(tiny_vit(), "qlora", lora_rank=2)
+    train_steps(model, steps=2)
+    x = images(2)
+    with torch.no_grad():
+        before = model(x)
+        with pytest.raises(TypeError, match="no stored weight"):
+            nora.merge(model)
+        torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+
+
+def test_adding_an_adapter_keeps_earlier_choices_of_what_trains():
+    model = nora.add_nora(tiny_vit(), groups=8, rank=2)
+    nora.mark_trainable(model, "head")
+    nora.add_lora(model, rank=2)
+    assert model.head.weight.requires_grad and model.blocks[0].mlp.act.A_P.requires_grad
+    dora = nora.add_lora(tiny_vit(), rank=2, layer=nora.DoRALinear)
+    nora.add_nora(dora)
+    assert dora.blocks[0].attn.qkv.magnitude.requires_grad
+    assert not dora.blocks[0].attn.qkv.base.weight.requires_grad and not dora.blocks[0].mlp.fc1.weight.requires_grad
+
+
+def test_compile_rational_does_not_move_the_global_rng(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)        # the warm-up, without compiling
+    torch.manual_seed(0)
+    nora.compile_rational()
+    nora.compile_rational(False)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(after, torch.rand(3))
+
+
+def test_rational_rejects_integers_handles_empty_batches_and_double_backward():
+    with pytest.raises(TypeError, match="floating-point"):
+        nora.NoRA(2, 2)(torch.tensor([[1, 2, 3, 4]]))
+    with pytest.raises(TypeError, match="floating-point"):
+        nora.NoRA(2, 2)(torch.ones(1, 4, dtype=torch.bool))
+    assert nora.NoRA(2, 2)(torch.empty(0, 4)).shape == (0, 4)
+    # double backward (gradient penalties) goes through Eq. 6 itself
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    num = (torch.randn(2, 6, dtype=torch.float64) * 0.5).requires_grad_()
+    den = (torch.randn(2, 4, dtype=torch.float64) * 0.5).requires_grad_()
+    assert torch.autograd.gradgradcheck(nora.rational, (x, num, den))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nora.NoRA(0, 2), lambda: nora.NoRA(8, 0), lambda: nora.NoRA(8, 2, alpha=0.0),
+    lambda: nora.NoRA(8, 2, alpha=float("nan")), lambda: nora.NoRA(8, 2).grow(0),
+    lambda: nora.fit_rational(F.gelu, num_degree=0), lambda: nora.fit_rational(F.gelu, den_degree=1),
+    lambda: nora.fit_rational(F.gelu, iters=0), lambda: nora.fit_rational(torch.log),
+    lambda: nora.add_lora(tiny_vit(), rank=0), lambda: nora.add_lora(tiny_vit(), qkv="x"),
+    lambda: nora.parameter_report(nn.GELU()), lambda: nora.mark_trainable(tiny_vit()),
+])
+def test_bad_arguments_fail_early_with_one_line_errors(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_add_nora_accepts_tuples_parameterless_models_and_lists_and_leaves_a_model_alone_on_error():
+    assert isinstance(nora.add_nora(nn.Sequential(nn.GELU()), groups=1)[0], nora.NoRA)
+    model = nora.add_nora(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.SiLU()), groups=2, target=(nn.GELU, nn.SiLU))
+    assert isinstance(model[1], nora.NoRA) and isinstance(model[2], nora.NoRA)
+    nora.mark_trainable(model, ["0.weight", "0.bias"])
+    assert model[0].weight.requires_grad
+    fresh = tiny_vit()
+    for bad in (lambda: nora.add_nora(fresh, rank=0), lambda: nora.add_lora(fresh, rank=-1)):
+        with pytest.raises(ValueError):
+            bad()
+        assert all(p.requires_grad for p in fresh.parameters()) and not any(
+            isinstance(m, nora.ADAPTERS) for m in fresh.modules())
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "not a valid .safetensors"), (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ", "not a valid .safetensors"),
+    (b"<!DOCTYPE html><html>", "not a valid .safetensors"),
+    (len(h := b'{"w": {"dtype": "F8_E9", "shape": [1], "data_offsets": [0, 1]}}').to_bytes(8, "little") + h + b"x",
+     "unknown dtype"),
+])
+def test_corrupt_safetensors_name_the_file_and_say_what_to_do(tmp_path, content, match):
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=f"(?s)bad.safetensors.*{match}.*another file"):
+        nora.load_pretrained(tiny_vit(), tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("obj", [[1, 2], {"model": 5}, {}])
+def test_pth_without_a_state_dict_is_refused_clearly(tmp_path, obj):
+    torch.save(obj, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth holds no state dict"):
+        nora.load_pretrained(tiny_vit(), tmp_path / "bad.pth")
+    (tmp_path / "pickle.pth").write_bytes(b"not a zip or pickle")
+    with pytest.raises(ValueError, match="pickle.pth could not be read"):
+        nora.load_pretrained(tiny_vit(), tmp_path / "pickle.pth")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "shape", "labels"])
+def test_corrupt_cifar_batches_name_the_file(tmp_path, damage):
+    import pickle
+    import train_vit
+    write_cifar(tmp_path, "cifar10")
+    f = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    if damage in ("empty", "truncated"):
+        f.write_bytes(b"" if damage == "empty" else f.read_bytes()[:100])
+    else:
+        batch = pickle.loads(f.read_bytes())
+        if damage == "shape":
+            batch["data"] = batch["data"][:, :100]
+        else:
+            del batch["labels"]
+        f.write_bytes(pickle.dumps(batch))
+    with pytest.raises(SystemExit, match="data_batch_2 is not a valid cifar10 batch.*re-download"):
+        train_vit.main(["--data-root", str(tmp_path), "--no-download", *TINY_RUN])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--epochs", "0"], ["--steps", "-1"], ["--batch-size", "0"], ["--log-every", "0"], ["--groups", "0"],
+    ["--alpha", "nan"], ["--table", "methods", "--save", "a.pt"], ["--table", "methods", "--method", "lora"],
+    ["--table", "methods", "--eval-adapter", "a.pt"], ["--eval-adapter", "missing.pt"],
+    ["--save", "no/such/folder/a.pt"], ["--out", "."], ["--out", "corrupt.json"], ["--out", "object.json"],
+])
+def test_train_vit_rejects_bad_arguments_before_training(tmp_path, monkeypatch, capsys, argv):
+    import train_vit
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corrupt.json").write_text("[{")
+    (tmp_path / "object.json").write_text("{}")
+    (tmp_path / "a.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        train_vit.main(["--data-root", str(tmp_path / "nothing"), "--no-download", *TINY_RUN, *argv])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err       # argparse's usage error, not a traceback
+
+
+def test_eval_adapter_refuses_a_bare_state_dict_and_never_unpickles_code(cifar_root, tmp_path):
+    import train_vit
+    torch.save(nora.adapter_state_dict(nora.add_nora(tiny_vit())), tmp_path / "bare.pt")
+    with pytest.raises(SystemExit, match="not a train_vit.py --save file"):
+        train_vit.main(["--data-root", str(cifar_root), "--eval-adapter", str(tmp_path / "bare.pt"), *TINY_RUN])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this ran",))
+    torch.save({"args": Evil(), "state": {}}, tmp_path / "evil.pt")
+    with pytest.raises(SystemExit, match="could not be read"):
+        train_vit.main(["--data-root", str(cifar_root), "--eval-adapter", str(tmp_path / "evil.pt"), *TINY_RUN])
+
+
+def test_train_vit_main_leaves_the_callers_torch_settings_alone(cifar_root):
+    import train_vit
+    threads = torch.get_num_threads()
+    train_vit.main(["--data-root", str(cifar_root), "--method", "head", *TINY_RUN, "--threads", "1"])
+    assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads

@@ -74,13 +74,19 @@ def load_cifar(name, root, download=True):
     def read(files):
         xs, ys = [], []
         for f in files:
+            redo = f"Delete {path} and run again to re-download, or extract the archive there again."
             if not (path / f).is_file():
-                sys.exit(f"error: {path / f} is missing; the {name} folder is incomplete. Delete {path} "
-                         f"and run again to re-download, or extract the archive there again.")
-            with open(path / f, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
-            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[key], dtype=np.int64))
+                sys.exit(f"error: {path / f} is missing; the {name} folder is incomplete. {redo}")
+            try:
+                with open(path / f, "rb") as fh:
+                    batch = pickle.load(fh, encoding="latin1")
+                data, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch[key], dtype=np.int64)
+                if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels) or not len(data):
+                    raise ValueError(f"{data.shape} data for {len(labels)} labels, expected (N, 3072) for N > 0")
+            except Exception as e:                    # truncated, empty, not a pickle, wrong keys or shapes
+                sys.exit(f"error: {path / f} is not a valid {name} batch ({type(e).__name__}: {e}). {redo}")
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys.append(labels)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
     return (*read(train_files), *read([test_file]))
@@ -122,7 +128,8 @@ def build_model(args):
         except (RuntimeError, OSError, ValueError) as e:
             sys.exit(f"error: {e}")
     total = nora.count_parameters(model)[1]
-    nora.prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha)
+    nora.prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha,
+                 **({} if args.basis_scale is None else {"basis_scale": args.basis_scale}))
     if args.grow_from:                                  # paper Sec. 4.2: replicate groups
         for m in model.modules():
             if isinstance(m, nora.NoRA):
@@ -143,20 +150,25 @@ def evaluate(model, x, y, args):
     return 100.0 * correct / len(x)
 
 
-def train(args, data):
+class Diverged(Exception):
+    pass
+
+
+def train(args, data, eval_name="test"):
+    """Fine-tune on data[:2]; after each epoch, report the accuracy on data[2:] (the test set, or
+    the validation split in --table study)."""
     train_x, train_y, test_x, test_y = data
     model, total = build_model(args)
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
+    trainable = nora.count_parameters(model)[0]
     lr = args.lr if args.lr is not None else METHOD_LR.get(args.method, 1e-3)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(nora.param_groups(model, lr, args.head_lr), weight_decay=args.weight_decay)
     steps_per_epoch = max(1, len(train_x) // args.batch_size)
     steps = args.epochs * steps_per_epoch if args.steps is None else args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     scaler = torch.amp.GradScaler(enabled=args.amp and args.device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
-    print(f"{args.method} on {args.dataset}: {len(train_x)} train / {len(test_x)} test images at {args.img_size} px, "
-          f"{steps} steps, lr {lr:g}, trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    print(f"{args.method} on {args.dataset}: {len(train_x)} train / {len(test_x)} {eval_name} images at {args.img_size} px, "
+          f"{steps} steps, lr {lr:g}{f', head lr {args.head_lr:g}' if args.head_lr else ''}, trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     history, step, start, seen = [], 0, time.time(), 0
     model.train()
     while step < steps:
@@ -169,7 +181,7 @@ def train(args, data):
             with torch.autocast(args.device.type, enabled=args.amp):
                 loss = F.cross_entropy(model(xb), train_y[idx].to(args.device))
             if not torch.isfinite(loss):
-                sys.exit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {lr:g}) or the NoRA --alpha")
+                raise Diverged(f"loss is {loss.item()} at step {step}; lower --lr (now {lr:g}) or the NoRA --alpha")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -183,7 +195,7 @@ def train(args, data):
                       f"{time.strftime('%H:%M:%S', time.gmtime(left))} left", flush=True)
             if step % steps_per_epoch == 0 or step == steps:
                 history.append(evaluate(model, test_x, test_y, args))
-                print(f"  epoch {len(history)}: test accuracy {history[-1]:.2f}%", flush=True)
+                print(f"  epoch {len(history)}: {eval_name} accuracy {history[-1]:.2f}%", flush=True)
     return model, dict(trainable=trainable, total=total, percent=100 * trainable / total, lr=lr,
                        accuracy=history[-1], history=history, seconds=round(time.time() - start, 1))
 
@@ -199,25 +211,31 @@ def record(args, result):
     return rec
 
 
-SAVED_SETTINGS = ("method", "groups", "rank", "alpha", "grow_from", "size", "patch_size", "img_size",
+SAVED_SETTINGS = ("method", "groups", "rank", "alpha", "basis_scale", "grow_from", "size", "patch_size", "img_size",
                   "layer_scale", "depth", "dataset", "mean", "std")
 
 
 def evaluate_adapter(args, data, state):
     """Load a --save file's adapters and head onto the pretrained model (args already hold its settings)."""
     model, _ = build_model(args)
-    nora.load_adapter(model, state)
+    try:
+        nora.load_adapter(model, state)
+    except ValueError as e:
+        sys.exit(f"error: {args.eval_adapter}: {e}")
     acc = evaluate(model.to(args.device), data[2], data[3], args)
     print(f"RESULT eval-adapter {args.eval_adapter}: method={args.method} accuracy={acc:.2f}%")
     return dict(accuracy=acc)
 
 
 def run(args, data):
-    model, result = train(args, data)
+    try:
+        model, result = train(args, data)
+    except Diverged as e:
+        sys.exit(f"error: {e}")
     if args.save:
         state = nora.adapter_state_dict(model)
         torch.save({"args": {k: v for k, v in vars(args).items() if k != "device"}, "state": state}, args.save)
-        print(f"saved adapter and head ({sum(v.numel() for v in state.values()):,} numbers) to {args.save}")
+        print(f"saved adapter and head ({sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor)):,} numbers) to {args.save}")
     return record(args, result)
 
 
@@ -242,10 +260,116 @@ def table(args, data):
     if name == "ablation":
         text += ("\n\nGELU-init tuning (Table 4) is the 'rational' row here: our rationals always start from GELU."
                  "\n'nora-group' is the paper text's per-group low-rank form; 'nora' the released code's shared form.")
+    write_table(args, name, text)
+
+
+# --- is NoRA worth it? each method at its own best learning rate ------------------------------
+
+# Learning rates tried per method in --table study; each method's best is chosen on a validation
+# split carved from the training set (never on the test set), then run again with more seeds.
+# The head's lr is chosen first (row 'head'); every other method keeps the head at that lr and
+# sweeps the lr of its own parameters (nora.param_groups).
+STUDY = {
+    "head": (3e-3, 1e-2, 3e-2),
+    "nora": (1e-3, 3e-3, 1e-2),
+    "nora-monomial": (3e-4, 1e-3, 3e-3),
+    "lora": (3e-4, 1e-3, 3e-3),
+    "nora++": (3e-4, 1e-3, 3e-3),
+    "full": (1e-5, 3e-5, 1e-4),
+}
+# --table stability: NoRA over learning rates x group counts x ranks, against head-only at each lr.
+STABILITY = dict(lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), groups=(8, 16, 32, 64), ranks=(2, 3))
+
+
+def split_validation(x, y, fraction):
+    """(train_x, train_y, val_x, val_y): a class-balanced validation split carved from the training
+    set, the same for every seed (seed 12345), so that all runs are chosen on the same images."""
+    val = torch.zeros(len(y), dtype=torch.bool)
+    val[balanced_subset(y, max(1, round(fraction * len(y))), 12345)] = True
+    return x[~val], y[~val], x[val], y[val]
+
+
+def train_or_diverge(args, data, **changes):
+    """One run with ``changes`` applied to args: (validation accuracy, model), or (None, None) when
+    the loss stopped being finite."""
+    run_args = argparse.Namespace(**{**vars(args), **changes})
+    try:
+        model, result = train(run_args, data, eval_name="validation")
+    except Diverged as e:
+        print(f"  diverged: {e}")
+        return None, None
+    record(run_args, result)
+    return result["accuracy"], model
+
+
+def study(args, data):
+    train_x, train_y, test_x, test_y = data
+    split = split_validation(train_x, train_y, args.val_fraction)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    fmt = lambda a: "diverged" if a is None else f"{a:.1f}"
+    rows, head_lr = [], None
+    for method, lrs in STUDY.items():
+        val, test = {}, {}
+        for lr in lrs:                                    # pick the lr on validation, first seed
+            val[lr], model = train_or_diverge(args, split, method=method, lr=lr, head_lr=head_lr, seed=seeds[0])
+            test[lr] = None if model is None else evaluate(model, test_x, test_y, args)
+        best = max(lrs, key=lambda lr: -1 if val[lr] is None else val[lr])
+        tests = [test[best]]
+        for seed in seeds[1:]:                            # then more seeds at that lr, scored on test
+            _, model = train_or_diverge(args, split, method=method, lr=best, head_lr=head_lr, seed=seed)
+            tests.append(None if model is None else evaluate(model, test_x, test_y, args))
+        scores = torch.tensor([0.0 if t is None else t for t in tests])
+        rows.append(f"| {method} | " + ", ".join(f"{lr:g}: {fmt(val[lr])}" for lr in lrs) + f" | {best:g} | "
+                    f"{scores.mean():.1f} +- {scores.std(unbiased=False) if len(scores) > 1 else 0:.1f} | "
+                    + ", ".join(fmt(t) for t in tests) + " |")
+        print("\n".join(rows), flush=True)
+        head_lr = head_lr or best                         # the first row is 'head'
+
+    write_table(args, "study", f"""
+Each method at its own best learning rate, chosen on a validation split of {len(split[2])} training images
+({len(split[0])} left to train on); test accuracy ({len(test_y)} images) at that lr over seeds {seeds}
+(mean +- spread, the population standard deviation). {describe(args)}
+
+The head trains at the head-only row's chosen lr ({head_lr:g}) in every other row.
+
+| method | validation accuracy (%) at each lr, seed {seeds[0]} | chosen lr | test accuracy (%) | per seed |
+|---|---|---|---|---|
+""" + "\n".join(rows))
+
+
+def stability(args, data):
+    train_x, train_y, _, _ = data
+    split = split_validation(train_x, train_y, args.val_fraction)
+    fmt = lambda a: "diverged" if a is None else f"{a:.1f}"
+    head = {lr: train_or_diverge(args, split, method="head", lr=lr)[0] for lr in STABILITY["lrs"]}
+    rows = [f"| head only | " + " | ".join(fmt(head[lr]) for lr in STABILITY["lrs"]) + " |"]
+    for rank in STABILITY["ranks"]:
+        for groups in STABILITY["groups"]:
+            accs = [train_or_diverge(args, split, method="nora", lr=lr, groups=groups, rank=rank)[0]
+                    for lr in STABILITY["lrs"]]
+            rows.append(f"| NoRA G = {groups}, r = {rank} | " + " | ".join(
+                fmt(a) + (" **below head**" if a is None or a < head[lr] else "")
+                for a, lr in zip(accs, STABILITY["lrs"])) + " |")
+            print("\n".join(rows), flush=True)
+    write_table(args, "stability", f"""
+Validation accuracy (%) of NoRA over learning rates, group counts and ranks, against head-only
+training at the same lr; **below head** marks a collapse. {describe(args)}
+
+| | """ + " | ".join(f"lr {lr:g}" for lr in STABILITY["lrs"]) + " |\n|---" * (len(STABILITY["lrs"]) + 1) + "|\n"
+        + "\n".join(rows))
+
+
+def describe(args):
+    steps = f"{args.steps} steps" if args.steps else f"{args.epochs} epochs"
+    return (f"{args.img_size} px, {steps}, batch {args.batch_size}, weights {Path(str(args.weights)).name}, "
+            f"NoRA basis_scale {args.basis_scale or nora.NoRA().basis_scale:g}.")
+
+
+def write_table(args, name, text):
     print(text)
     md = Path(f"table-{name}-{args.dataset}-{args.scale}.md")
     md.write_text(text.lstrip() + "\n")
-    print(f"\nwrote {md}" + (f" and appended to {args.out}" if args.out else ""))
+    print(f"\nwrote {md}" + (f" and appended every run to {args.out}" if args.out else ""))
 
 
 # --- efficiency (paper Table 6, extended) ------------------------------------------------------
@@ -412,17 +536,40 @@ def efficiency(args):
     print(f"\nwrote {md}")
 
 
+def check_output_paths(p, args):
+    """Fail before training, not after it, if a result could not be written."""
+    for flag, path in (("--save", args.save), ("--out", args.out)):
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir() or not path.parent.is_dir():
+            p.error(f"{flag} {path}: {'is a folder' if path.is_dir() else 'its folder does not exist'}; "
+                    f"give a file path in an existing folder")
+    if args.out and Path(args.out).exists():
+        try:
+            ok = isinstance(json.loads(Path(args.out).read_text()), list)
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            p.error(f"--out {args.out} exists but is not a JSON list of results; pass another file or delete it")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", choices=CIFAR)
     p.add_argument("--data-root", default="data", help="folder holding (or to receive) the CIFAR python-format folder")
     p.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is not in --data-root")
     p.add_argument("--method", default="nora", choices=nora.METHODS)
-    p.add_argument("--table", choices=[*TABLES, "efficiency"], help="run every row of a paper table")
+    p.add_argument("--table", choices=[*TABLES, "study", "stability", "efficiency"],
+                   help="run every row of a paper table, or the lr study / stability grid (README)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="--table study/stability: validation split")
+    p.add_argument("--seeds", type=int, default=3, help="--table study: seeds at each method's chosen lr")
     p.add_argument("--scale", default="paper", choices=SCALES, help="preset for the options below (default: paper)")
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--alpha", type=float, default=None, help="NoRA alpha (default 2 * rank)")
+    p.add_argument("--basis-scale", type=float, default=None,
+                   help="NoRA learns its update in the basis (x/s)^i; s (default: nora.NoRA's; 1 is the paper's monomials)")
     p.add_argument("--grow-from", type=int, default=0, help="build NoRA with this many groups, then replicate to --groups")
     p.add_argument("--img-size", type=int)
     p.add_argument("--epochs", type=int)
@@ -431,6 +578,7 @@ def parse_args(argv=None):
     p.add_argument("--train-subset", type=int, help="class-balanced subset of the training set (0: all)")
     p.add_argument("--test-subset", type=int, help="class-balanced subset of the test set (0: all)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (VPT 5e-3, DoRA 5e-4, paper C.1)")
+    p.add_argument("--head-lr", type=float, default=None, help="learning rate of the task head (default: --lr)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--weights", default=nora.DEFAULT_WEIGHTS, help="checkpoint file or URL; 'none' for random weights")
     p.add_argument("--size", default="tiny", choices=nora.VIT_SIZES)
@@ -453,6 +601,18 @@ def parse_args(argv=None):
     for k, v in SCALES[args.scale].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    for k in ("epochs", "batch_size", "log_every", "groups", "rank", "img_size", "repeats", "bench_batch", "seeds"):
+        if getattr(args, k) <= 0:
+            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    for k in ("steps", "depth", "alpha", "lr", "head_lr", "basis_scale"):
+        v = getattr(args, k)
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            p.error(f"--{k} must be positive, got {v}")
+    if args.table and (args.save or args.eval_adapter or args.method != p.get_default("method")):
+        p.error("--table runs every row of a table: it cannot be combined with --save, --eval-adapter or --method")
+    if args.eval_adapter and not Path(args.eval_adapter).is_file():
+        p.error(f"--eval-adapter: no file at {args.eval_adapter}")
+    check_output_paths(p, args)
     args.device = torch.device(args.device)
     args.amp = args.device.type == "cuda" and not args.no_amp
     args.mean, args.std = ((nora.AUGREG_MEAN, nora.AUGREG_STD) if args.norm == "augreg"
@@ -462,17 +622,41 @@ def parse_args(argv=None):
     return args
 
 
+def load_saved_run(path):
+    """A --save file: {'args': the run's settings, 'state': nora.adapter_state_dict}. Loaded with
+    weights_only=True, so a shared file cannot run code."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: {path} could not be read as a saved adapter ({type(e).__name__}: {e})")
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("args"), dict)
+            and all(k in saved["args"] for k in SAVED_SETTINGS)):
+        sys.exit(f"error: {path} is not a train_vit.py --save file (a bare nora.adapter_state_dict has no "
+                 f"settings: load it in Python with nora.load_adapter onto a model built like the saved one)")
+    return saved
+
+
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(args.seed)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        return _main(args)
+    finally:                                            # leave a Python caller's torch settings as they were
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
+def _main(args):
     if args.table == "efficiency":
         return efficiency(args)
     if args.eval_adapter:                               # the saved run's settings pick the data too
-        saved = torch.load(args.eval_adapter, map_location="cpu", weights_only=False)
+        saved = load_saved_run(args.eval_adapter)
         for k in SAVED_SETTINGS:
             setattr(args, k, saved["args"][k])
     train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_root, not args.no_download)
@@ -481,6 +665,8 @@ def main(argv=None):
     data = (train_x[tr], train_y[tr], test_x[te], test_y[te])
     if args.eval_adapter:
         return evaluate_adapter(args, data, saved["state"])
+    if args.table in ("study", "stability"):
+        return {"study": study, "stability": stability}[args.table](args, data)
     return table(args, data) if args.table else run(args, data)
 
 
