@@ -806,3 +806,46 @@ def test_train_vit_main_leaves_the_callers_torch_settings_alone(cifar_root):
     threads = torch.get_num_threads()
     train_vit.main(["--data-root", str(cifar_root), "--method", "head", *TINY_RUN, "--threads", "1"])
     assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("form", ["shared", "group"])
+def test_scaled_basis_is_the_monomial_update_with_rescaled_columns(form):
+    """NoRA(basis_scale=s) must be exactly the paper's NoRA whose update of coefficient i is
+    divided by s^i: same step-0 function, and merge folds it into plain coefficients."""
+    torch.manual_seed(0)
+    scaled = nora.NoRA(4, 2, form=form, basis_scale=3.0).double()
+    plain = nora.NoRA(4, 2, form=form, basis_scale=1.0).double()
+    x = torch.randn(5, 16, dtype=torch.float64) * 3
+    torch.testing.assert_close(scaled(x), nora.rational(x, scaled.numerator, scaled.denominator), atol=0, rtol=0)
+    with torch.no_grad():
+        for side, powers in (("P", torch.arange(6)), ("Q", torch.arange(1, 5))):
+            getattr(scaled, f"B_{side}").normal_()
+            getattr(plain, f"B_{side}").copy_(getattr(scaled, f"B_{side}"))
+            A = getattr(scaled, f"A_{side}")
+            cols = 3.0 ** -powers.double()
+            getattr(plain, f"A_{side}").copy_(A * (cols if form == "shared" else cols[:, None]))   # A's d axis
+    torch.testing.assert_close(plain(x), scaled(x))
+    before = scaled(x).detach()
+    scaled.merge()
+    torch.testing.assert_close(scaled(x), before)
+    assert not scaled.B_P.any() and not scaled.B_Q.any()
+
+
+def test_nora_adapter_parameters_gradcheck_in_float64():
+    torch.manual_seed(0)
+    m = nora.NoRA(2, 2).double()
+    with torch.no_grad():
+        m.B_P.normal_(), m.B_Q.normal_()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    names = ("A_P", "B_P", "A_Q", "B_Q")
+    inputs = tuple(getattr(m, k).detach().clone().requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(lambda *t: torch.func.functional_call(m, dict(zip(names, t)), (x,)), inputs)
+
+
+def test_param_groups_give_the_head_its_own_lr():
+    model = nora.add_nora(tiny_vit())
+    nora.mark_trainable(model, "head")
+    head, rest = nora.param_groups(model, 1e-3, head_lr=1e-2)
+    assert head["lr"] == 1e-2 and rest["lr"] == 1e-3
+    assert {id(p) for p in head["params"]} == {id(model.head.weight), id(model.head.bias)}
+    assert len(rest["params"]) == 2 * 4                       # A_P, B_P, A_Q, B_Q in each of 2 blocks
