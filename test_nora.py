@@ -849,3 +849,24 @@ def test_param_groups_give_the_head_its_own_lr():
     assert head["lr"] == 1e-2 and rest["lr"] == 1e-3
     assert {id(p) for p in head["params"]} == {id(model.head.weight), id(model.head.bias)}
     assert len(rest["params"]) == 2 * 4                       # A_P, B_P, A_Q, B_Q in each of 2 blocks
+
+
+def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_root, tmp_path, monkeypatch):
+    import json
+    import train_vit
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_vit, "STUDY", {"head": (1e-3, 1e-2), "nora": (1e-3,)})
+    monkeypatch.setattr(train_vit, "STABILITY", dict(lrs=(1e-2,), groups=(8,), ranks=(2,)))
+    seen = []
+    real_evaluate = train_vit.evaluate
+    monkeypatch.setattr(train_vit, "evaluate", lambda m, x, y, a: seen.append(len(x)) or real_evaluate(m, x, y, a))
+    train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--seeds", "2", "--val-fraction", "0.25",
+                    *TINY_RUN])
+    text = (tmp_path / "table-study-cifar10-paper.md").read_text()
+    assert "| head | 0.001: " in text and "| nora | 0.001: " in text and "validation split of 10 training images" in text
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in records] == ["head", "head", "head", "nora", "nora"]
+    assert all(r["head_lr"] is None for r in records[:3]) and {r["head_lr"] for r in records[3:]} <= {1e-3, 1e-2}
+    assert seen.count(20) == (2 + 1) + (1 + 1)       # the test set: once per lr at the first seed, once per other seed
+    train_vit.main(["--data-root", str(cifar_root), "--table", "stability", *TINY_RUN])
+    assert "| NoRA G = 8, r = 2 |" in (tmp_path / "table-stability-cifar10-paper.md").read_text()
