@@ -13,9 +13,11 @@ Read it top to bottom; each section uses only what came before it.
   3. GroupRational: a learnable group rational       paper Sec. 3 (after Group-KAN)
   4. NoRA: low-rank updates of the coefficients      paper Eqs. 7, 8
   5. LoRA, for NoRA++                                 paper Eqs. 2, 3
-  6. A small ViT with timm's names, and its weights
-  7. Putting adapters on any model
-  8. Baselines for the paper's tables (DoRA, QLoRA, VPT, adapters, other activations)
+  6. Putting adapters on any model
+  7. A small ViT with timm's names, and its weights
+
+The baselines of the paper's tables (DoRA, QLoRA, VPT, adapters, other activations) live in
+train_vit.py, the comparison harness.
 """
 import hashlib
 import json
@@ -523,7 +525,175 @@ class LoRALinear(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 6. A small ViT with timm's names, and pretrained weights
+# 6. Putting adapters on any model
+#
+# NoRA needs nothing from the model but its activation modules: `add_nora` swaps every
+# nn.GELU (or any module type you name) for a NoRA module and freezes everything else, so it
+# works the same on our ViT, timm's, or a Hugging Face model (whose GELU class is its own:
+# pass target=transformers.activations.GELUActivation). `add_lora` does the same for linears.
+# Activations called as functions (F.gelu inside forward) cannot be found this way.
+# -----------------------------------------------------------------------------
+
+ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable
+
+
+def _adapter_parameters(model):
+    """Ids of the parameters that adapters own (not those of the layers they wrap)."""
+    return {id(p) for m in model.modules() if isinstance(m, ADAPTERS) for p in m.parameters(recurse=False)}
+
+
+def freeze(model):
+    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
+    own = _adapter_parameters(model)
+    for p in model.parameters():
+        if id(p) not in own:
+            p.requires_grad_(False)
+    return model
+
+
+def _freeze_unless_chosen(model):
+    """Freeze a model whose parameters all still train (PyTorch's default); where some are already
+    frozen, the caller has chosen what trains (an earlier adapter, mark_trainable), so keep that."""
+    if all(p.requires_grad for p in model.parameters()):
+        freeze(model)
+
+
+def replace_modules(model, target, make):
+    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count.
+    Every replacement is built before the first is put in, so a failure leaves the model as it was."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if target(child)]
+    made = [make(child) for _, _, child in found]
+    for (parent, name, _), new in zip(found, made):
+        setattr(parent, name, new)
+    return len(found)
+
+
+def add_nora(model, groups=8, rank=2, target=nn.GELU, **nora_kwargs):
+    """Replace each ``target`` activation (a class or tuple of classes) in ``model`` with a
+    :class:`NoRA` module, and freeze the rest of a fresh model.
+
+    ``nora_kwargs`` go to NoRA (alpha, init, adapt, form, basis_scale). A model whose parameters
+    all train is frozen first; one where some are already frozen keeps its choices. Train the
+    task head with :func:`mark_trainable`.
+    """
+    names = " or ".join(t.__name__ for t in (target if isinstance(target, tuple) else (target,)))
+    if not any(isinstance(m, target) for m in model.modules()):
+        raise ValueError(f"add_nora: the model has no {names} module; pass target=<its activation class>")
+    NoRA(groups, rank, **nora_kwargs)                     # bad settings fail here, before the model changes
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    _freeze_unless_chosen(model)
+    replace_modules(model, lambda m: isinstance(m, target), lambda m: NoRA(groups, rank, **nora_kwargs).to(device))
+    return model
+
+
+def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv", layer=LoRALinear):
+    """Put LoRA on each linear layer of ``model`` whose name ends with one of ``targets``, and
+    freeze the rest of a fresh model (as :func:`add_nora` does).
+
+    A target named 'qkv' is timm's fused projection: only the parts named in ``qkv`` (default
+    q and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
+    ``weight`` counts as linear; ``layer`` is the adapter class (DoRALinear is another).
+    """
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not qkv or set(qkv) - set("qkv"):
+        raise ValueError(f"add_lora: qkv={qkv!r} must name some of the parts 'q', 'k', 'v', e.g. 'qv'")
+    names = {id(m): name for name, m in model.named_modules()}
+
+    def is_target(m):
+        weight = getattr(m, "weight", None)
+        return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(m, LoRALinear)
+                and names[id(m)].endswith(targets))
+
+    def make(linear):
+        rows = None
+        if names[id(linear)].endswith("qkv"):
+            d = linear.weight.shape[0] // 3
+            rows = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv]
+        return layer(linear, rank=rank, alpha=alpha, rows=rows)
+
+    found = [m for m in model.modules() if is_target(m)]
+    if not found:
+        raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
+    make(found[0])                                        # bad settings fail here, before the model changes
+    _freeze_unless_chosen(model)
+    replace_modules(model, is_target, make)
+    return model
+
+
+def mark_trainable(model, *prefixes):
+    """Make the parameters whose names start with any of ``prefixes`` trainable (e.g. 'head')."""
+    prefixes = tuple(p for group in prefixes for p in ([group] if isinstance(group, str) else group))
+    if not prefixes:
+        raise ValueError("mark_trainable: name at least one parameter prefix, e.g. mark_trainable(model, 'head')")
+    hits = [p.requires_grad_(True) for name, p in model.named_parameters() if name.startswith(prefixes)]
+    if not hits:
+        raise ValueError(f"mark_trainable: no parameter name starts with {prefixes}")
+    return model
+
+
+def merge(model):
+    """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
+    inference costs what the base model costs (NoRA: one rational per activation)."""
+    for m in model.modules():
+        if isinstance(m, (NoRA, LoRALinear)):
+            m.merge()
+    return model
+
+
+def adapter_state_dict(model, extra=("head",)):
+    """All that a fine-tune adds to the pretrained model, to be loaded back with :func:`load_adapter`:
+    every adapter's tensors and settings (chosen by module type, so freezing the model first loses
+    nothing), the parameters whose names start with ``extra`` (the task head), and any other
+    parameter that trains."""
+    state = model.state_dict()
+    keep = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, ADAPTERS)
+            for k in m.state_dict() if not k.startswith("base.")}
+    keep |= {name for name, p in model.named_parameters() if p.requires_grad or name.startswith(tuple(extra))}
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if k in keep}
+
+
+def load_adapter(model, state):
+    """Load an :func:`adapter_state_dict` into a model prepared with the same add_nora/add_lora calls
+    (the settings that change the function, such as alpha, are checked)."""
+    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
+        raise ValueError("load_adapter: the model's LoRA is merged; load into a freshly built model")
+    missing = sorted(set(adapter_state_dict(model, extra=())) - set(state))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or missing:
+        raise ValueError(f"load_adapter: the model has no {result.unexpected_keys[:5]} and the file has no "
+                         f"{missing[:5]}; build the model with the same add_nora / add_lora settings (groups, "
+                         f"rank, targets) before loading, and pass a file made by adapter_state_dict")
+    return model
+
+
+def param_groups(model, lr, head_lr=None, head=("head",)):
+    """AdamW parameter groups: the trainable parameters whose names start with ``head`` at
+    ``head_lr``, all other trainable ones (the adapters) at ``lr``. A fresh linear head wants a
+    larger step than a low-rank update of a pretrained model (README: the lr study)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    heads = [p for n, p in trainable if n.startswith(tuple(head))]
+    rest = [p for n, p in trainable if not n.startswith(tuple(head))]
+    groups = [dict(params=heads, lr=lr if head_lr is None else head_lr), dict(params=rest, lr=lr)]
+    return [g for g in groups if g["params"]]
+
+
+def count_parameters(model):
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def parameter_report(model):
+    """'trainable T of N parameters (P%)', for logs."""
+    trainable, total = count_parameters(model)
+    if total == 0:
+        raise ValueError("parameter_report: the model has no parameters")
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
+
+# -----------------------------------------------------------------------------
+# 7. A small ViT with timm's names, and pretrained weights
 #
 # The paper adapts timm's `vit_tiny_patch16_224`: pre-norm blocks of attention and an MLP with
 # exact GELU, a class token whose final state feeds the head. The modules below use exactly
@@ -785,347 +955,3 @@ def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True)
                          f"  unexpected: {unexpected[:5]}")
     model.load_state_dict(state, strict=False)
     return model
-
-# -----------------------------------------------------------------------------
-# 7. Putting adapters on any model
-#
-# NoRA needs nothing from the model but its activation modules: `add_nora` swaps every
-# nn.GELU (or any module type you name) for a NoRA module and freezes everything else, so it
-# works the same on our ViT, timm's, or a Hugging Face model (whose GELU class is its own:
-# pass target=transformers.activations.GELUActivation). `add_lora` does the same for linears.
-# Activations called as functions (F.gelu inside forward) cannot be found this way.
-# -----------------------------------------------------------------------------
-
-ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable
-
-
-def _adapter_parameters(model):
-    """Ids of the parameters that adapters own (not those of the layers they wrap)."""
-    return {id(p) for m in model.modules() if isinstance(m, ADAPTERS) for p in m.parameters(recurse=False)}
-
-
-def freeze(model):
-    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
-    own = _adapter_parameters(model)
-    for p in model.parameters():
-        if id(p) not in own:
-            p.requires_grad_(False)
-    return model
-
-
-def _freeze_unless_chosen(model):
-    """Freeze a model whose parameters all still train (PyTorch's default); where some are already
-    frozen, the caller has chosen what trains (an earlier adapter, mark_trainable), so keep that."""
-    if all(p.requires_grad for p in model.parameters()):
-        freeze(model)
-
-
-def replace_modules(model, target, make):
-    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count.
-    Every replacement is built before the first is put in, so a failure leaves the model as it was."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if target(child)]
-    made = [make(child) for _, _, child in found]
-    for (parent, name, _), new in zip(found, made):
-        setattr(parent, name, new)
-    return len(found)
-
-
-def add_nora(model, groups=8, rank=2, target=nn.GELU, **nora_kwargs):
-    """Replace each ``target`` activation (a class or tuple of classes) in ``model`` with a
-    :class:`NoRA` module, and freeze the rest of a fresh model.
-
-    ``nora_kwargs`` go to NoRA (alpha, init, adapt, form, basis_scale). A model whose parameters
-    all train is frozen first; one where some are already frozen keeps its choices. Train the
-    task head with :func:`mark_trainable`.
-    """
-    names = " or ".join(t.__name__ for t in (target if isinstance(target, tuple) else (target,)))
-    if not any(isinstance(m, target) for m in model.modules()):
-        raise ValueError(f"add_nora: the model has no {names} module; pass target=<its activation class>")
-    NoRA(groups, rank, **nora_kwargs)                     # bad settings fail here, before the model changes
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else "cpu"
-    _freeze_unless_chosen(model)
-    replace_modules(model, lambda m: isinstance(m, target), lambda m: NoRA(groups, rank, **nora_kwargs).to(device))
-    return model
-
-
-def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv", layer=LoRALinear):
-    """Put LoRA on each linear layer of ``model`` whose name ends with one of ``targets``, and
-    freeze the rest of a fresh model (as :func:`add_nora` does).
-
-    A target named 'qkv' is timm's fused projection: only the parts named in ``qkv`` (default
-    q and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
-    ``weight`` counts as linear; ``layer`` is the adapter class (DoRALinear is another).
-    """
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not qkv or set(qkv) - set("qkv"):
-        raise ValueError(f"add_lora: qkv={qkv!r} must name some of the parts 'q', 'k', 'v', e.g. 'qv'")
-    names = {id(m): name for name, m in model.named_modules()}
-
-    def is_target(m):
-        weight = getattr(m, "weight", None)
-        return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(m, LoRALinear)
-                and names[id(m)].endswith(targets))
-
-    def make(linear):
-        rows = None
-        if names[id(linear)].endswith("qkv"):
-            d = linear.weight.shape[0] // 3
-            rows = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv]
-        return layer(linear, rank=rank, alpha=alpha, rows=rows)
-
-    found = [m for m in model.modules() if is_target(m)]
-    if not found:
-        raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
-    make(found[0])                                        # bad settings fail here, before the model changes
-    _freeze_unless_chosen(model)
-    replace_modules(model, is_target, make)
-    return model
-
-
-def mark_trainable(model, *prefixes):
-    """Make the parameters whose names start with any of ``prefixes`` trainable (e.g. 'head')."""
-    prefixes = tuple(p for group in prefixes for p in ([group] if isinstance(group, str) else group))
-    if not prefixes:
-        raise ValueError("mark_trainable: name at least one parameter prefix, e.g. mark_trainable(model, 'head')")
-    hits = [p.requires_grad_(True) for name, p in model.named_parameters() if name.startswith(prefixes)]
-    if not hits:
-        raise ValueError(f"mark_trainable: no parameter name starts with {prefixes}")
-    return model
-
-
-def merge(model):
-    """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
-    inference costs what the base model costs (NoRA: one rational per activation)."""
-    for m in model.modules():
-        if isinstance(m, (NoRA, LoRALinear)):
-            m.merge()
-    return model
-
-
-def adapter_state_dict(model, extra=("head",)):
-    """All that a fine-tune adds to the pretrained model, to be loaded back with :func:`load_adapter`:
-    every adapter's tensors and settings (chosen by module type, so freezing the model first loses
-    nothing), the parameters whose names start with ``extra`` (the task head), and any other
-    parameter that trains."""
-    state = model.state_dict()
-    keep = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, ADAPTERS)
-            for k in m.state_dict() if not k.startswith("base.")}
-    keep |= {name for name, p in model.named_parameters() if p.requires_grad or name.startswith(tuple(extra))}
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if k in keep}
-
-
-def load_adapter(model, state):
-    """Load an :func:`adapter_state_dict` into a model prepared with the same add_nora/add_lora calls
-    (the settings that change the function, such as alpha, are checked)."""
-    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
-        raise ValueError("load_adapter: the model's LoRA is merged; load into a freshly built model")
-    missing = sorted(set(adapter_state_dict(model, extra=())) - set(state))
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or missing:
-        raise ValueError(f"load_adapter: the model has no {result.unexpected_keys[:5]} and the file has no "
-                         f"{missing[:5]}; build the model with the same add_nora / add_lora settings (groups, "
-                         f"rank, targets) before loading, and pass a file made by adapter_state_dict")
-    return model
-
-
-def param_groups(model, lr, head_lr=None, head=("head",)):
-    """AdamW parameter groups: the trainable parameters whose names start with ``head`` at
-    ``head_lr``, all other trainable ones (the adapters) at ``lr``. A fresh linear head wants a
-    larger step than a low-rank update of a pretrained model (README: the lr study)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    heads = [p for n, p in trainable if n.startswith(tuple(head))]
-    rest = [p for n, p in trainable if not n.startswith(tuple(head))]
-    groups = [dict(params=heads, lr=lr if head_lr is None else head_lr), dict(params=rest, lr=lr)]
-    return [g for g in groups if g["params"]]
-
-
-def count_parameters(model):
-    """(trainable, total) parameter counts."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def parameter_report(model):
-    """'trainable T of N parameters (P%)', for logs."""
-    trainable, total = count_parameters(model)
-    if total == 0:
-        raise ValueError("parameter_report: the model has no parameters")
-    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
-
-# -----------------------------------------------------------------------------
-# 8. Baselines for the paper's tables
-#
-# The comparisons of Tables 1, 3, 4 and 5 on the same frozen ViT, each as small as it can be:
-# DoRA and QLoRA on the LoRA targets, VPT prompts, bottleneck adapters, other learnable
-# activations, and the coefficient-tuning variants NoRA is compared with. `prepare` puts any of
-# them (or NoRA) on a model by name.
-# -----------------------------------------------------------------------------
-
-class DoRALinear(LoRALinear):
-    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
-    trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
-    the norm is treated as a constant in backward."""
-
-    def __init__(self, base, rank=8, alpha=16, rows=None):
-        super().__init__(base, rank, alpha, rows)
-        self.magnitude = nn.Parameter(base.weight.detach()[self.rows].norm(dim=1))
-
-    def adapted_weight(self):
-        v = self.base.weight[self.rows] + self.delta_weight()
-        return self.base.weight.index_copy(0, self.rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
-
-    def forward(self, x):
-        return self.base(x) if self.merged else F.linear(x, self.adapted_weight(), self.base.bias)
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base.weight.copy_(self.adapted_weight())
-            self.merged = True
-
-    def unmerge(self):
-        raise NotImplementedError("DoRA's merge rescales rows; it is not undone")
-
-
-# The 16 levels of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
-NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
-                           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear stored in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and
-    a 4-bit index into NF4_LEVELS, two indices per byte. The weight is dequantised at every forward.
-    (QLoRA also quantises the absmax values, "double quantisation"; we keep them in float32.)"""
-
-    def __init__(self, linear, block_size=64):
-        super().__init__()
-        w = linear.weight.detach().float()
-        if w.numel() % block_size:
-            raise ValueError(f"NF4Linear: {w.numel()} weights do not split into blocks of {block_size}")
-        blocks = w.reshape(-1, block_size)
-        absmax = blocks.abs().amax(1, keepdim=True).clamp_min(1e-12)
-        codes = ((blocks / absmax).unsqueeze(-1) - NF4_LEVELS.to(w.device)).abs().argmin(-1).to(torch.uint8)
-        self.register_buffer("codes", codes[:, 0::2] << 4 | codes[:, 1::2])
-        self.register_buffer("absmax", absmax)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.shape = w.shape
-
-    @property
-    def weight(self):
-        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
-        return (NF4_LEVELS.to(self.absmax.device)[codes] * self.absmax).view(self.shape)
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-class PromptTokens(nn.Module):
-    """VPT-shallow (Jia et al. 2022): learnable tokens inserted after the class token, before the first block."""
-
-    def __init__(self, num_tokens, dim):
-        super().__init__()
-        self.prompts = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
-
-    def forward(self, x):
-        return torch.cat([x[:, :1], self.prompts.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
-
-
-class Adapter(nn.Module):
-    """Bottleneck adapter after a block (Houlsby et al. 2019): x + up(GELU(down(x))), up zero-initialised."""
-
-    def __init__(self, dim, bottleneck=48):
-        super().__init__()
-        self.down, self.act, self.up = nn.Linear(dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x):
-        return x + self.up(self.act(self.down(x)))
-
-
-class DeltaRational(nn.Module):
-    """Frozen base coefficients plus a directly trained, zero-initialised update of the first
-    ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
-    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0)."""
-
-    def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
-        super().__init__()
-        num, den = _init_coefficients(init, groups)
-        self.register_buffer("numerator", num)
-        self.register_buffer("denominator", den)
-        self.delta_num = nn.Parameter(torch.zeros(groups, num_terms))
-        self.delta_den = nn.Parameter(torch.zeros(groups, den_terms))
-
-    def forward(self, x):
-        pad = lambda d, full: F.pad(d, (0, full.shape[1] - d.shape[1]))
-        return rational(x, self.numerator + pad(self.delta_num, self.numerator),
-                        self.denominator + pad(self.delta_den, self.denominator))
-
-
-class LearnableELU(nn.Module):
-    """ELU with a learnable alpha (Table 3)."""
-
-    def __init__(self, alpha=1.0):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.tensor(alpha))
-
-    def forward(self, x):
-        return torch.where(x > 0, x, self.alpha * torch.expm1(x.clamp_max(0)))
-
-
-class AReLU(nn.Module):
-    """AReLU (Chen et al. 2020): (1 + sigmoid(beta)) x for x >= 0, clamp(alpha, 0.01, 0.99) x below (Table 3)."""
-
-    def __init__(self, alpha=0.9, beta=2.0):
-        super().__init__()
-        self.alpha, self.beta = nn.Parameter(torch.tensor(alpha)), nn.Parameter(torch.tensor(beta))
-
-    def forward(self, x):
-        return torch.where(x >= 0, (1 + torch.sigmoid(self.beta)) * x, self.alpha.clamp(0.01, 0.99) * x)
-
-
-METHODS = ("head", "full", "lora", "dora", "qlora", "vpt", "adapter", "nora", "nora++",
-           "nora-monomial", "nora-group", "nora-num", "nora-den", "rational", "zero-init", "const", "prelu", "elu", "arelu")
-
-
-def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha=16, **nora_kwargs):
-    """Set ``model`` (a VisionTransformer) up for fine-tuning with ``method`` (one of METHODS) and
-    make its head trainable. The Table 4 variants, on frozen GELU-fitted base coefficients:
-    'rational' tunes the coefficients directly, 'zero-init' adds a full-rank zero-initialised
-    update (NoRA without the low-rank factorisation), 'const' tunes only a0 (our Q has no b0),
-    all with ``groups`` groups. 'nora-monomial' is NoRA with the paper's update of the plain
-    monomial coefficients (basis_scale=1). ``nora_kwargs`` go to every NoRA module."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    freeze(model)
-    dim = model.cls_token.shape[-1]
-    if method == "full":
-        model.requires_grad_(True)
-    elif method == "head":
-        pass
-    elif method in ("lora", "dora", "qlora"):
-        if method == "qlora":
-            replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
-        add_lora(model, lora_rank, lora_alpha, layer=DoRALinear if method == "dora" else LoRALinear)
-    elif method == "vpt":
-        model.blocks = nn.Sequential(PromptTokens(10, dim), *model.blocks)
-    elif method == "adapter":
-        model.blocks = nn.Sequential(*[nn.Sequential(block, Adapter(dim, 48)) for block in model.blocks])
-    elif method.startswith("nora"):
-        if method == "nora-monomial":
-            nora_kwargs["basis_scale"] = 1.0
-        add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared",
-                 adapt={"nora-num": "numerator", "nora-den": "denominator"}.get(method, "both"), **nora_kwargs)
-        if method == "nora++":
-            add_lora(model, lora_rank, lora_alpha)
-    elif method == "rational":
-        replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: GroupRational(groups))
-    elif method in ("zero-init", "const"):
-        replace_modules(model, lambda m: isinstance(m, nn.GELU),
-                        lambda m: DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
-    else:                                                 # Table 3: other learnable activations
-        make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: LearnableELU(), "arelu": lambda m: AReLU()}[method]
-        replace_modules(model, lambda m: isinstance(m, nn.GELU), make)
-    return mark_trainable(model, "head")

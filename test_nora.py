@@ -539,7 +539,7 @@ def cifar_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method", nora.METHODS)
+@pytest.mark.parametrize("method", __import__("train_vit").METHODS)
 def test_train_vit_runs_every_method_and_writes_results(cifar_root, tmp_path, method):
     import json
     import train_vit
@@ -657,7 +657,7 @@ def test_lora_adapter_refuses_other_alpha_and_merged_models():
 
 
 def test_merge_refuses_a_quantised_base_instead_of_dropping_the_update():
-    model = nora.prepare(tiny_vit(), "qlora", lora_rank=2)
+    model = __import__("train_vit").prepare(tiny_vit(), "qlora", lora_rank=2)
     train_steps(model, steps=2)
     x = images(2)
     with torch.no_grad():
@@ -672,7 +672,7 @@ def test_adding_an_adapter_keeps_earlier_choices_of_what_trains():
     nora.mark_trainable(model, "head")
     nora.add_lora(model, rank=2)
     assert model.head.weight.requires_grad and model.blocks[0].mlp.act.A_P.requires_grad
-    dora = nora.add_lora(tiny_vit(), rank=2, layer=nora.DoRALinear)
+    dora = nora.add_lora(tiny_vit(), rank=2, layer=__import__("train_vit").DoRALinear)
     nora.add_nora(dora)
     assert dora.blocks[0].attn.qkv.magnitude.requires_grad
     assert not dora.blocks[0].attn.qkv.base.weight.requires_grad and not dora.blocks[0].mlp.fc1.weight.requires_grad

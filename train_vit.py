@@ -5,7 +5,8 @@
     python train_vit.py --table methods --scale small             # Table 1 at laptop scale
     python train_vit.py --method nora --scale small --save a.pt   # then: --eval-adapter a.pt
 
-Everything model-side lives in nora.py; this script parses arguments, loads data, trains and prints.
+The method itself lives in nora.py; this script holds the comparison harness (the baselines of the
+paper's tables and `prepare`), parses arguments, loads data, trains and prints.
 """
 import argparse
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import nora
@@ -51,6 +53,181 @@ TABLES = {
     "ablation": ["rational", "zero-init", "const", "nora-num", "nora-den", "nora", "nora-group"],
     "activations": ["prelu", "arelu", "elu", "nora"],
 }
+
+
+# --- baselines for the paper's tables -----------------------------------------------------------
+#
+# The comparisons of Tables 1, 3, 4 and 5 on the same frozen ViT, each as small as it can be:
+# DoRA and QLoRA on the LoRA targets, VPT prompts, bottleneck adapters, other learnable
+# activations, and the coefficient-tuning variants NoRA is compared with. `prepare` puts any of
+# them (or NoRA) on a model by name.
+
+class DoRALinear(nora.LoRALinear):
+    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
+    trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
+    the norm is treated as a constant in backward."""
+
+    def __init__(self, base, rank=8, alpha=16, rows=None):
+        super().__init__(base, rank, alpha, rows)
+        self.magnitude = nn.Parameter(base.weight.detach()[self.rows].norm(dim=1))
+
+    def adapted_weight(self):
+        v = self.base.weight[self.rows] + self.delta_weight()
+        return self.base.weight.index_copy(0, self.rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
+
+    def forward(self, x):
+        return self.base(x) if self.merged else F.linear(x, self.adapted_weight(), self.base.bias)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight.copy_(self.adapted_weight())
+            self.merged = True
+
+    def unmerge(self):
+        raise NotImplementedError("DoRA's merge rescales rows; it is not undone")
+
+
+# The 16 levels of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
+                           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear stored in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and
+    a 4-bit index into NF4_LEVELS, two indices per byte. The weight is dequantised at every forward.
+    (QLoRA also quantises the absmax values, "double quantisation"; we keep them in float32.)"""
+
+    def __init__(self, linear, block_size=64):
+        super().__init__()
+        w = linear.weight.detach().float()
+        if w.numel() % block_size:
+            raise ValueError(f"NF4Linear: {w.numel()} weights do not split into blocks of {block_size}")
+        blocks = w.reshape(-1, block_size)
+        absmax = blocks.abs().amax(1, keepdim=True).clamp_min(1e-12)
+        codes = ((blocks / absmax).unsqueeze(-1) - NF4_LEVELS.to(w.device)).abs().argmin(-1).to(torch.uint8)
+        self.register_buffer("codes", codes[:, 0::2] << 4 | codes[:, 1::2])
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.shape = w.shape
+
+    @property
+    def weight(self):
+        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
+        return (NF4_LEVELS.to(self.absmax.device)[codes] * self.absmax).view(self.shape)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class PromptTokens(nn.Module):
+    """VPT-shallow (Jia et al. 2022): learnable tokens inserted after the class token, before the first block."""
+
+    def __init__(self, num_tokens, dim):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
+
+    def forward(self, x):
+        return torch.cat([x[:, :1], self.prompts.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter after a block (Houlsby et al. 2019): x + up(GELU(down(x))), up zero-initialised."""
+
+    def __init__(self, dim, bottleneck=48):
+        super().__init__()
+        self.down, self.act, self.up = nn.Linear(dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return x + self.up(self.act(self.down(x)))
+
+
+class DeltaRational(nn.Module):
+    """Frozen base coefficients plus a directly trained, zero-initialised update of the first
+    ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
+    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0)."""
+
+    def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
+        super().__init__()
+        base = nora.GroupRational(groups, init)
+        self.register_buffer("numerator", base.numerator.detach())
+        self.register_buffer("denominator", base.denominator.detach())
+        self.delta_num = nn.Parameter(torch.zeros(groups, num_terms))
+        self.delta_den = nn.Parameter(torch.zeros(groups, den_terms))
+
+    def forward(self, x):
+        pad = lambda d, full: F.pad(d, (0, full.shape[1] - d.shape[1]))
+        return nora.rational(x, self.numerator + pad(self.delta_num, self.numerator),
+                             self.denominator + pad(self.delta_den, self.denominator))
+
+
+class LearnableELU(nn.Module):
+    """ELU with a learnable alpha (Table 3)."""
+
+    def __init__(self, alpha=1.0):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(alpha))
+
+    def forward(self, x):
+        return torch.where(x > 0, x, self.alpha * torch.expm1(x.clamp_max(0)))
+
+
+class AReLU(nn.Module):
+    """AReLU (Chen et al. 2020): (1 + sigmoid(beta)) x for x >= 0, clamp(alpha, 0.01, 0.99) x below (Table 3)."""
+
+    def __init__(self, alpha=0.9, beta=2.0):
+        super().__init__()
+        self.alpha, self.beta = nn.Parameter(torch.tensor(alpha)), nn.Parameter(torch.tensor(beta))
+
+    def forward(self, x):
+        return torch.where(x >= 0, (1 + torch.sigmoid(self.beta)) * x, self.alpha.clamp(0.01, 0.99) * x)
+
+
+METHODS = ("head", "full", "lora", "dora", "qlora", "vpt", "adapter", "nora", "nora++", "nora-monomial",
+           "nora-group", "nora-num", "nora-den", "rational", "zero-init", "const", "prelu", "elu", "arelu")
+
+
+def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha=16, **nora_kwargs):
+    """Set ``model`` (a VisionTransformer) up for fine-tuning with ``method`` (one of METHODS) and
+    make its head trainable. The Table 4 variants, on frozen GELU-fitted base coefficients:
+    'rational' tunes the coefficients directly, 'zero-init' adds a full-rank zero-initialised
+    update (NoRA without the low-rank factorisation), 'const' tunes only a0 (our Q has no b0),
+    all with ``groups`` groups. 'nora-monomial' is NoRA with the paper's update of the plain
+    monomial coefficients (basis_scale=1). ``nora_kwargs`` go to every NoRA module."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    nora.freeze(model)
+    dim = model.cls_token.shape[-1]
+    if method == "full":
+        model.requires_grad_(True)
+    elif method == "head":
+        pass
+    elif method in ("lora", "dora", "qlora"):
+        if method == "qlora":
+            nora.replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
+        nora.add_lora(model, lora_rank, lora_alpha, layer=DoRALinear if method == "dora" else nora.LoRALinear)
+    elif method == "vpt":
+        model.blocks = nn.Sequential(PromptTokens(10, dim), *model.blocks)
+    elif method == "adapter":
+        model.blocks = nn.Sequential(*[nn.Sequential(block, Adapter(dim, 48)) for block in model.blocks])
+    elif method.startswith("nora"):
+        if method == "nora-monomial":
+            nora_kwargs["basis_scale"] = 1.0
+        nora.add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared",
+                      adapt={"nora-num": "numerator", "nora-den": "denominator"}.get(method, "both"), **nora_kwargs)
+        if method == "nora++":
+            nora.add_lora(model, lora_rank, lora_alpha)
+    elif method == "rational":
+        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(groups))
+    elif method in ("zero-init", "const"):
+        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU),
+                             lambda m: DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
+    else:                                                 # Table 3: other learnable activations
+        make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: LearnableELU(), "arelu": lambda m: AReLU()}[method]
+        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), make)
+    return nora.mark_trainable(model, "head")
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -128,7 +305,7 @@ def build_model(args):
         except (RuntimeError, OSError, ValueError) as e:
             sys.exit(f"error: {e}")
     total = nora.count_parameters(model)[1]
-    nora.prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha,
+    prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha,
                  **({} if args.basis_scale is None else {"basis_scale": args.basis_scale}))
     if args.grow_from:                                  # paper Sec. 4.2: replicate groups
         for m in model.modules():
@@ -471,7 +648,7 @@ def efficiency(args):
 
     def model_for(method):
         torch.manual_seed(0)
-        m = nora.prepare(nora.VisionTransformer("tiny", num_classes=10), method, groups=8, rank=2).to(dev)
+        m = prepare(nora.VisionTransformer("tiny", num_classes=10), method, groups=8, rank=2).to(dev)
         return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
 
     def train_step(model, opt):
@@ -559,7 +736,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="cifar10", choices=CIFAR)
     p.add_argument("--data-root", default="data", help="folder holding (or to receive) the CIFAR python-format folder")
     p.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is not in --data-root")
-    p.add_argument("--method", default="nora", choices=nora.METHODS)
+    p.add_argument("--method", default="nora", choices=METHODS)
     p.add_argument("--table", choices=[*TABLES, "study", "stability", "efficiency"],
                    help="run every row of a paper table, or the lr study / stability grid (README)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="--table study/stability: validation split")
