@@ -455,7 +455,7 @@ STUDY = {
     "full": (1e-5, 3e-5, 1e-4),
 }
 # --table stability: NoRA over learning rates x group counts x ranks, against head-only at each lr.
-STABILITY = dict(lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), groups=(8, 16, 32, 64), ranks=(2, 3))
+STABILITY = dict(lrs=(1e-3, 3e-3, 1e-2, 3e-2), groups=(8, 16, 32, 64), ranks=(2, 3))
 
 
 def split_validation(x, y, fraction):
@@ -518,22 +518,22 @@ def stability(args, data):
     train_x, train_y, _, _ = data
     split = split_validation(train_x, train_y, args.val_fraction)
     fmt = lambda a: "diverged" if a is None else f"{a:.1f}"
-    head = {lr: train_or_diverge(args, split, method="head", lr=lr)[0] for lr in STABILITY["lrs"]}
-    rows = [f"| head only | " + " | ".join(fmt(head[lr]) for lr in STABILITY["lrs"]) + " |"]
-    for rank in STABILITY["ranks"]:
-        for groups in STABILITY["groups"]:
-            accs = [train_or_diverge(args, split, method="nora", lr=lr, groups=groups, rank=rank)[0]
-                    for lr in STABILITY["lrs"]]
-            rows.append(f"| NoRA G = {groups}, r = {rank} | " + " | ".join(
-                fmt(a) + (" **below head**" if a is None or a < head[lr] else "")
-                for a, lr in zip(accs, STABILITY["lrs"])) + " |")
-            print("\n".join(rows), flush=True)
+    lrs = STABILITY["lrs"]
+    head = {lr: train_or_diverge(args, split, method="head", lr=lr)[0] for lr in lrs}
+    rows = [f"| head only | " + " | ".join(fmt(head[lr]) for lr in lrs) + " |"]
+    grid = [("nora", groups, rank) for rank in STABILITY["ranks"] for groups in STABILITY["groups"]]
+    for method, groups, rank in grid + [("nora-monomial", 8, 2), ("nora-monomial", 64, 3)]:   # + the paper's basis
+        accs = [train_or_diverge(args, split, method=method, lr=lr, groups=groups, rank=rank)[0] for lr in lrs]
+        name = "NoRA" if method == "nora" else "NoRA, paper's monomial basis,"
+        rows.append(f"| {name} G = {groups}, r = {rank} | " + " | ".join(
+            fmt(a) + (" **below head**" if a is None or a < head[lr] else "") for a, lr in zip(accs, lrs)) + " |")
+        print(rows[-1], flush=True)
     write_table(args, "stability", f"""
-Validation accuracy (%) of NoRA over learning rates, group counts and ranks, against head-only
-training at the same lr; **below head** marks a collapse. {describe(args)}
+Validation accuracy (%) of NoRA over learning rates, group counts and ranks (head and adapters at
+the column's lr), against head-only training at the same lr; **below head** marks a collapse.
+{describe(args)}
 
-| | """ + " | ".join(f"lr {lr:g}" for lr in STABILITY["lrs"]) + " |\n|---" * (len(STABILITY["lrs"]) + 1) + "|\n"
-        + "\n".join(rows))
+| | """ + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n|---" * (len(lrs) + 1) + "|\n" + "\n".join(rows))
 
 
 def describe(args):
