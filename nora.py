@@ -342,10 +342,10 @@ class GroupRational(nn.Module):
 # conditioned. In the paper's monomials the output's sensitivity to a_i, rms of x^i / Q(x) over
 # a real ViT-S's pre-activations, runs 0.82, 0.68, 1.1, 3.0, 18, 184 for i = 0..5, while the
 # base coefficients run the other way (a_5 = 0.0008). Adam moves every entry of A and B by about
-# the same step, so the first steps double a_5 and b_4, the terms that set the tails, and the
-# model collapses at lr >= 3e-3 (README, lr study). With s = 3 the sensitivities are 0.82, 0.23,
-# 0.12, 0.11, 0.23, 0.76: every coefficient moves the function about equally.
-# `basis_scale=1` is the paper's parameterisation.
+# the same step, so the first steps double a_5 and b_4, the terms that set the tails (block 0 of
+# that ViT sees inputs down to -20), and at lr 1e-2 the model collapses (README, stability).
+# With s = 3 the sensitivities are 0.82, 0.23, 0.12, 0.11, 0.23, 0.76: every coefficient moves
+# the function about equally. `basis_scale=1` is the paper's parameterisation.
 # -----------------------------------------------------------------------------
 
 class NoRA(nn.Module):
