@@ -390,7 +390,6 @@ class _Server:
 
 
 def test_download_from_loopback_server_caches_and_verifies(tmp_path):
-    import hashlib
     src = tiny_vit()
     write_safetensors(tmp_path / "w.safetensors", src.state_dict())
     payload = (tmp_path / "w.safetensors").read_bytes()

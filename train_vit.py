@@ -520,7 +520,7 @@ def stability(args, data):
     fmt = lambda a: "diverged" if a is None else f"{a:.1f}"
     lrs = STABILITY["lrs"]
     head = {lr: train_or_diverge(args, split, method="head", lr=lr)[0] for lr in lrs}
-    rows = [f"| head only | " + " | ".join(fmt(head[lr]) for lr in lrs) + " |"]
+    rows = ["| head only | " + " | ".join(fmt(head[lr]) for lr in lrs) + " |"]
     grid = [("nora", groups, rank) for rank in STABILITY["ranks"] for groups in STABILITY["groups"]]
     for method, groups, rank in grid + [("nora-monomial", 8, 2), ("nora-monomial", 64, 3)]:   # + the paper's basis
         accs = [train_or_diverge(args, split, method=method, lr=lr, groups=groups, rank=rank)[0] for lr in lrs]
