@@ -533,7 +533,7 @@ Validation accuracy (%) of NoRA over learning rates, group counts and ranks (hea
 the column's lr), against head-only training at the same lr; **below head** marks a collapse.
 {describe(args)}
 
-| | """ + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n|---" * (len(lrs) + 1) + "|\n" + "\n".join(rows))
+| | """ + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n" + "|---" * (len(lrs) + 1) + "|\n" + "\n".join(rows))
 
 
 def describe(args):
