@@ -48,8 +48,9 @@ import torch.nn.functional as F
 # matrix and a (G, n) denominator matrix, whatever the size of x. Written out as Eq. 6 reads,
 # with autograd doing the rest, that is `rational_reference` below.
 #
-# That version keeps every power of x for backward. So `rational` evaluates P and Q with Horner's rule, a0 + x(a1 + x(a2 + ...)), which never forms x^5 as a
-# tensor, and write the backward pass by hand: autograd over Horner would keep a dozen tensors
+# That version keeps every power of x for backward. So `rational` evaluates P and Q with
+# Horner's rule, a0 + x(a1 + x(a2 + ...)), which never forms x^5 as a tensor, and we write the
+# backward pass by hand: autograd over Horner would keep a dozen tensors
 # the size of x for backward; ours keeps only x and recomputes. Two layout choices make it fast
 # on a CPU: x is viewed as (N, C) and each group's coefficients are repeated to one row per
 # channel, (k, C), so every broadcast and every reduction (sum over N) runs along contiguous
@@ -551,13 +552,6 @@ def freeze(model):
     return model
 
 
-def _freeze_unless_chosen(model):
-    """Freeze a model whose parameters all still train (PyTorch's default); where some are already
-    frozen, the caller has chosen what trains (an earlier adapter, mark_trainable), so keep that."""
-    if all(p.requires_grad for p in model.parameters()):
-        freeze(model)
-
-
 def replace_modules(model, target, make):
     """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count.
     Every replacement is built before the first is put in, so a failure leaves the model as it was."""
@@ -577,14 +571,15 @@ def add_nora(model, groups=8, rank=2, target=nn.GELU, **nora_kwargs):
     all train is frozen first; one where some are already frozen keeps its choices. Train the
     task head with :func:`mark_trainable`.
     """
-    names = " or ".join(t.__name__ for t in (target if isinstance(target, tuple) else (target,)))
-    if not any(isinstance(m, target) for m in model.modules()):
-        raise ValueError(f"add_nora: the model has no {names} module; pass target=<its activation class>")
-    NoRA(groups, rank, **nora_kwargs)                     # bad settings fail here, before the model changes
+    fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
     param = next(model.parameters(), None)
     device = param.device if param is not None else "cpu"
-    _freeze_unless_chosen(model)
-    replace_modules(model, lambda m: isinstance(m, target), lambda m: NoRA(groups, rank, **nora_kwargs).to(device))
+    # replace_modules builds every NoRA before swapping any in: bad settings leave the model as it was
+    if not replace_modules(model, lambda m: isinstance(m, target), lambda m: NoRA(groups, rank, **nora_kwargs).to(device)):
+        names = " or ".join(t.__name__ for t in (target if isinstance(target, tuple) else (target,)))
+        raise ValueError(f"add_nora: the model has no {names} module; pass target=<its activation class>")
+    if fresh:
+        freeze(model)
     return model
 
 
@@ -613,12 +608,11 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv", layer=LoRALine
             rows = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv]
         return layer(linear, rank=rank, alpha=alpha, rows=rows)
 
-    found = [m for m in model.modules() if is_target(m)]
-    if not found:
+    fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
+    if not replace_modules(model, is_target, make):       # builds all first: bad settings change nothing
         raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
-    make(found[0])                                        # bad settings fail here, before the model changes
-    _freeze_unless_chosen(model)
-    replace_modules(model, is_target, make)
+    if fresh:
+        freeze(model)
     return model
 
 
@@ -637,7 +631,7 @@ def merge(model):
     """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
     inference costs what the base model costs (NoRA: one rational per activation)."""
     for m in model.modules():
-        if isinstance(m, (NoRA, LoRALinear)):
+        if isinstance(m, ADAPTERS):
             m.merge()
     return model
 

@@ -306,7 +306,7 @@ def build_model(args):
             sys.exit(f"error: {e}")
     total = nora.count_parameters(model)[1]
     prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha,
-                 **({} if args.basis_scale is None else {"basis_scale": args.basis_scale}))
+            **({} if args.basis_scale is None else {"basis_scale": args.basis_scale}))
     if args.grow_from:                                  # paper Sec. 4.2: replicate groups
         for m in model.modules():
             if isinstance(m, nora.NoRA):
@@ -458,6 +458,10 @@ STUDY = {
 STABILITY = dict(lrs=(1e-3, 3e-3, 1e-2, 3e-2), groups=(8, 16, 32, 64), ranks=(2, 3))
 
 
+def fmt(accuracy):
+    return "diverged" if accuracy is None else f"{accuracy:.1f}"
+
+
 def split_validation(x, y, fraction):
     """(train_x, train_y, val_x, val_y): a class-balanced validation split carved from the training
     set, the same for every seed (seed 12345), so that all runs are chosen on the same images."""
@@ -483,7 +487,6 @@ def study(args, data):
     train_x, train_y, test_x, test_y = data
     split = split_validation(train_x, train_y, args.val_fraction)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    fmt = lambda a: "diverged" if a is None else f"{a:.1f}"
     rows, head_lr = [], None
     for method, lrs in STUDY.items():
         val, test = {}, {}
@@ -517,7 +520,6 @@ The head trains at the head-only row's chosen lr ({head_lr:g}) in every other ro
 def stability(args, data):
     train_x, train_y, _, _ = data
     split = split_validation(train_x, train_y, args.val_fraction)
-    fmt = lambda a: "diverged" if a is None else f"{a:.1f}"
     lrs = STABILITY["lrs"]
     head = {lr: train_or_diverge(args, split, method="head", lr=lr)[0] for lr in lrs}
     rows = ["| head only | " + " | ".join(fmt(head[lr]) for lr in lrs) + " |"]
