@@ -866,6 +866,12 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
     records = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in records] == ["head", "head", "head", "nora", "nora"]
     assert all(r["head_lr"] is None for r in records[:3]) and {r["head_lr"] for r in records[3:]} <= {1e-3, 1e-2}
-    assert seen.count(20) == (2 + 1) + (1 + 1)       # the test set: once per lr at the first seed, once per other seed
+    assert seen.count(20) == 2 + 2                   # the test set: only at each row's chosen lr, once per seed
+    (tmp_path / "results.json").unlink()
+    monkeypatch.setitem(train_vit.STUDY, "head", (1e-2,))
     train_vit.main(["--data-root", str(cifar_root), "--table", "stability", *TINY_RUN])
-    assert "| NoRA G = 8, r = 2 |" in (tmp_path / "table-stability-cifar10-paper.md").read_text()
+    text = (tmp_path / "table-stability-cifar10-paper.md").read_text()
+    assert "| NoRA G = 8, r = 2 |" in text and "the head trains at lr 0.01 in every run" in text
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in records] == ["head", "nora", "nora-monomial", "nora-monomial"]
+    assert [(r["lr"], r["head_lr"]) for r in records] == [(1e-2, None)] + [(1e-2, 1e-2)] * 3

@@ -448,14 +448,15 @@ def table(args, data):
 # sweeps the lr of its own parameters (nora.param_groups).
 STUDY = {
     "head": (3e-3, 1e-2, 3e-2),
-    "nora": (1e-3, 3e-3, 1e-2),
+    "nora": (3e-3, 1e-2, 3e-2),
     "nora-monomial": (3e-4, 1e-3, 3e-3),
     "lora": (3e-4, 1e-3, 3e-3),
     "nora++": (3e-4, 1e-3, 3e-3),
     "full": (1e-5, 3e-5, 1e-4),
 }
-# --table stability: NoRA over learning rates x group counts x ranks, against head-only at each lr.
-STABILITY = dict(lrs=(1e-3, 3e-3, 1e-2, 3e-2), groups=(8, 16, 32, 64), ranks=(2, 3))
+# --table stability: NoRA over its lr x group counts x ranks, the head at one lr, against head-only.
+STABILITY = dict(lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), groups=(8, 16, 32, 64), ranks=(2, 3))
+COLLAPSE = 5.0      # points below head-only that count as a collapse (a validation image is ~0.4 points)
 
 
 def fmt(accuracy):
@@ -483,19 +484,25 @@ def train_or_diverge(args, data, **changes):
     return result["accuracy"], model
 
 
+def choose_lr(args, split, method, lrs, seed, **changes):
+    """Train ``method`` at each lr on the validation split: (best lr, {lr: validation accuracy}, {lr: model})."""
+    val, models = {}, {}
+    for lr in lrs:
+        val[lr], models[lr] = train_or_diverge(args, split, method=method, lr=lr, seed=seed, **changes)
+    return max(lrs, key=lambda lr: -1 if val[lr] is None else val[lr]), val, models
+
+
 def study(args, data):
     train_x, train_y, test_x, test_y = data
     split = split_validation(train_x, train_y, args.val_fraction)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    rows, head_lr = [], None
+    rows, head_lr = [], args.head_lr
     for method, lrs in STUDY.items():
-        val, test = {}, {}
-        for lr in lrs:                                    # pick the lr on validation, first seed
-            val[lr], model = train_or_diverge(args, split, method=method, lr=lr, head_lr=head_lr, seed=seeds[0])
-            test[lr] = None if model is None else evaluate(model, test_x, test_y, args)
-        best = max(lrs, key=lambda lr: -1 if val[lr] is None else val[lr])
-        tests = [test[best]]
-        for seed in seeds[1:]:                            # then more seeds at that lr, scored on test
+        if method == "head" and head_lr:                  # --head-lr given: the head row is not needed
+            continue
+        best, val, models = choose_lr(args, split, method, lrs, seeds[0], head_lr=head_lr)
+        tests = [None if models[best] is None else evaluate(models[best], test_x, test_y, args)]
+        for seed in seeds[1:]:                            # more seeds at the chosen lr, scored on test
             _, model = train_or_diverge(args, split, method=method, lr=best, head_lr=head_lr, seed=seed)
             tests.append(None if model is None else evaluate(model, test_x, test_y, args))
         scores = torch.tensor([0.0 if t is None else t for t in tests])
@@ -510,7 +517,7 @@ Each method at its own best learning rate, chosen on a validation split of {len(
 ({len(split[0])} left to train on); test accuracy ({len(test_y)} images) at that lr over seeds {seeds}
 (mean +- spread, the population standard deviation). {describe(args)}
 
-The head trains at the head-only row's chosen lr ({head_lr:g}) in every other row.
+The head trains at {'--head-lr' if args.head_lr else "the head-only row's chosen lr"} ({head_lr:g}) in every other row.
 
 | method | validation accuracy (%) at each lr, seed {seeds[0]} | chosen lr | test accuracy (%) | per seed |
 |---|---|---|---|---|
@@ -518,22 +525,29 @@ The head trains at the head-only row's chosen lr ({head_lr:g}) in every other ro
 
 
 def stability(args, data):
+    """NoRA's validation accuracy over its own lr x G x r, the head at one lr throughout (--head-lr,
+    or the head-only best of STUDY['head'] chosen first), against head-only at that lr."""
     train_x, train_y, _, _ = data
     split = split_validation(train_x, train_y, args.val_fraction)
-    lrs = STABILITY["lrs"]
-    head = {lr: train_or_diverge(args, split, method="head", lr=lr)[0] for lr in lrs}
-    rows = ["| head only | " + " | ".join(fmt(head[lr]) for lr in lrs) + " |"]
+    head_lr, head = args.head_lr, None
+    if head_lr is None:
+        head_lr, val, _ = choose_lr(args, split, "head", STUDY["head"], args.seed)
+        head = val[head_lr]
+    if head is None:
+        head = train_or_diverge(args, split, method="head", lr=head_lr)[0]
+    lrs, rows = STABILITY["lrs"], []
     grid = [("nora", groups, rank) for rank in STABILITY["ranks"] for groups in STABILITY["groups"]]
     for method, groups, rank in grid + [("nora-monomial", 8, 2), ("nora-monomial", 64, 3)]:   # + the paper's basis
-        accs = [train_or_diverge(args, split, method=method, lr=lr, groups=groups, rank=rank)[0] for lr in lrs]
+        accs = [train_or_diverge(args, split, method=method, lr=lr, head_lr=head_lr, groups=groups, rank=rank)[0]
+                for lr in lrs]
         name = "NoRA" if method == "nora" else "NoRA, paper's monomial basis,"
         rows.append(f"| {name} G = {groups}, r = {rank} | " + " | ".join(
-            fmt(a) + (" **below head**" if a is None or a < head[lr] else "") for a, lr in zip(accs, lrs)) + " |")
+            fmt(a) + (" **collapse**" if a is None or a < (head or 0) - COLLAPSE else "") for a in accs) + " |")
         print(rows[-1], flush=True)
     write_table(args, "stability", f"""
-Validation accuracy (%) of NoRA over learning rates, group counts and ranks (head and adapters at
-the column's lr), against head-only training at the same lr; **below head** marks a collapse.
-{describe(args)}
+Validation accuracy (%) of NoRA over the lr of its own parameters (columns), group counts and ranks;
+the head trains at lr {head_lr:g} in every run. Head-only training at that lr: {fmt(head)}.
+**collapse** marks a run more than {COLLAPSE} points below head-only. {describe(args)}
 
 | | """ + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n" + "|---" * (len(lrs) + 1) + "|\n" + "\n".join(rows))
 
