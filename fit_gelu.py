@@ -11,6 +11,7 @@ measures where that model's fc1 outputs (the GELU inputs) lie, on random-noise i
 """
 import argparse
 import json
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,13 @@ def error_table(fn, num, den, ranges=(3, 6, 8, 10, 12, 16)):
     return rows
 
 
-def preactivation_ranges(weights, images, size, patch, img_size, layer_scale):
-    model = nora.VisionTransformer(size, patch, img_size, num_classes=0, layer_scale=layer_scale)
-    nora.load_pretrained(model, weights, verbose=False)
+def preactivation_ranges(model_name, weights, images, img_size):
+    """Where the checkpoint's fc1 outputs (the GELU inputs) lie, and how strongly the output of the
+    GELU rational responds to each numerator coefficient there, in the paper's monomial basis and
+    in NoRA's scaled basis (x/s)^i (nora.py, section 4)."""
+    cfg = nora.PRETRAINED[model_name]
+    model = nora.VisionTransformer(cfg["size"], cfg["patch_size"], img_size, num_classes=0, layer_scale=cfg["layer_scale"])
+    nora.load_pretrained(model, weights or model_name, verbose=False)
     model.eval()
     seen = []
     for block in model.blocks:
@@ -39,12 +44,19 @@ def preactivation_ranges(weights, images, size, patch, img_size, layer_scale):
     x = torch.load(images) if images else torch.randn(8, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(x)
-    print(f"\nfc1 outputs of {weights} on {'images ' + images if images else 'random-noise images'}:")
+    print(f"\nfc1 outputs of {weights or model_name} on {'images ' + images if images else 'random-noise images'}:")
     print("| layer | min | max | 0.01% | 99.99% | beyond +-8 |\n|---|---|---|---|---|---|")
     for i, a in enumerate(seen):
         q = torch.quantile(a[torch.randperm(len(a), generator=torch.Generator().manual_seed(0))[:10**6]],
                            torch.tensor([1e-4, 1 - 1e-4]))
         print(f"| {i} | {a.min():.2f} | {a.max():.2f} | {q[0]:.2f} | {q[1]:.2f} | {(a.abs() > 8).float().mean():.2e} |")
+    a = torch.cat(seen).double()
+    num, den = (torch.tensor(c, dtype=torch.float64) for c in nora.GELU_COEFFS)
+    Q = 1 + (sum(b * a ** (j + 1) for j, b in enumerate(den))).abs()
+    s = nora.NoRA().basis_scale
+    print(f"\nrms over these inputs of d phi / d(update of a_i) = (x/s)^i / Q(x), i = 0 .. {len(num) - 1}:")
+    for name, scale in (("paper's monomials (s = 1)", 1.0), (f"NoRA's basis (s = {s:g})", s)):
+        print(f"  {name}: " + ", ".join(f"{((a / scale) ** i / Q).pow(2).mean().sqrt():.3g}" for i in range(len(num))))
 
 
 def main():
@@ -52,12 +64,11 @@ def main():
     p.add_argument("--range", nargs=2, type=float, default=(-8.0, 8.0), metavar=("LO", "HI"))
     p.add_argument("--all", action="store_true", help="also fit SiLU and ReLU")
     p.add_argument("--out", help="also write the coefficients and errors to this JSON file")
-    p.add_argument("--weights", help="a ViT checkpoint whose pre-activation range to measure")
+    p.add_argument("--weights", help="a ViT checkpoint (file or URL) whose pre-activations to measure")
+    p.add_argument("--model", default=nora.DEFAULT_WEIGHTS, choices=nora.PRETRAINED,
+                   help="the ViT that --weights fits (nora.PRETRAINED); given alone, its checkpoint is downloaded")
     p.add_argument("--images", help="a .pt tensor (N, 3, S, S) of normalised images for --weights")
-    p.add_argument("--size", default="tiny", choices=nora.VIT_SIZES)
-    p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--layer-scale", action="store_true")
     args = p.parse_args()
 
     results = {}
@@ -80,8 +91,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
         print(f"\nwrote {args.out}")
-    if args.weights:
-        preactivation_ranges(args.weights, args.images, args.size, args.patch_size, args.img_size, args.layer_scale)
+    if args.weights or "--model" in sys.argv:
+        preactivation_ranges(args.model, args.weights, args.images, args.img_size)
 
 
 if __name__ == "__main__":

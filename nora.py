@@ -782,11 +782,24 @@ class VisionTransformer(nn.Module):
         return self.head(self.forward_features(x)[:, 0])   # class-token pooling
 
 
-# Default weights (the paper's ViT-Tiny): timm's augreg ImageNet-21k -> 1k checkpoint.
-DEFAULT_WEIGHTS = ("https://huggingface.co/timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-                   "/resolve/main/model.safetensors")
-AUGREG_MEAN = AUGREG_STD = (0.5, 0.5, 0.5)                  # normalisation for those weights
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # DeiT, DINOv2
+# Pretrained weights as data, in the spirit of timm's `_cfg`: each record names a checkpoint on
+# the Hugging Face hub (timm's name, so the URL follows from it) and holds what the checkpoint
+# needs: the ViT's size, patch size and LayerScale, and the input normalisation it was trained with.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PRETRAINED = {
+    "vit_tiny_patch16_224.augreg_in21k_ft_in1k":          # the paper's backbone, the default
+        dict(size="tiny", patch_size=16, layer_scale=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "deit_tiny_patch16_224.fb_in1k":                      # ImageNet-1k only, same layout
+        dict(size="tiny", patch_size=16, layer_scale=False, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "vit_small_patch14_dinov2.lvd142m":                   # DINOv2 ViT-S/14: LayerScale, no head
+        dict(size="small", patch_size=14, layer_scale=True, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+}
+DEFAULT_WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+def weights_url(name):
+    """The hub URL of a PRETRAINED record's checkpoint."""
+    return f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
 
 
 def download(url, cache_dir=None, sha256=None):
@@ -878,7 +891,7 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a .safetensors, .pth, .bin or .npz file, "
-                                f"or a URL to download (default: {DEFAULT_WEIGHTS})")
+                                f"a URL to download, or a name in PRETRAINED: {', '.join(PRETRAINED)}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if path.suffix == ".npz":
@@ -915,10 +928,12 @@ def resample_pos_embed(pos_embed, grid_size):
 def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True):
     """Load a timm-layout checkpoint into ``model`` (a VisionTransformer, or any module with timm's names).
 
-    ``source`` is a local .safetensors, .pth/.bin or .npz file, or a URL (downloaded once and
-    cached, see :func:`download`). The position embedding is resampled to the model's image
-    size; a head for another number of classes (or none) leaves the model's own head in place.
+    ``source`` is a name in PRETRAINED (build the model from its record), a local .safetensors,
+    .pth/.bin or .npz file, or a URL (downloaded once and cached, see :func:`download`). The
+    position embedding is resampled to the model's image size; a head for another number of
+    classes (or none) leaves the model's own head in place.
     """
+    source = weights_url(source) if source in PRETRAINED else source
     url = str(source).startswith(("http://", "https://"))
     path = download(source, cache_dir) if url else source
     try:

@@ -570,6 +570,34 @@ def test_train_vit_saved_adapter_reloads_to_the_same_accuracy(cifar_root, tmp_pa
     assert again["accuracy"] == rec100["accuracy"]
 
 
+def test_saved_run_remembers_its_checkpoint_file(cifar_root, tmp_path):
+    import train_vit
+    ckpt = tmp_path / "backbone.pth"
+    torch.manual_seed(0)
+    torch.save(nora.VisionTransformer("tiny", img_size=32, depth=1, num_classes=0).state_dict(), ckpt)
+    run = [a for a in TINY_RUN if a not in ("--weights", "none")]
+    save = tmp_path / "adapter.pt"
+    rec = train_vit.main(["--data-root", str(cifar_root), "--weights", str(ckpt), "--save", str(save), *run])
+    again = train_vit.main(["--data-root", str(cifar_root), "--eval-adapter", str(save), *run])   # no --weights
+    assert again["accuracy"] == rec["accuracy"]
+
+
+def test_model_records_set_architecture_and_normalisation(monkeypatch, tmp_path):
+    import train_vit
+    args = train_vit.parse_args(["--model", "vit_small_patch14_dinov2.lvd142m", "--weights", "none", "--depth", "1",
+                                 "--img-size", "28", "--dataset", "cifar100"])
+    model, _ = train_vit.build_model(args)
+    assert model.patch_embed.proj.kernel_size == (14, 14) and model.cls_token.shape[-1] == 384
+    assert hasattr(model.blocks[0].ls1, "gamma") and args.mean == nora.IMAGENET_MEAN
+    # a record's name downloads timm's checkpoint from the hub (here a local file stands in)
+    ckpt = tmp_path / "w.pth"
+    torch.save(nora.VisionTransformer("tiny", img_size=32, depth=1).state_dict(), ckpt)
+    asked = []
+    monkeypatch.setattr(nora, "download", lambda url, cache_dir=None: asked.append(url) or ckpt)
+    nora.load_pretrained(nora.VisionTransformer("tiny", img_size=32, depth=1), "deit_tiny_patch16_224.fb_in1k")
+    assert asked == ["https://huggingface.co/timm/deit_tiny_patch16_224.fb_in1k/resolve/main/model.safetensors"]
+
+
 def test_train_vit_grows_groups_and_runs_a_table(cifar_root, tmp_path, monkeypatch):
     import train_vit
     monkeypatch.chdir(tmp_path)

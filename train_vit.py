@@ -281,15 +281,17 @@ def balanced_subset(labels, n, seed):
     return torch.cat(picked).sort().values
 
 
-def preprocess(x, img_size, mean, std, flip_generator=None):
-    """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S), with random horizontal flips when training."""
-    x = x.float() / 255
-    if flip_generator is not None:
-        flip = torch.rand(len(x), generator=flip_generator) < 0.5
+def preprocess(x, img_size, mean, std, device, flip_generator=None):
+    """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S) on ``device``, with random horizontal
+    flips when training. The uint8 batch moves first: resizing to 224 px on the CPU would starve a GPU."""
+    x = x.to(device, non_blocking=True).float() / 255
+    if flip_generator is not None:                      # drawn on the CPU: the same flips on any device
+        flip = (torch.rand(len(x), generator=flip_generator) < 0.5).to(device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if img_size != x.shape[-1]:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (mean, std))
+    return (x - mean) / std
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -297,11 +299,12 @@ def preprocess(x, img_size, mean, std, flip_generator=None):
 def build_model(args):
     """The pretrained ViT, set up for args.method. Returns (model, total parameters of the base model)."""
     torch.manual_seed(args.seed)
-    model = nora.VisionTransformer(args.size, args.patch_size, args.img_size, NUM_CLASSES[args.dataset],
-                                   layer_scale=args.layer_scale, depth=args.depth)
+    cfg = nora.PRETRAINED[args.model]
+    model = nora.VisionTransformer(cfg["size"], cfg["patch_size"], args.img_size, NUM_CLASSES[args.dataset],
+                                   layer_scale=cfg["layer_scale"], depth=args.depth)
     if args.weights != "none":
         try:
-            nora.load_pretrained(model, args.weights)
+            nora.load_pretrained(model, args.weights or args.model)
         except (RuntimeError, OSError, ValueError) as e:
             sys.exit(f"error: {e}")
     total = nora.count_parameters(model)[1]
@@ -321,7 +324,7 @@ def evaluate(model, x, y, args):
     correct = 0
     with torch.no_grad(), torch.autocast(args.device.type, enabled=args.amp):
         for i in range(0, len(x), args.batch_size):
-            xb = preprocess(x[i:i + args.batch_size], args.img_size, args.mean, args.std).to(args.device)
+            xb = preprocess(x[i:i + args.batch_size], args.img_size, args.mean, args.std, args.device)
             correct += (model(xb).argmax(1).cpu() == y[i:i + args.batch_size]).sum().item()
     model.train()
     return 100.0 * correct / len(x)
@@ -354,7 +357,7 @@ def train(args, data, eval_name="test"):
             if step == steps:
                 break
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            xb = preprocess(train_x[idx], args.img_size, args.mean, args.std, g).to(args.device)
+            xb = preprocess(train_x[idx], args.img_size, args.mean, args.std, args.device, g)
             with torch.autocast(args.device.type, enabled=args.amp):
                 loss = F.cross_entropy(model(xb), train_y[idx].to(args.device))
             if not torch.isfinite(loss):
@@ -388,8 +391,8 @@ def record(args, result):
     return rec
 
 
-SAVED_SETTINGS = ("method", "groups", "rank", "alpha", "basis_scale", "grow_from", "size", "patch_size", "img_size",
-                  "layer_scale", "depth", "dataset", "mean", "std")
+SAVED_SETTINGS = ("method", "groups", "rank", "alpha", "basis_scale", "grow_from", "model", "img_size", "depth",
+                  "dataset", "mean", "std")
 
 
 def evaluate_adapter(args, data, state):
@@ -554,7 +557,7 @@ the head trains at lr {head_lr:g} in every run. Head-only training at that lr: {
 
 def describe(args):
     steps = f"{args.steps} steps" if args.steps else f"{args.epochs} epochs"
-    return (f"{args.img_size} px, {steps}, batch {args.batch_size}, weights {Path(str(args.weights)).name}, "
+    return (f"{args.img_size} px, {steps}, batch {args.batch_size}, weights {Path(str(args.weights or args.model)).name}, "
             f"NoRA basis_scale {args.basis_scale or nora.NoRA().basis_scale:g}.")
 
 
@@ -773,13 +776,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (VPT 5e-3, DoRA 5e-4, paper C.1)")
     p.add_argument("--head-lr", type=float, default=None, help="learning rate of the task head (default: --lr)")
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--weights", default=nora.DEFAULT_WEIGHTS, help="checkpoint file or URL; 'none' for random weights")
-    p.add_argument("--size", default="tiny", choices=nora.VIT_SIZES)
-    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--model", default=nora.DEFAULT_WEIGHTS, choices=nora.PRETRAINED,
+                   help="pretrained ViT (a record in nora.PRETRAINED: size, patch, LayerScale, normalisation)")
+    p.add_argument("--weights", help="its checkpoint: a file or URL (default: the --model's on the hub); 'none' for random")
     p.add_argument("--depth", type=int, default=None, help="use fewer blocks (quick experiments)")
-    p.add_argument("--layer-scale", action="store_true", help="the checkpoint has LayerScale (DeiT-III, DINOv2)")
-    p.add_argument("--norm", default="augreg", choices=["augreg", "imagenet"],
-                   help="input normalisation of the weights: augreg (0.5, 0.5) or ImageNet mean/std")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision (on by default on CUDA)")
@@ -808,8 +808,7 @@ def parse_args(argv=None):
     check_output_paths(p, args)
     args.device = torch.device(args.device)
     args.amp = args.device.type == "cuda" and not args.no_amp
-    args.mean, args.std = ((nora.AUGREG_MEAN, nora.AUGREG_STD) if args.norm == "augreg"
-                           else (nora.IMAGENET_MEAN, nora.IMAGENET_STD))
+    args.mean, args.std = nora.PRETRAINED[args.model]["mean"], nora.PRETRAINED[args.model]["std"]
     if args.table and args.out is None:
         args.out = "results.json"
     return args
@@ -852,6 +851,7 @@ def _main(args):
         saved = load_saved_run(args.eval_adapter)
         for k in SAVED_SETTINGS:
             setattr(args, k, saved["args"][k])
+        args.weights = args.weights or saved["args"].get("weights")    # the checkpoint it was trained on
     train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_root, not args.no_download)
     tr = balanced_subset(train_y, args.train_subset, args.seed)
     te = balanced_subset(test_y, args.test_subset, args.seed + 1)
