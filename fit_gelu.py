@@ -3,6 +3,7 @@
     python fit_gelu.py                     # GELU on [-8, 8]
     python fit_gelu.py --all               # GELU, SiLU and ReLU
     python fit_gelu.py --range -6 6        # another fitting range
+    python fit_gelu.py --plot fit.svg      # and draw them
 
 Prints the coefficients in a form that can be pasted into nora.py, a table of max / mean error
 on several ranges, and the values at far-out points. With --weights and a ViT checkpoint it also
@@ -12,6 +13,7 @@ measures where that model's fc1 outputs (the GELU inputs) lie, on random-noise i
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,32 @@ def error_table(fn, num, den, ranges=(3, 6, 8, 10, 12, 16)):
         err = (nora.rational(x[None], num[None], den[None])[0] - fn(x)).abs()
         rows.append((f"[-{r}, {r}]", err.max().item(), err.mean().item()))
     return rows
+
+
+def write_svg(path, panels, columns=4, width=240, height=170):
+    """Draw ``panels``, a list of (title, [(x, y, colour, dashed), ...]) line plots, as a grid in an
+    SVG file: plain text any browser shows, so plotting adds no dependency (the list is fixed)."""
+    rows = -(-len(panels) // columns)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{columns * width}" height="{rows * height}" '
+           f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for k, (title, lines) in enumerate(panels):
+        ox, oy, pw, ph = (k % columns) * width + 40, (k // columns) * height + 20, width - 55, height - 45
+        x0, x1 = min(float(l[0].min()) for l in lines), max(float(l[0].max()) for l in lines)
+        y0, y1 = min(float(l[1].min()) for l in lines), max(float(l[1].max()) for l in lines)
+        y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)
+        sx = lambda v: ox + (v - x0) / (x1 - x0) * pw
+        sy = lambda v: oy + ph - (v - y0) / (y1 - y0) * ph
+        out.append(f'<rect x="{ox}" y="{oy}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>'
+                   f'<text x="{ox}" y="{oy - 6}">{title}</text>'
+                   f'<text x="{ox}" y="{oy + ph + 13}">{x0:g}</text>'
+                   f'<text x="{ox + pw}" y="{oy + ph + 13}" text-anchor="end">{x1:g}</text>'
+                   f'<text x="{ox - 4}" y="{oy + 9}" text-anchor="end">{y1:.2g}</text>'
+                   f'<text x="{ox - 4}" y="{oy + ph}" text-anchor="end">{y0:.2g}</text>')
+        for x, y, colour, dashed in lines:
+            points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(x.tolist(), y.tolist()))
+            out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.2"'
+                       + (' stroke-dasharray="4 3"/>' if dashed else "/>"))
+    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
 
 
 def preactivation_ranges(model_name, weights, images, img_size):
@@ -59,7 +87,7 @@ def preactivation_ranges(model_name, weights, images, img_size):
         print(f"  {name}: " + ", ".join(f"{((a / scale) ** i / Q).pow(2).mean().sqrt():.3g}" for i in range(len(num))))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--range", nargs=2, type=float, default=(-8.0, 8.0), metavar=("LO", "HI"))
     p.add_argument("--all", action="store_true", help="also fit SiLU and ReLU")
@@ -69,9 +97,10 @@ def main():
                    help="the ViT that --weights fits (nora.PRETRAINED); given alone, its checkpoint is downloaded")
     p.add_argument("--images", help="a .pt tensor (N, 3, S, S) of normalised images for --weights")
     p.add_argument("--img-size", type=int, default=224)
-    args = p.parse_args()
+    p.add_argument("--plot", help="draw each activation and its fitted rational, and the error, into this .svg file")
+    args = p.parse_args(argv)
 
-    results = {}
+    results, panels = {}, []
     for name in (ACTIVATIONS if args.all else ["gelu"]):
         fn = ACTIVATIONS[name]
         num, den = nora.fit_rational(fn, x_range=tuple(args.range))
@@ -85,13 +114,22 @@ def main():
         far = torch.tensor([-20.0, -10.0, 10.0, 20.0], dtype=torch.float64)
         y = nora.rational(far[None], num[None], den[None])[0]
         print("far out: " + ", ".join(f"f({x:g}) = {v:.3f} (true {t:.3f})" for x, v, t in zip(far, y, fn(far))))
+        x = torch.linspace(-12, 12, 241, dtype=torch.float64)
+        y = nora.rational(x[None], num[None], den[None])[0]
+        r = torch.linspace(*args.range, 241, dtype=torch.float64)          # the error on the fit range
+        e = nora.rational(r[None], num[None], den[None])[0] - fn(r)
+        panels += [(f"{name.upper()} (grey, dashed) and its rational", [(x, fn(x), "#888", True), (x, y, "#c33", False)]),
+                   (f"rational - {name.upper()} on the fit range", [(r, e, "#c33", False)])]
         results[name] = {"range": list(args.range), "numerator": num.tolist(), "denominator": den.tolist(),
                          "errors": [{"range": r, "max": mx, "mean": mean} for r, mx, mean in table]}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
         print(f"\nwrote {args.out}")
-    if args.weights or "--model" in sys.argv:
+    if args.plot:
+        write_svg(args.plot, panels, columns=2, width=360)
+        print(f"\nwrote {args.plot}")
+    if args.weights or "--model" in (sys.argv if argv is None else argv):
         preactivation_ranges(args.model, args.weights, args.images, args.img_size)
 
 

@@ -598,6 +598,22 @@ def test_model_records_set_architecture_and_normalisation(monkeypatch, tmp_path)
     assert asked == ["https://huggingface.co/timm/deit_tiny_patch16_224.fb_in1k/resolve/main/model.safetensors"]
 
 
+def test_plots_are_svg_files_with_one_panel_per_layer(cifar_root, tmp_path):
+    import xml.dom.minidom
+    import fit_gelu
+    import train_vit
+    fit_gelu.main(["--plot", str(tmp_path / "fit.svg")])
+    svg = xml.dom.minidom.parse(str(tmp_path / "fit.svg"))
+    assert len(svg.getElementsByTagName("polyline")) == 3                  # GELU, its rational, the error
+    run = [a if a != "1" else "2" for a in TINY_RUN]                        # --depth 2, --epochs 2
+    train_vit.main(["--data-root", str(cifar_root), "--groups", "4", "--plot-activations", str(tmp_path / "a.svg"), *run])
+    svg = xml.dom.minidom.parse(str(tmp_path / "a.svg"))
+    titles = [t.firstChild.data for t in svg.getElementsByTagName("text")]
+    assert "blocks.0" in titles and "blocks.1" in titles
+    assert "blocks.1: minus GELU" in titles
+    assert len(svg.getElementsByTagName("polyline")) == 2 * (1 + 4 + 4)   # per layer: GELU + 4 groups, 4 changes
+
+
 def test_train_vit_grows_groups_and_runs_a_table(cifar_root, tmp_path, monkeypatch):
     import train_vit
     monkeypatch.chdir(tmp_path)

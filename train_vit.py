@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nora
+from fit_gelu import write_svg
 
 CIFAR = {  # folder, train files, test file, label key, archive URL, its md5 (as torchvision has them)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels",
@@ -416,7 +417,30 @@ def run(args, data):
         state = nora.adapter_state_dict(model)
         torch.save({"args": {k: v for k, v in vars(args).items() if k != "device"}, "state": state}, args.save)
         print(f"saved adapter and head ({sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor)):,} numbers) to {args.save}")
+    if args.plot_activations:
+        plot_activations(model, args.plot_activations)
     return record(args, result)
+
+
+def plot_activations(model, path, x_range=8.0):
+    """Two panels per learned rational activation: each group's function after fine-tuning (colours)
+    against GELU (grey, dashed), and its difference from GELU, over the base rational's fit range."""
+    x = torch.linspace(-x_range, x_range, 161)
+    panels = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nora.NoRA, nora.GroupRational)):
+            num, den = m.coefficients() if isinstance(m, nora.NoRA) else (m.numerator, m.denominator)
+            with torch.no_grad():                         # column g of (N, G) inputs goes through group g's rational
+                y = nora.rational(x[:, None].expand(-1, len(num)).contiguous(), num.cpu(), den.cpu())
+            colours = [f"hsl({300 * g // len(num)}, 70%, 45%)" for g in range(len(num))]
+            layer = name.replace(".mlp.act", "")
+            panels.append((layer, [(x, F.gelu(x), "#888", True)] + [(x, y[:, g], c, False) for g, c in enumerate(colours)]))
+            panels.append((f"{layer}: minus GELU", [(x, y[:, g] - F.gelu(x), c, False) for g, c in enumerate(colours)]))
+    if not panels:
+        print(f"--plot-activations: {model.__class__.__name__} has no rational activations to draw; nothing written")
+        return
+    write_svg(path, panels)
+    print(f"wrote {path}: {len(panels) // 2} layers, every group's activation against GELU (dashed)")
 
 
 def table(args, data):
@@ -734,7 +758,7 @@ def efficiency(args):
 
 def check_output_paths(p, args):
     """Fail before training, not after it, if a result could not be written."""
-    for flag, path in (("--save", args.save), ("--out", args.out)):
+    for flag, path in (("--save", args.save), ("--out", args.out), ("--plot-activations", args.plot_activations)):
         if path is None:
             continue
         path = Path(path)
@@ -790,6 +814,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="append a JSON record of every run to this file")
     p.add_argument("--save", help="write the adapters + head (and the settings) to this file")
     p.add_argument("--eval-adapter", help="load a --save file onto the pretrained model and evaluate it")
+    p.add_argument("--plot-activations", help="after training, draw every layer's learned activations into this .svg")
     args = p.parse_args(argv)
     for k, v in SCALES[args.scale].items():
         if getattr(args, k) is None:
@@ -801,8 +826,9 @@ def parse_args(argv=None):
         v = getattr(args, k)
         if v is not None and not (v > 0 and math.isfinite(v)):
             p.error(f"--{k} must be positive, got {v}")
-    if args.table and (args.save or args.eval_adapter or args.method != p.get_default("method")):
-        p.error("--table runs every row of a table: it cannot be combined with --save, --eval-adapter or --method")
+    if args.table and (args.save or args.eval_adapter or args.plot_activations or args.method != p.get_default("method")):
+        p.error("--table runs every row of a table: it cannot be combined with --save, --eval-adapter, "
+                "--plot-activations or --method")
     if args.eval_adapter and not Path(args.eval_adapter).is_file():
         p.error(f"--eval-adapter: no file at {args.eval_adapter}")
     check_output_paths(p, args)
