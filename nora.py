@@ -43,7 +43,7 @@ import torch.nn.functional as F
 # We use degrees (m, n) = (5, 4), as Group-KAN and the released NoRA code do, and leave out the
 # b_0 of Eq. 6, as that code does: then Q(0) = 1, and S(x) = x s(x) has a factor x we use below.
 #
-# "Group-wise": the C channels (last dimension) are cut into G contiguous blocks, and channel c
+# "Group-wise": the C channels (last dimension) are cut into G contiguous groups, and channel c
 # uses the coefficients of group c // (C / G). So the coefficients are a (G, m+1) numerator
 # matrix and a (G, n) denominator matrix, whatever the size of x. Written out as Eq. 6 reads,
 # with autograd doing the rest, that is `rational_reference` below.
@@ -119,26 +119,13 @@ def _rational_backward(x, numerator, denominator, grad):
     return grad_x, grad_num, grad_den
 
 
-# The kernels in use: eager by default, torch.compile'd after compile_rational(). `block` is the
-# number of elements the eager CPU kernels handle at once: their passes over x (~10 forward,
-# ~40 backward) then run from cache instead of memory, 2-3x faster on a 2-core CPU (README).
-# Compiled kernels fuse the passes, and a GPU would only pay more launches, so both take x whole.
-_EAGER = {"forward": _rational_forward, "backward": _rational_backward, "block": 1 << 18}
-_kernels = dict(_EAGER)
-
-
-def _row_blocks(x):
-    """Row slices of x (N, C) that the kernels take one at a time."""
-    block = _kernels["block"]
-    rows = max(1, block // x.shape[1]) if block and x.device.type == "cpu" else len(x)
-    return [slice(i, i + rows) for i in range(0, len(x), rows)]
-
-
 class _RationalFunction(torch.autograd.Function):
+    """Autograd glue for the kernels above (`_kernels` and `_chunks`: see "Speed" at the end of this section)."""
+
     @staticmethod
     def forward(ctx, x, numerator, denominator):
         ctx.save_for_backward(x, numerator, denominator)
-        ys = [_kernels["forward"](x[b], numerator, denominator) for b in _row_blocks(x)]
+        ys = [_kernels["forward"](x[c], numerator, denominator) for c in _chunks(x)]
         return ys[0] if len(ys) == 1 else torch.cat(ys)
 
     @staticmethod
@@ -149,32 +136,10 @@ class _RationalFunction(torch.autograd.Function):
             y = rational_reference(*inputs)               # differentiate Eq. 6 itself, twice if asked
             return torch.autograd.grad(y, inputs, grad, create_graph=True)
         grad = grad.contiguous()
-        parts = [_kernels["backward"](x[b], numerator, denominator, grad[b]) for b in _row_blocks(x)]
+        parts = [_kernels["backward"](x[c], numerator, denominator, grad[c]) for c in _chunks(x)]
         if len(parts) == 1:
             return parts[0]
         return torch.cat([p[0] for p in parts]), sum(p[1] for p in parts), sum(p[2] for p in parts)
-
-
-def compile_rational(enable=True):
-    """Run the rational through torch.compile'd kernels: each pass fuses into one loop over memory
-    (on a 2-core CPU, forward + backward then costs what GELU's does; README). Compiling takes
-    seconds on first use, so it is opt-in. Returns whether the compiled path is now in use; where
-    compilation fails (no C++ compiler, say) it warns and the eager path stays."""
-    if not enable:
-        _kernels.update(_EAGER)
-        return False
-    try:
-        # static shapes: dynamic ones ran 40x slower here; each new input shape compiles once (~2 s)
-        forward = torch.compile(_rational_forward, dynamic=False)
-        backward = torch.compile(_rational_backward, dynamic=False)
-        x = torch.linspace(-4, 4, 32).view(4, 8)         # not randn: compiling must not move the global RNG
-        num, den = torch.ones(2, 6), torch.ones(2, 4)
-        forward(x, num, den), backward(x, num, den, x)
-    except Exception as e:                                # any failure to compile: stay eager
-        warnings.warn(f"compile_rational: torch.compile failed ({type(e).__name__}: {e}); using the eager path")
-        return False
-    _kernels.update(forward=forward, backward=backward, block=None)
-    return True
 
 
 def rational(x, numerator, denominator):
@@ -209,6 +174,47 @@ def rational(x, numerator, denominator):
     with torch.autocast(x.device.type, enabled=False):
         y = _RationalFunction.apply(x.to(dtype).reshape(-1, C), numerator.to(dtype), denominator.to(dtype))
     return y.view(x.shape).to(x.dtype)
+
+
+# ---- Speed (skip on a first reading) ------------------------------------------------------------
+# Nothing here changes a result. `_kernels` holds the kernels `rational` runs: the eager ones
+# above by default, torch.compile'd ones after use_compiled_rational(). On a CPU the eager
+# kernels take x in chunks of `chunk` elements, so their ~10 forward and ~40 backward passes run
+# from cache rather than memory (2-3x faster on a 2-core CPU; README). Compiled kernels fuse the
+# passes into one loop, and on a GPU chunks would only cost launches, so both take x whole.
+_EAGER = {"forward": _rational_forward, "backward": _rational_backward, "chunk": 1 << 18}
+_kernels = dict(_EAGER)
+
+
+def _chunks(x):
+    """Row slices of x (N, C) that the kernels take one at a time."""
+    chunk = _kernels["chunk"]
+    rows = max(1, chunk // x.shape[1]) if chunk and x.device.type == "cpu" else len(x)
+    return [slice(i, i + rows) for i in range(0, len(x), rows)]
+
+
+def use_compiled_rational(enable=True):
+    """Run the rational through torch.compile'd kernels: each pass fuses into one loop over memory
+    (on a 2-core CPU, forward + backward then costs what GELU's does; README). Compiling takes
+    seconds on first use, so it is opt-in. Returns whether the compiled path is now in use; where
+    compilation fails (no C++ compiler, say) it warns and the eager path stays."""
+    if not enable:
+        _kernels.update(_EAGER)
+        return False
+    try:
+        # static shapes: dynamic ones ran 40x slower here; each new input shape compiles once (~2 s)
+        forward = torch.compile(_rational_forward, dynamic=False)
+        backward = torch.compile(_rational_backward, dynamic=False)
+        x = torch.linspace(-4, 4, 32).view(4, 8)         # not randn: compiling must not move the global RNG
+        num, den = torch.ones(2, 6), torch.ones(2, 4)
+        forward(x, num, den), backward(x, num, den, x)
+    except Exception as e:                                # any failure to compile: stay eager
+        warnings.warn(f"use_compiled_rational: torch.compile failed ({type(e).__name__}: {e}); using the eager path")
+        return False
+    _kernels.update(forward=forward, backward=backward, chunk=None)
+    return True
+
+# ---- end of Speed -------------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
 # 2. Fitting the coefficients (Appendix B)
@@ -358,16 +364,15 @@ class NoRA(nn.Module):
         alpha: scale; the update is multiplied by alpha / rank (default alpha = 2 * rank,
             the released code's alpha = 6 at r = 3).
         init: base coefficients, as for :class:`GroupRational`.
-        adapt: 'both', 'numerator' or 'denominator' (Table 5 ablation).
         form: 'shared' (released code, dP = B @ A with A shared by all groups) or
             'group' (paper text, dP_g = A_g B_g per group).
         basis_scale: s; the update is learned in the basis (x/s)^i (1: the paper's monomials).
     """
 
-    def __init__(self, groups=8, rank=2, alpha=None, init="gelu", adapt="both", form="shared", basis_scale=3.0):
+    def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0):
         super().__init__()
-        if adapt not in ("both", "numerator", "denominator") or form not in ("shared", "group"):
-            raise ValueError(f"adapt must be both|numerator|denominator and form shared|group, got {adapt!r}, {form!r}")
+        if form not in ("shared", "group"):
+            raise ValueError(f"NoRA: form must be 'shared' or 'group', got {form!r}")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"NoRA: rank must be a positive integer, got {rank!r}")
         if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
@@ -377,17 +382,16 @@ class NoRA(nn.Module):
         num, den = _init_coefficients(init, groups)
         self.register_buffer("numerator", num)
         self.register_buffer("denominator", den)
-        self.rank, self.form, self.adapt = rank, form, adapt
+        self.rank, self.form = rank, form
         self.scaling = (alpha if alpha is not None else 2 * rank) / rank
         self.basis_scale = basis_scale
         self.register_buffer("basis_P", basis_scale ** -torch.arange(num.shape[1], dtype=torch.float32), persistent=False)
         self.register_buffer("basis_Q", basis_scale ** -torch.arange(1, den.shape[1] + 1, dtype=torch.float32),
                              persistent=False)
-        for side, d, trainable in (("P", num.shape[1], adapt != "denominator"),
-                                   ("Q", den.shape[1], adapt != "numerator")):
+        for side, d in (("P", num.shape[1]), ("Q", den.shape[1])):
             A_shape, B_shape = ((rank, d), (groups, rank)) if form == "shared" else ((groups, d, rank), (groups, rank))
-            setattr(self, f"A_{side}", nn.Parameter(torch.randn(A_shape) * 0.02, requires_grad=trainable))
-            setattr(self, f"B_{side}", nn.Parameter(torch.zeros(B_shape), requires_grad=trainable))
+            setattr(self, f"A_{side}", nn.Parameter(torch.randn(A_shape) * 0.02))
+            setattr(self, f"B_{side}", nn.Parameter(torch.zeros(B_shape)))
 
     def _delta(self, A, B):
         if self.form == "shared":
@@ -416,8 +420,7 @@ class NoRA(nn.Module):
 
     def get_extra_state(self):
         """Settings that change the function, saved in the state dict so a mismatch is caught on load."""
-        return {"rank": self.rank, "scaling": self.scaling, "form": self.form, "adapt": self.adapt,
-                "basis_scale": self.basis_scale}
+        return {"rank": self.rank, "scaling": self.scaling, "form": self.form, "basis_scale": self.basis_scale}
 
     def set_extra_state(self, state):
         mine = self.get_extra_state()
@@ -431,7 +434,7 @@ class NoRA(nn.Module):
     def grow(self, groups):
         """Split every group into groups / G copies of itself (paper Sec. 4.2), leaving the function unchanged.
 
-        Channel c moves from group c // (C/G) to group c // (C/groups); each old group's block
+        Channel c moves from group c // (C/G) to group c // (C/groups); each old group's run
         of channels becomes groups/G consecutive new groups, so every tensor indexed by group is
         repeated in place with repeat_interleave. The trainable tensors are replaced, so grow
         before building the optimizer.
@@ -449,51 +452,53 @@ class NoRA(nn.Module):
 
     def extra_repr(self):
         return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
-                f"adapt={self.adapt}, form={self.form}")
+                f"form={self.form}, basis_scale={self.basis_scale:g}")
 
 # -----------------------------------------------------------------------------
 # 5. LoRA, for NoRA++ (Eqs. 2, 3)
 #
 # LoRA learns W = W0 + B A * alpha / r with A (r x k) random and B (d x r) zero (Eq. 2) and
 # computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
-# linear; LoRA on "q and v" (paper C.1) is then two updates on two row blocks of that one
-# weight, so `rows` lists the (start, stop) row blocks to adapt, each with its own A and B.
+# linear; LoRA on "q and v" (paper C.1) is then two updates on two ranges of rows of that one
+# weight, so `row_ranges` lists the (start, stop) ranges of rows to adapt, each with its own A and B.
 # The frozen layer is kept as `base`: any module with a `weight` of shape (out, in) will do.
 # -----------------------------------------------------------------------------
 
 class LoRALinear(nn.Module):
-    """A frozen linear ``base`` plus a LoRA update on all its output rows or on the row blocks in ``rows``."""
+    """A frozen linear ``base`` plus a LoRA update on all its output rows, or on the (start, stop)
+    ranges of rows in ``row_ranges``."""
 
-    def __init__(self, base, rank=8, alpha=16, rows=None):
+    def __init__(self, base, rank=8, alpha=16, row_ranges=None):
         super().__init__()
         if not isinstance(rank, int) or rank < 1 or not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"LoRALinear: rank must be a positive integer and alpha a positive number, "
                              f"got rank {rank!r}, alpha {alpha!r}")
         out_features, in_features = base.weight.shape
-        rows = rows or [(0, out_features)]
-        width = rows[0][1] - rows[0][0]
-        if any(stop - start != width for start, stop in rows) or max(stop for _, stop in rows) > out_features:
-            raise ValueError(f"LoRALinear: row blocks {rows} must have equal widths within {out_features} rows")
+        ranges = row_ranges or [(0, out_features)]
+        width = ranges[0][1] - ranges[0][0]
+        if any(stop - start != width for start, stop in ranges) or max(stop for _, stop in ranges) > out_features:
+            raise ValueError(f"LoRALinear: row ranges {ranges} must have equal widths within {out_features} rows")
         self.base, self.rank, self.scaling, self.merged = base, rank, alpha / rank, False
-        self.row_blocks = [[start, stop] for start, stop in rows]
-        w = base.weight
-        self.register_buffer("rows", torch.cat([torch.arange(a, b, device=w.device) for a, b in rows]), persistent=False)
-        self.lora_A = nn.Parameter(torch.empty(len(rows), rank, in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(len(rows), width, rank, device=w.device, dtype=w.dtype))
+        self.row_ranges = [[start, stop] for start, stop in ranges]
+        w = base.weight                                   # row_index: every adapted row, in order
+        self.register_buffer("row_index", torch.cat([torch.arange(a, b, device=w.device) for a, b in ranges]),
+                             persistent=False)
+        self.lora_A = nn.Parameter(torch.empty(len(ranges), rank, in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(len(ranges), width, rank, device=w.device, dtype=w.dtype))
         for A in self.lora_A:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as in microsoft/LoRA
 
     def delta_weight(self):
-        """B A * alpha / r for each row block, stacked to (len(rows), in_features)."""
+        """B A * alpha / r for each row range, stacked to (len(row_index), in_features)."""
         return (self.lora_B @ self.lora_A).flatten(0, 1) * self.scaling
 
     def forward(self, x):
         y = self.base(x)
         if self.merged:
             return y
-        h = torch.einsum("...i,tri->...tr", x, self.lora_A)               # A x, per block
+        h = torch.einsum("...i,tri->...tr", x, self.lora_A)               # A x, per row range
         d = torch.einsum("...tr,twr->...tw", h, self.lora_B).flatten(-2)  # B (A x)
-        return y.index_add(-1, self.rows, d * self.scaling)
+        return y.index_add(-1, self.row_index, d * self.scaling)
 
     @torch.no_grad()
     def merge(self):
@@ -501,17 +506,17 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRALinear.merge: the base {type(self.base).__name__} has no stored weight to "
                             f"merge into (a quantised layer?); keep the model unmerged")
         if not self.merged:
-            self.base.weight.index_add_(0, self.rows, self.delta_weight())
+            self.base.weight.index_add_(0, self.row_index, self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight.index_add_(0, self.rows, -self.delta_weight())
+            self.base.weight.index_add_(0, self.row_index, -self.delta_weight())
             self.merged = False
 
     def get_extra_state(self):
-        return {"rank": self.rank, "scaling": self.scaling, "row_blocks": self.row_blocks}
+        return {"rank": self.rank, "scaling": self.scaling, "row_ranges": self.row_ranges}
 
     def set_extra_state(self, state):
         if self.merged:
@@ -522,7 +527,7 @@ class LoRALinear(nn.Module):
                              f"build the model with the saved settings")
 
     def extra_repr(self):
-        return f"rank={self.rank}, scaling={self.scaling:g}, adapted_rows={len(self.rows)}"
+        return f"rank={self.rank}, scaling={self.scaling:g}, adapted_rows={len(self.row_index)}"
 
 
 # -----------------------------------------------------------------------------
@@ -567,7 +572,7 @@ def add_nora(model, groups=8, rank=2, target=nn.GELU, **nora_kwargs):
     """Replace each ``target`` activation (a class or tuple of classes) in ``model`` with a
     :class:`NoRA` module, and freeze the rest of a fresh model.
 
-    ``nora_kwargs`` go to NoRA (alpha, init, adapt, form, basis_scale). A model whose parameters
+    ``nora_kwargs`` go to NoRA (alpha, init, form, basis_scale). A model whose parameters
     all train is frozen first; one where some are already frozen keeps its choices. Train the
     task head with :func:`mark_trainable`.
     """
@@ -583,17 +588,17 @@ def add_nora(model, groups=8, rank=2, target=nn.GELU, **nora_kwargs):
     return model
 
 
-def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv", layer=LoRALinear):
+def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", layer=LoRALinear):
     """Put LoRA on each linear layer of ``model`` whose name ends with one of ``targets``, and
     freeze the rest of a fresh model (as :func:`add_nora` does).
 
-    A target named 'qkv' is timm's fused projection: only the parts named in ``qkv`` (default
+    A target named 'qkv' is timm's fused projection: only the parts named in ``qkv_parts`` (default
     q and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
     ``weight`` counts as linear; ``layer`` is the adapter class (DoRALinear is another).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not qkv or set(qkv) - set("qkv"):
-        raise ValueError(f"add_lora: qkv={qkv!r} must name some of the parts 'q', 'k', 'v', e.g. 'qv'")
+    if not qkv_parts or set(qkv_parts) - set("qkv"):
+        raise ValueError(f"add_lora: qkv_parts={qkv_parts!r} must name some of 'q', 'k', 'v', e.g. 'qv'")
     names = {id(m): name for name, m in model.named_modules()}
 
     def is_target(m):
@@ -602,11 +607,11 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv="qv", layer=LoRALine
                 and names[id(m)].endswith(targets))
 
     def make(linear):
-        rows = None
-        if names[id(linear)].endswith("qkv"):
+        ranges = None
+        if names[id(linear)].endswith("qkv"):                 # rows: q | k | v
             d = linear.weight.shape[0] // 3
-            rows = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv]
-        return layer(linear, rank=rank, alpha=alpha, rows=rows)
+            ranges = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv_parts]
+        return layer(linear, rank=rank, alpha=alpha, row_ranges=ranges)
 
     fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
     if not replace_modules(model, is_target, make):       # builds all first: bad settings change nothing

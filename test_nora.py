@@ -58,21 +58,21 @@ def test_blocked_eager_kernels_and_compiled_path_match_the_whole_tensor_kernels(
         x.grad = num.grad = den.grad = None
         nora.rational(x, num, den).backward(g)
         return x.grad.clone(), num.grad.clone(), den.grad.clone()
-    monkeypatch.setitem(nora._kernels, "block", None)
+    monkeypatch.setitem(nora._kernels, "chunk", None)
     whole = grads()
     y_whole = nora.rational(x, num, den)
-    monkeypatch.setitem(nora._kernels, "block", 640)                 # 10 rows a block: 10 blocks
-    assert len(nora._row_blocks(x.view(-1, 64))) == 10
+    monkeypatch.setitem(nora._kernels, "chunk", 640)                 # 10 rows a block: 10 blocks
+    assert len(nora._chunks(x.view(-1, 64))) == 10
     torch.testing.assert_close(nora.rational(x, num, den), y_whole)
     for a, b in zip(grads(), whole):
         torch.testing.assert_close(a, b)
-    if not nora.compile_rational():                                   # takes ~10 s; warns where it cannot
+    if not nora.use_compiled_rational():                                   # takes ~10 s; warns where it cannot
         pytest.skip("torch.compile is not available here")
     try:
         for a, b in zip(grads(), whole):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     finally:
-        nora.compile_rational(False)
+        nora.use_compiled_rational(False)
     assert nora._kernels["forward"] is nora._rational_forward
 
 
@@ -167,20 +167,19 @@ def test_nora_parameter_counts_match_the_formulas():
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert count(nora.NoRA(8, 2)) == 2 * 10 + 2 * 8 * 2 == 52
     assert count(nora.NoRA(8, 3, form="group")) == 8 * (6 * 3 + 3) + 8 * (4 * 3 + 3) == 288
-    assert count(nora.NoRA(8, 2, adapt="numerator")) == 2 * 6 + 8 * 2
-    assert count(nora.NoRA(8, 2, adapt="denominator")) == 2 * 4 + 8 * 2
 
 
-def test_nora_adapt_numerator_only_leaves_denominator_fixed():
-    torch.manual_seed(0)
-    m = nora.NoRA(4, 2, adapt="numerator")
-    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        m(torch.randn(16, 32)).pow(2).sum().backward()
-        opt.step()
-    num, den = m.coefficients()
-    assert not torch.equal(num, m.numerator) and torch.equal(den, m.denominator)
+def test_table5_adapts_one_side_only():
+    import train_vit
+    count = lambda model: sum(p.numel() for m in model.modules() if isinstance(m, nora.NoRA)
+                              for p in m.parameters() if p.requires_grad)
+    assert count(train_vit.prepare(tiny_vit(), "nora-num")) == 2 * (2 * 6 + 8 * 2)         # 2 blocks
+    assert count(train_vit.prepare(tiny_vit(), "nora-den")) == 2 * (2 * 4 + 8 * 2)
+    model = train_vit.prepare(tiny_vit(), "nora-num")
+    train_steps(model, steps=3)
+    for m in (m for m in model.modules() if isinstance(m, nora.NoRA)):
+        num, den = m.coefficients()
+        assert not torch.equal(num, m.numerator) and torch.equal(den, m.denominator)
 
 
 def train_steps(model, steps=5, lr=1e-2, x=None, classes=10, seed=0):
@@ -235,7 +234,7 @@ def test_nora_merge_refuses_nan():
 def test_lora_on_q_and_v_rows_of_qkv_merges_and_unmerges():
     torch.manual_seed(0)
     lin = nn.Linear(12, 36)
-    lora = nora.LoRALinear(lin, rank=2, alpha=4, rows=[(0, 12), (24, 36)])
+    lora = nora.LoRALinear(lin, rank=2, alpha=4, row_ranges=[(0, 12), (24, 36)])
     assert lora.base is lin
     x = torch.randn(5, 12)
     torch.testing.assert_close(lora(x), lin(x))                    # B = 0 at init
@@ -253,7 +252,7 @@ def test_lora_on_q_and_v_rows_of_qkv_merges_and_unmerges():
     torch.testing.assert_close(lin.weight, w0)
     torch.testing.assert_close(lora(x), y)
     with pytest.raises(ValueError, match="equal widths"):
-        nora.LoRALinear(lin, rows=[(0, 12), (24, 30)])
+        nora.LoRALinear(lin, row_ranges=[(0, 12), (24, 30)])
 
 
 # --- 6. the ViT and its weights ------------------------------------------------------------------
@@ -721,11 +720,11 @@ def test_adding_an_adapter_keeps_earlier_choices_of_what_trains():
     assert not dora.blocks[0].attn.qkv.base.weight.requires_grad and not dora.blocks[0].mlp.fc1.weight.requires_grad
 
 
-def test_compile_rational_does_not_move_the_global_rng(monkeypatch):
+def test_use_compiled_rational_does_not_move_the_global_rng(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)        # the warm-up, without compiling
     torch.manual_seed(0)
-    nora.compile_rational()
-    nora.compile_rational(False)
+    nora.use_compiled_rational()
+    nora.use_compiled_rational(False)
     after = torch.rand(3)
     torch.manual_seed(0)
     torch.testing.assert_close(after, torch.rand(3))
@@ -750,7 +749,7 @@ def test_rational_rejects_integers_handles_empty_batches_and_double_backward():
     lambda: nora.NoRA(8, 2, alpha=float("nan")), lambda: nora.NoRA(8, 2).grow(0),
     lambda: nora.fit_rational(F.gelu, num_degree=0), lambda: nora.fit_rational(F.gelu, den_degree=1),
     lambda: nora.fit_rational(F.gelu, iters=0), lambda: nora.fit_rational(torch.log),
-    lambda: nora.add_lora(tiny_vit(), rank=0), lambda: nora.add_lora(tiny_vit(), qkv="x"),
+    lambda: nora.add_lora(tiny_vit(), rank=0), lambda: nora.add_lora(tiny_vit(), qkv_parts="x"),
     lambda: nora.parameter_report(nn.GELU()), lambda: nora.mark_trainable(tiny_vit()),
 ])
 def test_bad_arguments_fail_early_with_one_line_errors(make):

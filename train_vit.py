@@ -68,13 +68,13 @@ class DoRALinear(nora.LoRALinear):
     trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
     the norm is treated as a constant in backward."""
 
-    def __init__(self, base, rank=8, alpha=16, rows=None):
-        super().__init__(base, rank, alpha, rows)
-        self.magnitude = nn.Parameter(base.weight.detach()[self.rows].norm(dim=1))
+    def __init__(self, base, rank=8, alpha=16, row_ranges=None):
+        super().__init__(base, rank, alpha, row_ranges)
+        self.magnitude = nn.Parameter(base.weight.detach()[self.row_index].norm(dim=1))
 
     def adapted_weight(self):
-        v = self.base.weight[self.rows] + self.delta_weight()
-        return self.base.weight.index_copy(0, self.rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
+        v = self.base.weight[self.row_index] + self.delta_weight()
+        return self.base.weight.index_copy(0, self.row_index, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
 
     def forward(self, x):
         return self.base(x) if self.merged else F.linear(x, self.adapted_weight(), self.base.bias)
@@ -216,8 +216,12 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
     elif method.startswith("nora"):
         if method == "nora-monomial":
             nora_kwargs["basis_scale"] = 1.0
-        nora.add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared",
-                      adapt={"nora-num": "numerator", "nora-den": "denominator"}.get(method, "both"), **nora_kwargs)
+        nora.add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared", **nora_kwargs)
+        for m in model.modules():                         # Table 5: adapt one side of the rational only
+            if isinstance(m, nora.NoRA) and method in ("nora-num", "nora-den"):
+                fixed = (m.A_Q, m.B_Q) if method == "nora-num" else (m.A_P, m.B_P)
+                for p in fixed:
+                    p.requires_grad_(False)
         if method == "nora++":
             nora.add_lora(model, lora_rank, lora_alpha)
     elif method == "rational":
@@ -668,7 +672,7 @@ def efficiency(args):
             y.backward(torch.ones_like(y))
     rows = {}
     for compiled in (False, True):
-        if compiled and not nora.compile_rational():
+        if compiled and not nora.use_compiled_rational():
             break
         names = [k for k in ops if (k == "ours, compiled") == compiled]
         print(f"timing the activation alone: {', '.join(names)}", flush=True)
@@ -677,7 +681,7 @@ def efficiency(args):
         for k in names:
             x, n, d = (t.clone().requires_grad_() for t in (x0, num, den))
             rows[k] = (fwd[k], both[k], saved_bytes(lambda: ops[k](x, n, d))[1])
-        nora.compile_rational(False)
+        nora.use_compiled_rational(False)
     g = rows["GELU"]
     lines.append("| activation on (16, 197, 768), G = 8 | forward ms | x GELU | forward + backward ms | x GELU "
                  "| saved for backward (MB) |\n|---|---|---|---|---|---|")
@@ -710,7 +714,7 @@ def efficiency(args):
     from torch.utils.flop_counter import FlopCounterMode
     results = {}
     for compiled in (False, True):
-        if compiled and not nora.compile_rational():
+        if compiled and not nora.use_compiled_rational():
             break
         tag = "compiled" if compiled else "eager"
         methods = {"LoRA": "lora", f"NoRA, {tag}": "nora", f"NoRA++, {tag}": "nora++"}
@@ -733,7 +737,7 @@ def efficiency(args):
                               step=steps[k], memory=memory)
         for k, m in merged.items():
             results[k] = dict(trainable=0, flops=None, latency=inference[k] / B, step=None, memory=None)
-        nora.compile_rational(False)
+        nora.use_compiled_rational(False)
     lora, gelu = results["LoRA"], results["GELU model"]
     mem = "peak memory (MB)" if dev.type == "cuda" else "saved for backward (MB)"
     lines.append(f"\n| ViT-Tiny, batch {B}, 224 px | trainable (excl. head) | matmul GFLOPs / image | forward ms / image "
