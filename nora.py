@@ -345,14 +345,14 @@ class GroupRational(nn.Module):
 #
 # One departure from the paper: the update is learned in the scaled basis (x/s)^i, s = 3,
 #       dP(x) = sum_i dp_i (x/s)^i,  i.e. da_i = dp_i / s^i    (and db_j = dq_j / s^j)
-# which is the same family of functions (merge folds it into plain coefficients), but well
-# conditioned. In the paper's monomials the output's sensitivity to a_i, rms of x^i / Q(x) over
-# a real ViT-S's pre-activations, runs 0.82, 0.68, 1.1, 3.0, 18, 184 for i = 0..5, while the
-# base coefficients run the other way (a_5 = 0.0008). Adam moves every entry of A and B by about
-# the same step, so the first steps double a_5 and b_4, the terms that set the tails (block 0 of
-# that ViT sees inputs down to -20), and at lr 1e-2 the model collapses (README, stability).
-# With s = 3 the sensitivities are 0.82, 0.23, 0.12, 0.11, 0.23, 0.76: every coefficient moves
-# the function about equally. `basis_scale=1` is the paper's parameterisation.
+# the same family of functions (merge folds it into plain coefficients), but well conditioned.
+# GELU's fit has tiny leading coefficients, a_5 = 7.7e-4 and b_4 = 1.5e-3, and they set the
+# tails: phi(x) ~ (a_5 / |b_4|) x for large |x|. In the paper's monomials the output is 20 to
+# 200 times more sensitive to a_4, a_5 than to a_1 over a real ViT's pre-activations
+# (`fit_gelu.py --model`, README), and Adam moves every entry of A and B by about the same step;
+# so at lr 1e-2 a few steps push b_4 through zero, Q loses its x^4 term, phi grows like x^3,
+# and the model collapses (README, stability). With s = 3 each coefficient moves the function
+# about equally, and b_4 moves 81 times slower. `basis_scale=1` is the paper's parameterisation.
 # -----------------------------------------------------------------------------
 
 class NoRA(nn.Module):

@@ -24,6 +24,25 @@ import torch.nn.functional as F
 import nora
 from fit_gelu import write_svg
 
+# --- defaults: the paper's protocol (appendix C). Each is also a flag: lr -> --lr, head_lr -> --head-lr.
+DEFAULTS = dict(
+    method="nora",                 # or lora, nora++, full, head, ... (METHODS below)
+    groups=8, rank=2,              # NoRA: G groups of channels share a rational; rank r of its update
+    alpha=None,                    # NoRA's update is scaled by alpha / r; None: alpha = 2 r (released code)
+    basis_scale=None,              # None: nora.NoRA's (x/3)^i basis; 1: the paper's monomials x^i
+    lr=None,                       # None: 1e-3 for every method (VPT 5e-3, DoRA 5e-4; paper C.1)
+    head_lr=None,                  # None: the same lr. 80-step runs want 1e-2 (README: the study)
+    weight_decay=0.05,             # AdamW with a cosine schedule, no warm-up
+    scale="paper",                 # image size, epochs, batch size and subsets: SCALES below
+    model=nora.DEFAULT_WEIGHTS,    # the paper's augreg ViT-Tiny (nora.PRETRAINED)
+    dataset="cifar10", data_root="data", seed=0,
+)
+# --scale presets. 'paper' is appendix C (Table 7); 'small' finishes a table on a 2-core CPU.
+SCALES = {
+    "paper": dict(img_size=224, epochs=50, batch_size=256, train_subset=0, test_subset=0),
+    "small": dict(img_size=64, epochs=5, batch_size=64, train_subset=5000, test_subset=1000),
+}
+
 CIFAR = {  # folder, train files, test file, label key, archive URL, its md5 (as torchvision has them)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels",
                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
@@ -32,12 +51,6 @@ CIFAR = {  # folder, train files, test file, label key, archive URL, its md5 (as
 }
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 METHOD_LR = {"vpt": 5e-3, "dora": 5e-4}          # paper C.1; every other method uses --lr (1e-3)
-
-# --scale presets. 'paper' is appendix C (Table 7); 'small' finishes a table on a 2-core CPU.
-SCALES = {
-    "paper": dict(img_size=224, epochs=50, batch_size=256, train_subset=0, test_subset=0),
-    "small": dict(img_size=64, epochs=5, batch_size=64, train_subset=5000, test_subset=1000),
-}
 
 # The paper's numbers, printed beside ours.
 PAPER = {
@@ -381,14 +394,20 @@ def train(args, data, eval_name="test"):
             if step % steps_per_epoch == 0 or step == steps:
                 history.append(evaluate(model, test_x, test_y, args))
                 print(f"  epoch {len(history)}: {eval_name} accuracy {history[-1]:.2f}%", flush=True)
+    # NoRA's leading denominator coefficient b_n sets its tails; through zero it breaks them (nora.py, section 4)
+    with torch.no_grad():
+        b_n = [m.coefficients()[1][:, -1].min().item() for m in model.modules() if isinstance(m, nora.NoRA)]
     return model, dict(trainable=trainable, total=total, percent=100 * trainable / total, lr=lr,
-                       accuracy=history[-1], history=history, seconds=round(time.time() - start, 1))
+                       accuracy=history[-1], history=history, seconds=round(time.time() - start, 1),
+                       min_b_n=min(b_n, default=None), layers_b_n_below_zero=sum(b < 0 for b in b_n))
 
 
 def record(args, result):
     rec = {**{k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}, **result}
     print(f"RESULT method={args.method} dataset={args.dataset} trainable={result['trainable']:,} "
-          f"({result['percent']:.3f}%) accuracy={result['accuracy']:.2f}% time={result['seconds']:.0f}s")
+          f"({result['percent']:.3f}%) accuracy={result['accuracy']:.2f}% time={result['seconds']:.0f}s"
+          + ("" if result.get("min_b_n") is None else
+             f" min_b_n={result['min_b_n']:.2e} (below 0 in {result['layers_b_n_below_zero']} layers)"))
     if args.out:
         path = Path(args.out)
         records = json.loads(path.read_text()) if path.exists() else []
@@ -780,19 +799,19 @@ def check_output_paths(p, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", choices=CIFAR)
-    p.add_argument("--data-root", default="data", help="folder holding (or to receive) the CIFAR python-format folder")
+    p.add_argument("--dataset", choices=CIFAR)
+    p.add_argument("--data-root", help="folder holding (or to receive) the CIFAR python-format folder")
     p.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is not in --data-root")
-    p.add_argument("--method", default="nora", choices=METHODS)
+    p.add_argument("--method", choices=METHODS)
     p.add_argument("--table", choices=[*TABLES, "study", "stability", "efficiency"],
                    help="run every row of a paper table, or the lr study / stability grid (README)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="--table study/stability: validation split")
     p.add_argument("--seeds", type=int, default=3, help="--table study: seeds at each method's chosen lr")
-    p.add_argument("--scale", default="paper", choices=SCALES, help="preset for the options below (default: paper)")
-    p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--rank", type=int, default=2)
-    p.add_argument("--alpha", type=float, default=None, help="NoRA alpha (default 2 * rank)")
-    p.add_argument("--basis-scale", type=float, default=None,
+    p.add_argument("--scale", choices=SCALES, help="preset for the options below (default: paper)")
+    p.add_argument("--groups", type=int)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float, help="NoRA alpha (default 2 * rank)")
+    p.add_argument("--basis-scale", type=float,
                    help="NoRA learns its update in the basis (x/s)^i; s (default: nora.NoRA's; 1 is the paper's monomials)")
     p.add_argument("--grow-from", type=int, default=0, help="build NoRA with this many groups, then replicate to --groups")
     p.add_argument("--img-size", type=int)
@@ -801,14 +820,14 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--train-subset", type=int, help="class-balanced subset of the training set (0: all)")
     p.add_argument("--test-subset", type=int, help="class-balanced subset of the test set (0: all)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (VPT 5e-3, DoRA 5e-4, paper C.1)")
-    p.add_argument("--head-lr", type=float, default=None, help="learning rate of the task head (default: --lr)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--model", default=nora.DEFAULT_WEIGHTS, choices=nora.PRETRAINED,
+    p.add_argument("--lr", type=float, help="default 1e-3 (VPT 5e-3, DoRA 5e-4, paper C.1)")
+    p.add_argument("--head-lr", type=float, help="learning rate of the task head (default: --lr)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--model", choices=nora.PRETRAINED,
                    help="pretrained ViT (a record in nora.PRETRAINED: size, patch, LayerScale, normalisation)")
     p.add_argument("--weights", help="its checkpoint: a file or URL (default: the --model's on the hub); 'none' for random")
     p.add_argument("--depth", type=int, default=None, help="use fewer blocks (quick experiments)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision (on by default on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
@@ -819,6 +838,7 @@ def parse_args(argv=None):
     p.add_argument("--save", help="write the adapters + head (and the settings) to this file")
     p.add_argument("--eval-adapter", help="load a --save file onto the pretrained model and evaluate it")
     p.add_argument("--plot-activations", help="after training, draw every layer's learned activations into this .svg")
+    p.set_defaults(**DEFAULTS)
     args = p.parse_args(argv)
     for k, v in SCALES[args.scale].items():
         if getattr(args, k) is None:
