@@ -821,6 +821,8 @@ def test_corrupt_cifar_batches_name_the_file(tmp_path, damage):
     ["--alpha", "nan"], ["--table", "methods", "--save", "a.pt"], ["--table", "methods", "--method", "lora"],
     ["--table", "methods", "--eval-adapter", "a.pt"], ["--eval-adapter", "missing.pt"],
     ["--save", "no/such/folder/a.pt"], ["--out", "."], ["--out", "corrupt.json"], ["--out", "object.json"],
+    ["--table", "methods", "--plot-activations", "a.svg"], ["--rows", "nora"], ["--table", "study", "--rows", "nope"],
+    ["--table", "study", "--rows", "nora"],
 ])
 def test_train_vit_rejects_bad_arguments_before_training(tmp_path, monkeypatch, capsys, argv):
     import train_vit
@@ -914,6 +916,12 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
     assert [r["method"] for r in records] == ["head", "head", "head", "nora", "nora"]
     assert all(r["head_lr"] is None for r in records[:3]) and {r["head_lr"] for r in records[3:]} <= {1e-3, 1e-2}
     assert seen.count(20) == 2 + 2                   # the test set: only at each row's chosen lr, once per seed
+    (tmp_path / "results.json").unlink()
+    train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--rows", "nora", "--head-lr", "0.01",
+                    "--seeds", "1", *TINY_RUN])
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["head_lr"]) for r in records] == [("nora", 0.01)]
+    assert "The head trains at --head-lr (0.01)" in (tmp_path / "table-study-cifar10-paper.md").read_text()
     (tmp_path / "results.json").unlink()
     monkeypatch.setitem(train_vit.STUDY, "head", (1e-2,))
     train_vit.main(["--data-root", str(cifar_root), "--table", "stability", *TINY_RUN])

@@ -548,7 +548,7 @@ def study(args, data):
     seeds = list(range(args.seed, args.seed + args.seeds))
     rows, head_lr = [], args.head_lr
     for method, lrs in STUDY.items():
-        if method == "head" and head_lr:                  # --head-lr given: the head row is not needed
+        if (method == "head" and head_lr) or (args.rows and method not in args.rows):   # --head-lr / --rows given
             continue
         best, val, models = choose_lr(args, split, method, lrs, seeds[0], head_lr=head_lr)
         tests = [None if models[best] is None else evaluate(models[best], test_x, test_y, args)]
@@ -807,6 +807,7 @@ def parse_args(argv=None):
                    help="run every row of a paper table, or the lr study / stability grid (README)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="--table study/stability: validation split")
     p.add_argument("--seeds", type=int, default=3, help="--table study: seeds at each method's chosen lr")
+    p.add_argument("--rows", type=lambda v: v.split(","), help="--table study: only these rows, e.g. nora,nora++")
     p.add_argument("--scale", choices=SCALES, help="preset for the options below (default: paper)")
     p.add_argument("--groups", type=int)
     p.add_argument("--rank", type=int)
@@ -855,6 +856,10 @@ def parse_args(argv=None):
                 "--plot-activations or --method")
     if args.eval_adapter and not Path(args.eval_adapter).is_file():
         p.error(f"--eval-adapter: no file at {args.eval_adapter}")
+    if args.rows and (args.table != "study" or set(args.rows) - set(STUDY)):
+        p.error(f"--rows goes with --table study and names rows of {list(STUDY)}, got {args.rows}")
+    if args.rows and "head" not in args.rows and not args.head_lr:
+        p.error("--rows without 'head' needs --head-lr: every other row trains the head at the head row's lr")
     check_output_paths(p, args)
     args.device = torch.device(args.device)
     args.amp = args.device.type == "cuda" and not args.no_amp
