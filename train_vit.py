@@ -674,11 +674,9 @@ def saved_bytes(fn):
     return out, sum(storages.values())
 
 
-def efficiency(args):
-    dev, reps = args.device, args.repeats
-    lines = [f"Efficiency on {dev.type} ({torch.get_num_threads()} threads), median of {reps} interleaved repeats "
-             f"after warm-up, torch {torch.__version__}.\n"]
-    # 1. the activation alone: a ViT-Tiny MLP's hidden activations for 16 images, G = 8
+def time_activations(dev, reps):
+    """Table rows: GELU and three ways to compute the rational on a ViT-Tiny MLP's hidden activations."""
+    # a ViT-Tiny MLP's hidden activations for 16 images, G = 8
     x0 = torch.randn(16, 197, 768, device=dev)
     num, den = (torch.tensor(c, device=dev).repeat(8, 1) for c in nora.GELU_COEFFS)
     ops = {"GELU": lambda x, n, d: F.gelu(x), "released-style rational (powers + bmm)": released_rational,
@@ -702,13 +700,14 @@ def efficiency(args):
             rows[k] = (fwd[k], both[k], saved_bytes(lambda: ops[k](x, n, d))[1])
         nora.use_compiled_rational(False)
     g = rows["GELU"]
-    lines.append("| activation on (16, 197, 768), G = 8 | forward ms | x GELU | forward + backward ms | x GELU "
-                 "| saved for backward (MB) |\n|---|---|---|---|---|---|")
-    lines += [f"| {k} | {f * 1e3:.2f} | {f / g[0]:.2f} | {b * 1e3:.2f} | {b / g[1]:.2f} | {m / 2**20:.1f} |"
+    lines = ["| activation on (16, 197, 768), G = 8 | forward ms | x GELU | forward + backward ms | x GELU "
+                 "| saved for backward (MB) |\n|---|---|---|---|---|---|"]
+    return lines + [f"| {k} | {f * 1e3:.2f} | {f / g[0]:.2f} | {b * 1e3:.2f} | {b / g[1]:.2f} | {m / 2**20:.1f} |"
               for k, (f, b, m) in rows.items()]
 
-    # 2. the whole model: ViT-Tiny, frozen backbone, one training step and inference
-    B = args.bench_batch
+
+def time_models(dev, reps, B, amp):
+    """Table rows: ViT-Tiny with a frozen backbone under LoRA, NoRA and NoRA++: one training step and inference."""
     x = torch.randn(B, 3, 224, 224, device=dev)
     y = torch.randint(0, 10, (B,), device=dev)
 
@@ -718,7 +717,7 @@ def efficiency(args):
         return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
 
     def train_step(model, opt):
-        with torch.autocast(dev.type, enabled=args.amp):
+        with torch.autocast(dev.type, enabled=amp):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -726,7 +725,7 @@ def efficiency(args):
 
     def infer(model):
         model.eval()
-        with torch.no_grad(), torch.autocast(dev.type, enabled=args.amp):
+        with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
             model(x)
         model.train()
 
@@ -759,8 +758,8 @@ def efficiency(args):
         nora.use_compiled_rational(False)
     lora, gelu = results["LoRA"], results["GELU model"]
     mem = "peak memory (MB)" if dev.type == "cuda" else "saved for backward (MB)"
-    lines.append(f"\n| ViT-Tiny, batch {B}, 224 px | trainable (excl. head) | matmul GFLOPs / image | forward ms / image "
-                 f"| x GELU model | train step ms | x LoRA | {mem} | x LoRA |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [f"\n| ViT-Tiny, batch {B}, 224 px | trainable (excl. head) | matmul GFLOPs / image | forward ms / image "
+                 f"| x GELU model | train step ms | x LoRA | {mem} | x LoRA |\n|---|---|---|---|---|---|---|---|---|"]
     for k, r in results.items():
         cells = [f"{r['trainable']:,}", "-" if r["flops"] is None else f"{r['flops'] / 1e9:.3f}",
                  f"{r['latency'] * 1e3:.2f}", f"{r['latency'] / gelu['latency']:.2f}",
@@ -772,6 +771,16 @@ def efficiency(args):
     lines.append("\nFLOPs: torch.utils.flop_counter (matmuls, convolution, attention; elementwise work such as "
                  "the activation is not counted). Memory on CPU: bytes of the distinct tensors autograd saves "
                  "for backward in one training step.")
+    return lines
+
+
+def efficiency(args):
+    """Paper Table 6, extended: the activation alone against GELU, then whole ViT-Tiny models against LoRA."""
+    dev, reps = args.device, args.repeats
+    lines = [f"Efficiency on {dev.type} ({torch.get_num_threads()} threads), median of {reps} interleaved repeats "
+             f"after warm-up, torch {torch.__version__}.\n"]
+    lines += time_activations(dev, reps)
+    lines += time_models(dev, reps, args.bench_batch, args.amp)
     text = "\n".join(lines)
     print(text)
     md = Path(f"table-efficiency-{dev.type}.md")
