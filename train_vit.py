@@ -394,20 +394,38 @@ def train(args, data, eval_name="test"):
             if step % steps_per_epoch == 0 or step == steps:
                 history.append(evaluate(model, test_x, test_y, args))
                 print(f"  epoch {len(history)}: {eval_name} accuracy {history[-1]:.2f}%", flush=True)
-    # NoRA's leading denominator coefficient b_n sets its tails; through zero it breaks them (nora.py, section 4)
-    with torch.no_grad():
-        b_n = [m.coefficients()[1][:, -1].min().item() for m in model.modules() if isinstance(m, nora.NoRA)]
     return model, dict(trainable=trainable, total=total, percent=100 * trainable / total, lr=lr,
                        accuracy=history[-1], history=history, seconds=round(time.time() - start, 1),
-                       min_b_n=min(b_n, default=None), layers_b_n_below_zero=sum(b < 0 for b in b_n))
+                       **activation_drift(model))
+
+
+def group_curves(m, x):
+    """(len(x), G): each group's function of a NoRA or GroupRational module ``m`` at the points ``x``."""
+    num, den = m.coefficients() if isinstance(m, nora.NoRA) else (m.numerator, m.denominator)
+    with torch.no_grad():                                 # column g of (N, G) inputs goes through group g's rational
+        return nora.rational(x[:, None].expand(-1, len(num)).contiguous(), num.detach().cpu(), den.detach().cpu())
+
+
+def activation_drift(model, x_range=8.0):
+    """How far training moved NoRA's activations: the largest |phi(x) - GELU(x)| on the fit range over
+    all layers and groups, and in how many layers a group's leading denominator coefficient b_n
+    (GELU's fit: 1.5e-3; it sets the tails, nora.py section 4) went below zero."""
+    x = torch.linspace(-x_range, x_range, 161)
+    noras = [m for m in model.modules() if isinstance(m, nora.NoRA)]
+    if not noras:
+        return dict(drift=None, layers_b_n_below_zero=None)
+    drift = max((group_curves(m, x) - F.gelu(x)[:, None]).abs().max().item() for m in noras)
+    with torch.no_grad():
+        below = sum((m.coefficients()[1][:, -1] < 0).any().item() for m in noras)
+    return dict(drift=drift, layers_b_n_below_zero=below)
 
 
 def record(args, result):
     rec = {**{k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}, **result}
     print(f"RESULT method={args.method} dataset={args.dataset} trainable={result['trainable']:,} "
           f"({result['percent']:.3f}%) accuracy={result['accuracy']:.2f}% time={result['seconds']:.0f}s"
-          + ("" if result.get("min_b_n") is None else
-             f" min_b_n={result['min_b_n']:.2e} (below 0 in {result['layers_b_n_below_zero']} layers)"))
+          + ("" if result.get("drift") is None else f" max|phi-GELU| on [-8,8]={result['drift']:.3g}, "
+             f"b_n<0 in {result['layers_b_n_below_zero']} layers"))
     if args.out:
         path = Path(args.out)
         records = json.loads(path.read_text()) if path.exists() else []
@@ -452,10 +470,8 @@ def plot_activations(model, path, x_range=8.0):
     panels = []
     for name, m in model.named_modules():
         if isinstance(m, (nora.NoRA, nora.GroupRational)):
-            num, den = m.coefficients() if isinstance(m, nora.NoRA) else (m.numerator, m.denominator)
-            with torch.no_grad():                         # column g of (N, G) inputs goes through group g's rational
-                y = nora.rational(x[:, None].expand(-1, len(num)).contiguous(), num.cpu(), den.cpu())
-            colours = [f"hsl({300 * g // len(num)}, 70%, 45%)" for g in range(len(num))]
+            y = group_curves(m, x)
+            colours = [f"hsl({300 * g // y.shape[1]}, 70%, 45%)" for g in range(y.shape[1])]
             layer = name.replace(".mlp.act", "")
             panels.append((layer, [(x, F.gelu(x), "#888", True)] + [(x, y[:, g], c, False) for g, c in enumerate(colours)]))
             panels.append((f"{layer}: minus GELU", [(x, y[:, g] - F.gelu(x), c, False) for g, c in enumerate(colours)]))
