@@ -514,7 +514,7 @@ def table(args, data):
 # sweeps the lr of its own parameters (nora.param_groups).
 STUDY = {
     "head": (3e-3, 1e-2, 3e-2),
-    "nora": (3e-3, 1e-2, 3e-2),
+    "nora": (3e-3, 1e-2, 3e-2, 1e-1),
     "nora-monomial": (3e-4, 1e-3, 3e-3),
     "lora": (3e-4, 1e-3, 3e-3),
     "nora++": (3e-4, 1e-3, 3e-3),
