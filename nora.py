@@ -50,8 +50,8 @@ import torch.nn.functional as F
 #
 # That version keeps every power of x for backward. So `rational` evaluates P and Q with
 # Horner's rule, a0 + x(a1 + x(a2 + ...)), which never forms x^5 as a tensor, and we write the
-# backward pass by hand: autograd over Horner would keep a dozen tensors
-# the size of x for backward; ours keeps only x and recomputes. Two layout choices make it fast
+# backward pass by hand: autograd over Horner would keep a dozen tensors the size of x for
+# backward; ours keeps only x and recomputes. Two layout choices make it fast
 # on a CPU: x is viewed as (N, C) and each group's coefficients are repeated to one row per
 # channel, (k, C), so every broadcast and every reduction (sum over N) runs along contiguous
 # memory; and backward works in place, so a pass over memory is not also an allocation.
