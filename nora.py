@@ -668,15 +668,19 @@ def load_adapter(model, state):
     return model
 
 
-def param_groups(model, lr, head_lr=None, head=("head",)):
+def param_groups(model, lr, head_lr=None, nora_lr=None, head=("head",)):
     """AdamW parameter groups: the trainable parameters whose names start with ``head`` at
-    ``head_lr``, all other trainable ones (the adapters) at ``lr``. A fresh linear head wants a
-    larger step than a low-rank update of a pretrained model (README: the lr study)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    heads = [p for n, p in trainable if n.startswith(tuple(head))]
-    rest = [p for n, p in trainable if not n.startswith(tuple(head))]
-    groups = [dict(params=heads, lr=lr if head_lr is None else head_lr), dict(params=rest, lr=lr)]
-    return [g for g in groups if g["params"]]
+    ``head_lr``, those of NoRA modules at ``nora_lr``, all other trainable ones (LoRA, ...) at
+    ``lr`` (either left None: ``lr``). A fresh linear head wants a larger step than a low-rank
+    update of a pretrained model, and NoRA's update in the (x/3)^i basis a larger one than
+    LoRA's (README: the lr study)."""
+    own = {id(p) for m in model.modules() if isinstance(m, NoRA) for p in m.parameters(recurse=False)}
+    groups = {"head": [], "nora": [], "rest": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups["head" if n.startswith(tuple(head)) else "nora" if id(p) in own else "rest"].append(p)
+    lrs = {"head": head_lr, "nora": nora_lr, "rest": lr}
+    return [dict(params=ps, lr=lr if lrs[k] is None else lrs[k]) for k, ps in groups.items() if ps]
 
 
 def count_parameters(model):

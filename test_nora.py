@@ -823,7 +823,7 @@ def test_corrupt_cifar_batches_name_the_file(tmp_path, damage):
     ["--table", "methods", "--eval-adapter", "a.pt"], ["--eval-adapter", "missing.pt"],
     ["--save", "no/such/folder/a.pt"], ["--out", "."], ["--out", "corrupt.json"], ["--out", "object.json"],
     ["--table", "methods", "--plot-activations", "a.svg"], ["--rows", "nora"], ["--table", "study", "--rows", "nope"],
-    ["--table", "study", "--rows", "nora"],
+    ["--table", "study", "--rows", "nora"], ["--table", "study", "--rows", "nora++", "--head-lr", "0.01"],
 ])
 def test_train_vit_rejects_bad_arguments_before_training(tmp_path, monkeypatch, capsys, argv):
     import train_vit
@@ -898,6 +898,10 @@ def test_param_groups_give_the_head_its_own_lr():
     assert head["lr"] == 1e-2 and rest["lr"] == 1e-3
     assert {id(p) for p in head["params"]} == {id(model.head.weight), id(model.head.bias)}
     assert len(rest["params"]) == 2 * 4                       # A_P, B_P, A_Q, B_Q in each of 2 blocks
+    nora.add_lora(model)                                      # NoRA++: NoRA at its own lr, LoRA at lr
+    head, noras, loras = nora.param_groups(model, 1e-3, head_lr=1e-2, nora_lr=3e-2)
+    assert (head["lr"], noras["lr"], loras["lr"]) == (1e-2, 3e-2, 1e-3)
+    assert len(noras["params"]) == 2 * 4 and len(loras["params"]) == 2 * 2      # lora_A, lora_B per block
 
 
 def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_root, tmp_path, monkeypatch):
@@ -923,6 +927,13 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["head_lr"]) for r in records] == [("nora", 0.01)]
     assert "The head trains at --head-lr (0.01)" in (tmp_path / "table-study-cifar10-paper.md").read_text()
+    (tmp_path / "results.json").unlink()
+    monkeypatch.setitem(train_vit.STUDY, "nora++", (1e-3,))
+    train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--rows", "nora++", "--head-lr", "0.01",
+                    "--nora-lr", "0.03", "--seeds", "1", *TINY_RUN])          # NoRA at its own lr, LoRA swept
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["lr"], r["head_lr"], r["nora_lr"]) for r in records] == [("nora++", 1e-3, 0.01, 0.03)]
+    assert "in nora++, NoRA's parameters train at --nora-lr (0.03)" in (tmp_path / "table-study-cifar10-paper.md").read_text()
     (tmp_path / "results.json").unlink()
     monkeypatch.setitem(train_vit.STUDY, "head", (1e-2,))
     train_vit.main(["--data-root", str(cifar_root), "--table", "stability", *TINY_RUN])

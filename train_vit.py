@@ -32,6 +32,7 @@ DEFAULTS = dict(
     basis_scale=None,              # None: nora.NoRA's (x/3)^i basis; 1: the paper's monomials x^i
     lr=None,                       # None: 1e-3 for every method (VPT 5e-3, DoRA 5e-4; paper C.1)
     head_lr=None,                  # None: the same lr. 80-step runs want 1e-2 (README: the study)
+    nora_lr=None,                  # None: the same lr. NoRA++'s NoRA part: 80-step runs want 3e-2
     weight_decay=0.05,             # AdamW with a cosine schedule, no warm-up
     scale="paper",                 # image size, epochs, batch size and subsets: SCALES below
     model=nora.DEFAULT_WEIGHTS,    # the paper's augreg ViT-Tiny (nora.PRETRAINED)
@@ -359,14 +360,15 @@ def train(args, data, eval_name="test"):
     model, total = build_model(args)
     trainable = nora.count_parameters(model)[0]
     lr = args.lr if args.lr is not None else METHOD_LR.get(args.method, 1e-3)
-    opt = torch.optim.AdamW(nora.param_groups(model, lr, args.head_lr), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(nora.param_groups(model, lr, args.head_lr, args.nora_lr), weight_decay=args.weight_decay)
     steps_per_epoch = max(1, len(train_x) // args.batch_size)
     steps = args.epochs * steps_per_epoch if args.steps is None else args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     scaler = torch.amp.GradScaler(enabled=args.amp and args.device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
     print(f"{args.method} on {args.dataset}: {len(train_x)} train / {len(test_x)} {eval_name} images at {args.img_size} px, "
-          f"{steps} steps, lr {lr:g}{f', head lr {args.head_lr:g}' if args.head_lr else ''}, trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+          f"{steps} steps, lr {lr:g}{f', head lr {args.head_lr:g}' if args.head_lr else ''}"
+          f"{f', NoRA lr {args.nora_lr:g}' if args.nora_lr else ''}, trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     history, step, start, seen = [], 0, time.time(), 0
     model.train()
     while step < steps:
@@ -511,7 +513,8 @@ def table(args, data):
 # Learning rates tried per method in --table study; each method's best is chosen on a validation
 # split carved from the training set (never on the test set), then run again with more seeds.
 # The head's lr is chosen first (row 'head'); every other method keeps the head at that lr and
-# sweeps the lr of its own parameters (nora.param_groups).
+# sweeps the lr of its own parameters (nora.param_groups); nora++ keeps NoRA at row 'nora's lr
+# and sweeps LoRA's.
 STUDY = {
     "head": (3e-3, 1e-2, 3e-2),
     "nora": (3e-3, 1e-2, 3e-2, 1e-1),
@@ -562,14 +565,15 @@ def study(args, data):
     train_x, train_y, test_x, test_y = data
     split = split_validation(train_x, train_y, args.val_fraction)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    rows, head_lr = [], args.head_lr
+    rows, head_lr, nora_lr = [], args.head_lr, args.nora_lr
     for method, lrs in STUDY.items():
         if (method == "head" and head_lr) or (args.rows and method not in args.rows):   # --head-lr / --rows given
             continue
-        best, val, models = choose_lr(args, split, method, lrs, seeds[0], head_lr=head_lr)
+        own = dict(head_lr=head_lr, nora_lr=nora_lr if method == "nora++" else None)
+        best, val, models = choose_lr(args, split, method, lrs, seeds[0], **own)
         tests = [None if models[best] is None else evaluate(models[best], test_x, test_y, args)]
         for seed in seeds[1:]:                            # more seeds at the chosen lr, scored on test
-            _, model = train_or_diverge(args, split, method=method, lr=best, head_lr=head_lr, seed=seed)
+            _, model = train_or_diverge(args, split, method=method, lr=best, seed=seed, **own)
             tests.append(None if model is None else evaluate(model, test_x, test_y, args))
         scores = torch.tensor([0.0 if t is None else t for t in tests])
         rows.append(f"| {method} | " + ", ".join(f"{lr:g}: {fmt(val[lr])}" for lr in lrs) + f" | {best:g} | "
@@ -577,13 +581,16 @@ def study(args, data):
                     + ", ".join(fmt(t) for t in tests) + " |")
         print("\n".join(rows), flush=True)
         head_lr = head_lr or best                         # the first row is 'head'
+        nora_lr = nora_lr or (best if method == "nora" else None)   # NoRA++ keeps NoRA's lr from row 'nora'
 
+    source = "--nora-lr" if args.nora_lr else "the nora row's chosen lr"
+    nora_note = f"; in nora++, NoRA's parameters train at {source} ({nora_lr:g})" if nora_lr else ""
     write_table(args, "study", f"""
 Each method at its own best learning rate, chosen on a validation split of {len(split[2])} training images
 ({len(split[0])} left to train on); test accuracy ({len(test_y)} images) at that lr over seeds {seeds}
 (mean +- spread, the population standard deviation). {describe(args)}
 
-The head trains at {'--head-lr' if args.head_lr else "the head-only row's chosen lr"} ({head_lr:g}) in every other row.
+The head trains at {'--head-lr' if args.head_lr else "the head-only row's chosen lr"} ({head_lr:g}) in every other row{nora_note}.
 
 | method | validation accuracy (%) at each lr, seed {seeds[0]} | chosen lr | test accuracy (%) | per seed |
 |---|---|---|---|---|
@@ -848,6 +855,7 @@ def parse_args(argv=None):
     p.add_argument("--test-subset", type=int, help="class-balanced subset of the test set (0: all)")
     p.add_argument("--lr", type=float, help="default 1e-3 (VPT 5e-3, DoRA 5e-4, paper C.1)")
     p.add_argument("--head-lr", type=float, help="learning rate of the task head (default: --lr)")
+    p.add_argument("--nora-lr", type=float, help="learning rate of NoRA's parameters when others train too (NoRA++)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--model", choices=nora.PRETRAINED,
                    help="pretrained ViT (a record in nora.PRETRAINED: size, patch, LayerScale, normalisation)")
@@ -872,7 +880,7 @@ def parse_args(argv=None):
     for k in ("epochs", "batch_size", "log_every", "groups", "rank", "img_size", "repeats", "bench_batch", "seeds"):
         if getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    for k in ("steps", "depth", "alpha", "lr", "head_lr", "basis_scale"):
+    for k in ("steps", "depth", "alpha", "lr", "head_lr", "nora_lr", "basis_scale"):
         v = getattr(args, k)
         if v is not None and not (v > 0 and math.isfinite(v)):
             p.error(f"--{k} must be positive, got {v}")
@@ -885,6 +893,8 @@ def parse_args(argv=None):
         p.error(f"--rows goes with --table study and names rows of {list(STUDY)}, got {args.rows}")
     if args.rows and "head" not in args.rows and not args.head_lr:
         p.error("--rows without 'head' needs --head-lr: every other row trains the head at the head row's lr")
+    if args.rows and "nora++" in args.rows and "nora" not in args.rows and not args.nora_lr:
+        p.error("--rows with nora++ but not nora needs --nora-lr: nora++ trains NoRA at the nora row's lr")
     check_output_paths(p, args)
     args.device = torch.device(args.device)
     args.amp = args.device.type == "cuda" and not args.no_amp
