@@ -4,6 +4,8 @@
     python train_vit.py --method lora --dataset cifar100 --scale small
     python train_vit.py --table methods --scale small             # Table 1 at laptop scale
     python train_vit.py --method nora --scale small --save a.pt   # then: --eval-adapter a.pt
+    python train_vit.py --scale small --plot-activations act.svg  # draw what NoRA learned
+    python train_vit.py --table study --model vit_small_patch14_dinov2.lvd142m ...   # README: is NoRA worth it?
 
 The method itself lives in nora.py; this script holds the comparison harness (the baselines of the
 paper's tables and `prepare`), parses arguments, loads data, trains and prints.
