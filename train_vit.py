@@ -523,7 +523,7 @@ STUDY = {
     "nora-monomial": (3e-4, 1e-3, 3e-3),
     "lora": (3e-4, 1e-3, 3e-3),
     "nora++": (3e-4, 1e-3, 3e-3),
-    "full": (1e-5, 3e-5, 1e-4),
+    "full": (3e-6, 1e-5, 3e-5),
 }
 # --table stability: NoRA over its lr x group counts x ranks, the head at one lr, against head-only.
 STABILITY = dict(lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), groups=(8, 16, 32, 64), ranks=(2, 3))
