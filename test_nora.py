@@ -562,8 +562,9 @@ def test_train_vit_saved_adapter_reloads_to_the_same_accuracy(cifar_root, tmp_pa
     save = tmp_path / "adapter.pt"
     rec = train_vit.main(["--data-root", str(cifar_root), "--method", "nora++", "--save", str(save), *TINY_RUN])
     assert save.stat().st_size < 200_000
-    again = train_vit.main(["--data-root", str(cifar_root), "--eval-adapter", str(save), *TINY_RUN])
-    assert again["accuracy"] == rec["accuracy"]
+    again = train_vit.main(["--data-root", str(cifar_root), "--eval-adapter", str(save),
+                            "--plot-activations", str(tmp_path / "a.svg"), *TINY_RUN])
+    assert again["accuracy"] == rec["accuracy"] and (tmp_path / "a.svg").read_text().startswith("<svg")
     # the saved run's dataset is used even when the command line does not repeat it: this folder
     # holds only CIFAR-100, so reading the default CIFAR-10 would fail
     only100 = tmp_path / "only100"

@@ -450,6 +450,8 @@ def evaluate_adapter(args, data, state):
         sys.exit(f"error: {args.eval_adapter}: {e}")
     acc = evaluate(model.to(args.device), data[2], data[3], args)
     print(f"RESULT eval-adapter {args.eval_adapter}: method={args.method} accuracy={acc:.2f}%")
+    if args.plot_activations:
+        plot_activations(model, args.plot_activations)
     return dict(accuracy=acc)
 
 
