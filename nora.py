@@ -544,9 +544,9 @@ class LoRALinear(nn.Module):
 ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable
 
 
-def _adapter_parameters(model):
-    """Ids of the parameters that adapters own (not those of the layers they wrap)."""
-    return {id(p) for m in model.modules() if isinstance(m, ADAPTERS) for p in m.parameters(recurse=False)}
+def _adapter_parameters(model, types=ADAPTERS):
+    """Ids of the parameters that adapters of ``types`` own (not those of the layers they wrap)."""
+    return {id(p) for m in model.modules() if isinstance(m, types) for p in m.parameters(recurse=False)}
 
 
 def freeze(model):
@@ -674,7 +674,7 @@ def param_groups(model, lr, head_lr=None, nora_lr=None, head=("head",)):
     ``lr`` (either left None: ``lr``). A fresh linear head wants a larger step than a low-rank
     update of a pretrained model, and NoRA's update in the (x/3)^i basis a larger one than
     LoRA's (README: the lr study)."""
-    own = {id(p) for m in model.modules() if isinstance(m, NoRA) for p in m.parameters(recurse=False)}
+    own = _adapter_parameters(model, NoRA)
     groups = {"head": [], "nora": [], "rest": []}
     for n, p in model.named_parameters():
         if p.requires_grad:
