@@ -6,9 +6,13 @@
     python fit_gelu.py --plot fit.svg      # and draw them
 
 Prints the coefficients in a form that can be pasted into nora.py, a table of max / mean error
-on several ranges, and the values at far-out points. With --weights and a ViT checkpoint it also
-measures where that model's fc1 outputs (the GELU inputs) lie, on random-noise images or, with
---images, on a .pt tensor of normalised images.
+on several ranges, and the values at far-out points. With --model (a record of nora.PRETRAINED)
+and --weights (its checkpoint file; without it, the hub's) it also measures where that model's
+fc1 outputs (the GELU inputs) lie, on random-noise images or, with --images, on a .pt tensor of
+normalised images, and how strongly the rational's output responds to each coefficient there, in
+the paper's monomial basis and in NoRA's (x/3)^i:
+
+    python fit_gelu.py --model vit_small_patch14_dinov2.lvd142m --weights dinov2_vits14.safetensors --img-size 56
 """
 import argparse
 import json
