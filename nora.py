@@ -347,11 +347,11 @@ class GroupRational(nn.Module):
 #       dP(x) = sum_i dp_i (x/s)^i,  i.e. da_i = dp_i / s^i    (and db_j = dq_j / s^j)
 # the same family of functions (merge folds it into plain coefficients), but well conditioned.
 # GELU's fit has tiny leading coefficients, a_5 = 7.7e-4 and b_4 = 1.5e-3, and they set the
-# tails: phi(x) ~ (a_5 / |b_4|) x for large |x|. In the paper's monomials the output is 20 to
-# 200 times more sensitive to a_4, a_5 than to a_1 over a real ViT's pre-activations
+# tails: phi(x) ~ (a_5 / |b_4|) x for large |x|. In the paper's monomials the output is 25 and
+# 240 times more sensitive to a_4 and a_5 than to a_1 over a real ViT's pre-activations
 # (`fit_gelu.py --model`, README), and Adam moves every entry of A and B by about the same step,
 # so the first steps change a_5 and b_4 by more than their own size. On a real ViT-S the paper's
-# form collapses at a 10x lower lr than ours (README, stability). With s = 3 each coefficient
+# form collapses at a 3 to 10x lower lr than ours (README, stability). With s = 3 each coefficient
 # moves the function about equally and b_4 moves 81 times slower; `basis_scale=1` is the
 # paper's parameterisation.
 # -----------------------------------------------------------------------------
