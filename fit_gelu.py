@@ -16,7 +16,6 @@ the paper's monomial basis and in NoRA's (x/3)^i:
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -66,8 +65,7 @@ def preactivation_ranges(model_name, weights, images, img_size):
     """Where the checkpoint's fc1 outputs (the GELU inputs) lie, and how strongly the output of the
     GELU rational responds to each numerator coefficient there, in the paper's monomial basis and
     in NoRA's scaled basis (x/s)^i (nora.py, section 4)."""
-    cfg = nora.PRETRAINED[model_name]
-    model = nora.VisionTransformer(cfg["size"], cfg["patch_size"], img_size, num_classes=0, layer_scale=cfg["layer_scale"])
+    model = nora.create_vit(model_name, img_size=img_size, num_classes=0)
     nora.load_pretrained(model, weights or model_name, verbose=False)
     model.eval()
     seen = []
@@ -84,7 +82,7 @@ def preactivation_ranges(model_name, weights, images, img_size):
         print(f"| {i} | {a.min():.2f} | {a.max():.2f} | {q[0]:.2f} | {q[1]:.2f} | {(a.abs() > 8).float().mean():.2e} |")
     a = torch.cat(seen).double()
     num, den = (torch.tensor(c, dtype=torch.float64) for c in nora.GELU_COEFFS)
-    Q = 1 + (sum(b * a ** (j + 1) for j, b in enumerate(den))).abs()
+    Q = 1 / nora.rational_reference(a[:, None], torch.ones(1, 1, dtype=torch.float64), den[None])[:, 0]   # P = 1
     s = nora.NoRA().basis_scale
     print(f"\nrms over these inputs of d phi / d(update of a_i) = (x/s)^i / Q(x), i = 0 .. {len(num) - 1}:")
     for name, scale in (("paper's monomials (s = 1)", 1.0), (f"NoRA's basis (s = {s:g})", s)):
@@ -97,8 +95,9 @@ def main(argv=None):
     p.add_argument("--all", action="store_true", help="also fit SiLU and ReLU")
     p.add_argument("--out", help="also write the coefficients and errors to this JSON file")
     p.add_argument("--weights", help="a ViT checkpoint (file or URL) whose pre-activations to measure")
-    p.add_argument("--model", default=nora.DEFAULT_WEIGHTS, choices=nora.PRETRAINED,
-                   help="the ViT that --weights fits (nora.PRETRAINED); given alone, its checkpoint is downloaded")
+    p.add_argument("--model", choices=nora.PRETRAINED,
+                   help="the ViT that --weights fits (nora.PRETRAINED; default: the paper's ViT-Tiny); "
+                        "given alone, its checkpoint is downloaded")
     p.add_argument("--images", help="a .pt tensor (N, 3, S, S) of normalised images for --weights")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--plot", help="draw each activation and its fitted rational, and the error, into this .svg file")
@@ -133,8 +132,8 @@ def main(argv=None):
     if args.plot:
         write_svg(args.plot, panels, columns=2, width=360)
         print(f"\nwrote {args.plot}")
-    if args.weights or "--model" in (sys.argv if argv is None else argv):
-        preactivation_ranges(args.model, args.weights, args.images, args.img_size)
+    if args.weights or args.model:
+        preactivation_ranges(args.model or nora.DEFAULT_WEIGHTS, args.weights, args.images, args.img_size)
 
 
 if __name__ == "__main__":

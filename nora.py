@@ -812,6 +812,13 @@ def weights_url(name):
     return f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
 
 
+def create_vit(name=DEFAULT_WEIGHTS, **kwargs):
+    """A VisionTransformer shaped for the PRETRAINED record ``name``; ``kwargs`` (img_size,
+    num_classes, depth) go to VisionTransformer. Load its weights with load_pretrained(model, name)."""
+    cfg = PRETRAINED[name]
+    return VisionTransformer(cfg["size"], cfg["patch_size"], layer_scale=cfg["layer_scale"], **kwargs)
+
+
 def download(url, cache_dir=None, sha256=None):
     """Download ``url`` once into the cache and return the local path.
 

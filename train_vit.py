@@ -233,11 +233,11 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
         if method == "nora-monomial":
             nora_kwargs["basis_scale"] = 1.0
         nora.add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared", **nora_kwargs)
-        for m in model.modules():                         # Table 5: adapt one side of the rational only
-            if isinstance(m, nora.NoRA) and method in ("nora-num", "nora-den"):
-                fixed = (m.A_Q, m.B_Q) if method == "nora-num" else (m.A_P, m.B_P)
-                for p in fixed:
-                    p.requires_grad_(False)
+        if method in ("nora-num", "nora-den"):            # Table 5: adapt one side of the rational only
+            fixed = "Q" if method == "nora-num" else "P"
+            for m in (m for m in model.modules() if isinstance(m, nora.NoRA)):
+                getattr(m, f"A_{fixed}").requires_grad_(False)
+                getattr(m, f"B_{fixed}").requires_grad_(False)
         if method == "nora++":
             nora.add_lora(model, lora_rank, lora_alpha)
     elif method == "rational":
@@ -320,9 +320,7 @@ def preprocess(x, img_size, mean, std, device, flip_generator=None):
 def build_model(args):
     """The pretrained ViT, set up for args.method. Returns (model, total parameters of the base model)."""
     torch.manual_seed(args.seed)
-    cfg = nora.PRETRAINED[args.model]
-    model = nora.VisionTransformer(cfg["size"], cfg["patch_size"], args.img_size, NUM_CLASSES[args.dataset],
-                                   layer_scale=cfg["layer_scale"], depth=args.depth)
+    model = nora.create_vit(args.model, img_size=args.img_size, num_classes=NUM_CLASSES[args.dataset], depth=args.depth)
     if args.weights != "none":
         try:
             nora.load_pretrained(model, args.weights or args.model)
@@ -606,12 +604,11 @@ def stability(args, data):
     or the head-only best of STUDY['head'] chosen first), against head-only at that lr."""
     train_x, train_y, _, _ = data
     split = split_validation(train_x, train_y, args.val_fraction)
-    head_lr, head = args.head_lr, None
-    if head_lr is None:
+    if args.head_lr:
+        head_lr, head = args.head_lr, train_or_diverge(args, split, method="head", lr=args.head_lr)[0]
+    else:
         head_lr, val, _ = choose_lr(args, split, "head", STUDY["head"], args.seed)
         head = val[head_lr]
-    if head is None:
-        head = train_or_diverge(args, split, method="head", lr=head_lr)[0]
     lrs, rows = STABILITY["lrs"], []
     grid = [("nora", groups, rank) for rank in STABILITY["ranks"] for groups in STABILITY["groups"]]
     for method, groups, rank in grid + [("nora-monomial", 8, 2), ("nora-monomial", 64, 3)]:   # + the paper's basis
@@ -727,10 +724,10 @@ def time_activations(dev, reps):
             rows[k] = (fwd[k], both[k], saved_bytes(lambda: ops[k](x, n, d))[1])
         nora.use_compiled_rational(False)
     g = rows["GELU"]
-    lines = ["| activation on (16, 197, 768), G = 8 | forward ms | x GELU | forward + backward ms | x GELU "
-                 "| saved for backward (MB) |\n|---|---|---|---|---|---|"]
-    return lines + [f"| {k} | {f * 1e3:.2f} | {f / g[0]:.2f} | {b * 1e3:.2f} | {b / g[1]:.2f} | {m / 2**20:.1f} |"
-              for k, (f, b, m) in rows.items()]
+    return (["| activation on (16, 197, 768), G = 8 | forward ms | x GELU | forward + backward ms | x GELU "
+             "| saved for backward (MB) |\n|---|---|---|---|---|---|"]
+            + [f"| {k} | {f * 1e3:.2f} | {f / g[0]:.2f} | {b * 1e3:.2f} | {b / g[1]:.2f} | {m / 2**20:.1f} |"
+               for k, (f, b, m) in rows.items()])
 
 
 def time_models(dev, reps, B, amp):
@@ -786,7 +783,7 @@ def time_models(dev, reps, B, amp):
     lora, gelu = results["LoRA"], results["GELU model"]
     mem = "peak memory (MB)" if dev.type == "cuda" else "saved for backward (MB)"
     lines = [f"\n| ViT-Tiny, batch {B}, 224 px | trainable (excl. head) | matmul GFLOPs / image | forward ms / image "
-                 f"| x GELU model | train step ms | x LoRA | {mem} | x LoRA |\n|---|---|---|---|---|---|---|---|---|"]
+             f"| x GELU model | train step ms | x LoRA | {mem} | x LoRA |\n|---|---|---|---|---|---|---|---|---|"]
     for k, r in results.items():
         cells = [f"{r['trainable']:,}", "-" if r["flops"] is None else f"{r['flops'] / 1e9:.3f}",
                  f"{r['latency'] * 1e3:.2f}", f"{r['latency'] / gelu['latency']:.2f}",
