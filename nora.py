@@ -37,24 +37,18 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # 1. The rational function (Eqs. 1, 5, 6)
 #
-# A rational activation is phi(x) = P(x) / Q(x) (Eq. 1). A plain polynomial Q has roots, so
-# phi has poles; Eq. 6 makes it safe by writing the denominator as
-#       Q(x) = 1 + |b_1 x + b_2 x^2 + ... + b_n x^n|  >= 1.
-# We use degrees (m, n) = (5, 4), as Group-KAN and the released NoRA code do, and leave out the
-# b_0 of Eq. 6, as that code does: then Q(0) = 1, and S(x) = x s(x) has a factor x we use below.
+# A rational activation is phi(x) = P(x) / Q(x) (Eq. 1). A plain polynomial Q has roots, so phi
+# has poles; Eq. 6 makes it safe with the denominator Q(x) = 1 + |b_1 x + ... + b_n x^n| >= 1.
+# Degrees (m, n) = (5, 4), as in Group-KAN and the released code, which also leaves out Eq. 6's
+# b_0: then Q(0) = 1, and S(x) = x s(x) has a factor x that the kernels below use.
 #
-# "Group-wise": the C channels (last dimension) are cut into G contiguous groups, and channel c
-# uses the coefficients of group c // (C / G). So the coefficients are a (G, m+1) numerator
-# matrix and a (G, n) denominator matrix, whatever the size of x. Written out as Eq. 6 reads,
-# with autograd doing the rest, that is `rational_reference` below.
-#
-# That version keeps every power of x for backward. So `rational` evaluates P and Q with
-# Horner's rule, a0 + x(a1 + x(a2 + ...)), which never forms x^5 as a tensor, and we write the
-# backward pass by hand: autograd over Horner would keep a dozen tensors the size of x for
-# backward; ours keeps only x and recomputes. Two layout choices make it fast
-# on a CPU: x is viewed as (N, C) and each group's coefficients are repeated to one row per
-# channel, (k, C), so every broadcast and every reduction (sum over N) runs along contiguous
-# memory; and backward works in place, so a pass over memory is not also an allocation.
+# "Group-wise": the C channels (last dimension) are cut into G contiguous groups that each share
+# one rational, so the coefficients are a (G, m+1) numerator and a (G, n) denominator matrix,
+# whatever the size of x. `rational_reference` is Eq. 6 as written, autograd doing the rest.
+# Autograd keeps every power of x for backward, so `rational` evaluates P and Q by Horner's rule,
+# a0 + x(a1 + x(a2 + ...)), with a hand-written backward that keeps only x and recomputes. On a
+# CPU it is fast because x is viewed as (N, C) with each group's coefficients repeated to one row
+# per channel, (k, C), so every broadcast and sum runs along contiguous memory, in place.
 # -----------------------------------------------------------------------------
 
 def rational_reference(x, numerator, denominator):
@@ -220,21 +214,17 @@ def use_compiled_rational(enable=True):
 # 2. Fitting the coefficients (Appendix B)
 #
 # Rationals approximate smooth activations fast (Eq. 33), but only on a bounded range K with no
-# pole (Eq. 31). Our Q >= 1 has no pole, so the question is only which range to fit on: it must
-# cover where the pretrained model's pre-activations actually are, or swapping GELU for its
-# rational changes the model. Measured on a real pretrained ViT-S (DINOv2 weights, 36 crops of
-# real photos; `fit_gelu.py --weights`): 99.99% of fc1 outputs lie in [-6.5, 6.7] in every
-# block but the first, whose negative tail reaches -23. Fitting on [-8, 8] covers 99.65% of all
-# of them; swapping GELU for that fit changes the model's features by 2.4% (relative L2,
-# cosine >= 0.9995), and wider ranges do worse (4% for [-10, 10], 12% for [-12, 12]): a (5, 4)
-# rational grows linearly at both ends, so accuracy in the core beats covering the tails.
+# pole (Eq. 31). Our Q >= 1 has no pole, so the question is which range: it must cover where the
+# pretrained model's pre-activations are, or swapping GELU for its rational changes the model.
+# On a real ViT-S (`fit_gelu.py --model`, README) [-8, 8] covers 99.65% of all fc1 outputs and
+# the swap moves the features by 2.4%; wider ranges do worse, because a (5, 4) rational grows
+# linearly at both ends, so accuracy in the core beats covering the tails.
 #
-# Fitting P/Q to f is a nonlinear least-squares problem. The Sanathanan-Koerner iteration turns
-# it into a sequence of linear ones: with weights w = 1/Q_prev, solve
+# Fitting P/Q to f is nonlinear least squares; the Sanathanan-Koerner iteration turns it into a
+# sequence of linear ones: with weights w = 1/Q_prev, solve
 #       min || w (P(x) - f(x) S(x) - f(x)) ||      (since f = P/(1+S)  <=>  P - f S = f)
-# and repeat. For GELU, SiLU and ReLU it converges in a few steps to a fit whose S stays >= 0
-# on the range (b1 = b3 = 0: these fits are even in the denominator), so the |.|
-# of Eq. 6 changes nothing there. Deterministic: float64 and a fixed grid.
+# and repeat. For GELU, SiLU and ReLU the fits come out even in the denominator (b1 = b3 = 0)
+# with S >= 0, so the |.| of Eq. 6 changes nothing on the range. Deterministic: float64, fixed grid.
 # -----------------------------------------------------------------------------
 
 def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-8.0, 8.0), points=4001, iters=30):
@@ -334,26 +324,19 @@ class GroupRational(nn.Module):
 # B_g in R^{r x 1}, i.e. a free d-vector per group ("group" form below). The released code
 # instead factorises the whole G x d update matrix ("shared" form, our default):
 #       dP = B_P @ A_P * alpha / r,     A_P in R^{r x (m+1)} shared,  B_P in R^{G x r} per group
-# so dP has rank <= r across groups: groups move along r shared directions in coefficient
-# space. Per layer that is r (m+1+n) + 2 G r numbers (52 at G = 8, r = 2).
-#
-# As in LoRA, A starts as small noise and B at zero (Sec. 3: A ~ N(0, 0.02)), so at step 0 NoRA
-# is exactly its base rational. (The released code's kaiming-uniform A has std 0.24, 12x more,
-# so the first steps bend the x^4 and x^5 terms hard; on a real pretrained ViT-S it collapsed to
-# chance.) The denominator update goes inside the |.| (b -> b + db), so Q stays >= 1 however
-# far training moves it.
+# so groups move along r shared directions in coefficient space: r (m+1+n) + 2 G r numbers per
+# layer (52 at G = 8, r = 2). As in LoRA, A starts as small noise (Sec. 3: A ~ N(0, 0.02); the
+# released code's kaiming A, 12x larger, collapsed a real ViT-S) and B at zero, so at step 0
+# NoRA is exactly its base rational. dQ goes inside the |.| (b -> b + db), so Q stays >= 1.
 #
 # One departure from the paper: the update is learned in the scaled basis (x/s)^i, s = 3,
 #       dP(x) = sum_i dp_i (x/s)^i,  i.e. da_i = dp_i / s^i    (and db_j = dq_j / s^j)
 # the same family of functions (merge folds it into plain coefficients), but well conditioned.
-# GELU's fit has tiny leading coefficients, a_5 = 7.7e-4 and b_4 = 1.5e-3, and they set the
-# tails: phi(x) ~ (a_5 / |b_4|) x for large |x|. In the paper's monomials the output is 25 and
-# 240 times more sensitive to a_4 and a_5 than to a_1 over a real ViT's pre-activations
-# (`fit_gelu.py --model`, README), and Adam moves every entry of A and B by about the same step,
-# so the first steps change a_5 and b_4 by more than their own size. On a real ViT-S the paper's
-# form collapses at a 3 to 10x lower lr than ours (README, stability). With s = 3 each coefficient
-# moves the function about equally and b_4 moves 81 times slower; `basis_scale=1` is the
-# paper's parameterisation.
+# GELU's tails are set by tiny leading coefficients, phi(x) ~ (a_5 / |b_4|) x with a_5 = 7.7e-4
+# and b_4 = 1.5e-3, yet over a real ViT's pre-activations the output is 240 times more sensitive
+# to a_5 than to a_1 (README). Adam moves every entry by about the same step, so in monomials the
+# first steps change a_5 and b_4 by more than their own size: on a real ViT-S the paper's form
+# collapses at a 3 to 10x lower lr than ours (README). `basis_scale=1` is the paper's form.
 # -----------------------------------------------------------------------------
 
 class NoRA(nn.Module):

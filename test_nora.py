@@ -913,7 +913,7 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
     monkeypatch.setattr(train_vit, "STABILITY", dict(lrs=(1e-2,), groups=(8,), ranks=(2,)))
     seen = []
     real_evaluate = train_vit.evaluate
-    monkeypatch.setattr(train_vit, "evaluate", lambda m, x, y, a: seen.append(len(x)) or real_evaluate(m, x, y, a))
+    monkeypatch.setattr(train_vit, "evaluate", lambda m, x, y, *a: seen.append(len(x)) or real_evaluate(m, x, y, *a))
     train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--seeds", "2", "--val-fraction", "0.25",
                     *TINY_RUN])
     text = (tmp_path / "table-study-cifar10-paper.md").read_text()

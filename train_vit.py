@@ -11,6 +11,7 @@ The method itself lives in nora.py; this script holds the comparison harness (th
 paper's tables and `prepare`), parses arguments, loads data, trains and prints.
 """
 import argparse
+import functools
 import json
 import math
 import pickle
@@ -338,13 +339,19 @@ def build_model(args):
 
 # --- training ----------------------------------------------------------------------------------
 
-def evaluate(model, x, y, args):
+def input_pipeline(args):
+    """preprocess with this run's image size, normalisation and device: uint8 batch -> model input."""
+    return functools.partial(preprocess, img_size=args.img_size, mean=args.mean, std=args.std, device=args.device)
+
+
+def evaluate(model, x, y, prep, batch_size, amp=False):
+    """Top-1 accuracy (%) of ``model`` on the uint8 images ``x``; ``prep`` makes a batch its input."""
+    device = next(model.parameters()).device
     model.eval()
     correct = 0
-    with torch.no_grad(), torch.autocast(args.device.type, enabled=args.amp):
-        for i in range(0, len(x), args.batch_size):
-            xb = preprocess(x[i:i + args.batch_size], args.img_size, args.mean, args.std, args.device)
-            correct += (model(xb).argmax(1).cpu() == y[i:i + args.batch_size]).sum().item()
+    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+        for i in range(0, len(x), batch_size):
+            correct += (model(prep(x[i:i + batch_size])).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
     model.train()
     return 100.0 * correct / len(x)
 
@@ -366,6 +373,7 @@ def train(args, data, eval_name="test"):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     scaler = torch.amp.GradScaler(enabled=args.amp and args.device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
+    prep = input_pipeline(args)
     print(f"{args.method} on {args.dataset}: {len(train_x)} train / {len(test_x)} {eval_name} images at {args.img_size} px, "
           f"{steps} steps, lr {lr:g}{f', head lr {args.head_lr:g}' if args.head_lr else ''}"
           f"{f', NoRA lr {args.nora_lr:g}' if args.nora_lr else ''}, trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
@@ -377,7 +385,7 @@ def train(args, data, eval_name="test"):
             if step == steps:
                 break
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            xb = preprocess(train_x[idx], args.img_size, args.mean, args.std, args.device, g)
+            xb = prep(train_x[idx], flip_generator=g)
             with torch.autocast(args.device.type, enabled=args.amp):
                 loss = F.cross_entropy(model(xb), train_y[idx].to(args.device))
             if not torch.isfinite(loss):
@@ -394,7 +402,7 @@ def train(args, data, eval_name="test"):
                 print(f"  step {step}/{steps}  loss {loss.item():.4f}  {rate:.0f} img/s  "
                       f"{time.strftime('%H:%M:%S', time.gmtime(left))} left", flush=True)
             if step % steps_per_epoch == 0 or step == steps:
-                history.append(evaluate(model, test_x, test_y, args))
+                history.append(evaluate(model, test_x, test_y, prep, args.batch_size, args.amp))
                 print(f"  epoch {len(history)}: {eval_name} accuracy {history[-1]:.2f}%", flush=True)
     return model, dict(trainable=trainable, total=total, percent=100 * trainable / total, lr=lr,
                        accuracy=history[-1], history=history, seconds=round(time.time() - start, 1),
@@ -446,7 +454,7 @@ def evaluate_adapter(args, data, state):
         nora.load_adapter(model, state)
     except ValueError as e:
         sys.exit(f"error: {args.eval_adapter}: {e}")
-    acc = evaluate(model.to(args.device), data[2], data[3], args)
+    acc = evaluate(model, data[2], data[3], input_pipeline(args), args.batch_size, args.amp)
     print(f"RESULT eval-adapter {args.eval_adapter}: method={args.method} accuracy={acc:.2f}%")
     if args.plot_activations:
         plot_activations(model, args.plot_activations)
@@ -568,15 +576,16 @@ def study(args, data):
     split = split_validation(train_x, train_y, args.val_fraction)
     seeds = list(range(args.seed, args.seed + args.seeds))
     rows, head_lr, nora_lr = [], args.head_lr, args.nora_lr
+    prep = input_pipeline(args)
     for method, lrs in STUDY.items():
         if (method == "head" and head_lr) or (args.rows and method not in args.rows):   # --head-lr / --rows given
             continue
         own = dict(head_lr=head_lr, nora_lr=nora_lr if method == "nora++" else None)
         best, val, models = choose_lr(args, split, method, lrs, seeds[0], **own)
-        tests = [None if models[best] is None else evaluate(models[best], test_x, test_y, args)]
+        tests = [None if models[best] is None else evaluate(models[best], test_x, test_y, prep, args.batch_size, args.amp)]
         for seed in seeds[1:]:                            # more seeds at the chosen lr, scored on test
             _, model = train_or_diverge(args, split, method=method, lr=best, seed=seed, **own)
-            tests.append(None if model is None else evaluate(model, test_x, test_y, args))
+            tests.append(None if model is None else evaluate(model, test_x, test_y, prep, args.batch_size, args.amp))
         scores = torch.tensor([0.0 if t is None else t for t in tests])
         rows.append(f"| {method} | " + ", ".join(f"{lr:g}: {fmt(val[lr])}" for lr in lrs) + f" | {best:g} | "
                     f"{scores.mean():.1f} +- {scores.std(unbiased=False) if len(scores) > 1 else 0:.1f} | "
@@ -798,13 +807,12 @@ def time_models(dev, reps, B, amp):
     return lines
 
 
-def efficiency(args):
+def efficiency(dev, reps, batch_size, amp):
     """Paper Table 6, extended: the activation alone against GELU, then whole ViT-Tiny models against LoRA."""
-    dev, reps = args.device, args.repeats
     lines = [f"Efficiency on {dev.type} ({torch.get_num_threads()} threads), median of {reps} interleaved repeats "
              f"after warm-up, torch {torch.__version__}.\n"]
     lines += time_activations(dev, reps)
-    lines += time_models(dev, reps, args.bench_batch, args.amp)
+    lines += time_models(dev, reps, batch_size, amp)
     text = "\n".join(lines)
     print(text)
     md = Path(f"table-efficiency-{dev.type}.md")
@@ -812,22 +820,22 @@ def efficiency(args):
     print(f"\nwrote {md}")
 
 
-def check_output_paths(p, args):
+def check_output_paths(p, save, out, plot):
     """Fail before training, not after it, if a result could not be written."""
-    for flag, path in (("--save", args.save), ("--out", args.out), ("--plot-activations", args.plot_activations)):
+    for flag, path in (("--save", save), ("--out", out), ("--plot-activations", plot)):
         if path is None:
             continue
         path = Path(path)
         if path.is_dir() or not path.parent.is_dir():
             p.error(f"{flag} {path}: {'is a folder' if path.is_dir() else 'its folder does not exist'}; "
                     f"give a file path in an existing folder")
-    if args.out and Path(args.out).exists():
+    if out and Path(out).exists():
         try:
-            ok = isinstance(json.loads(Path(args.out).read_text()), list)
+            ok = isinstance(json.loads(Path(out).read_text()), list)
         except (ValueError, UnicodeDecodeError):
             ok = False
         if not ok:
-            p.error(f"--out {args.out} exists but is not a JSON list of results; pass another file or delete it")
+            p.error(f"--out {out} exists but is not a JSON list of results; pass another file or delete it")
 
 
 def parse_args(argv=None):
@@ -896,7 +904,7 @@ def parse_args(argv=None):
         p.error("--rows without 'head' needs --head-lr: every other row trains the head at the head row's lr")
     if args.rows and "nora++" in args.rows and "nora" not in args.rows and not args.nora_lr:
         p.error("--rows with nora++ but not nora needs --nora-lr: nora++ trains NoRA at the nora row's lr")
-    check_output_paths(p, args)
+    check_output_paths(p, args.save, args.out, args.plot_activations)
     args.device = torch.device(args.device)
     args.amp = args.device.type == "cuda" and not args.no_amp
     args.mean, args.std = nora.PRETRAINED[args.model]["mean"], nora.PRETRAINED[args.model]["std"]
@@ -937,7 +945,7 @@ def main(argv=None):
 
 def _main(args):
     if args.table == "efficiency":
-        return efficiency(args)
+        return efficiency(args.device, args.repeats, args.bench_batch, args.amp)
     if args.eval_adapter:                               # the saved run's settings pick the data too
         saved = load_saved_run(args.eval_adapter)
         for k in SAVED_SETTINGS:
