@@ -7,7 +7,8 @@ activation (GELU in a ViT's MLP) with a group-wise rational function P(x)/Q(x), 
 match GELU, and training only a low-rank update of its coefficients (plus the task head).
 NoRA++ adds LoRA on the weights.
 
-Read it top to bottom; each section uses only what came before it.
+Read it top to bottom; each section uses only what came before it, so sections 1-6 are all
+you need for your own model, and section 7 only builds and loads the ViT the scripts use.
   1. The rational function P(x)/Q(x)              paper Eqs. 1, 5, 6
   2. Fitting the coefficients to GELU (and others)  paper Appendix B
   3. GroupRational: a learnable group rational       paper Sec. 3 (after Group-KAN)

@@ -433,6 +433,20 @@ def test_our_vit_matches_timm_with_the_same_weights():
 
 # --- 7. adapters on a model ----------------------------------------------------------------------
 
+def test_sections_1_to_6_work_on_their_own_for_a_copier_with_another_model():
+    source = open(nora.__file__).read()
+    cut = source.index("# -----------------------------------------------------------------------------\n# 7.")
+    lib = {}
+    exec(compile(source[:cut], "nora.py, sections 1-6", "exec"), lib)        # the ViT and loaders left out
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+    lib["add_lora"](lib["add_nora"](model, groups=8, rank=2), targets=("0", "2"))
+    x = torch.randn(5, 16)
+    model(x).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert isinstance(model[1], lib["NoRA"]) and isinstance(model[0], lib["LoRALinear"])
+
+
 def test_add_nora_keeps_the_model_close_to_gelu_and_equal_to_the_rational_swap():
     gelu_model = tiny_vit()
     x = images(4) * 2
