@@ -941,7 +941,8 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
                     "--seeds", "1", *TINY_RUN])
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["head_lr"]) for r in records] == [("nora", 0.01)]
-    assert "The head trains at --head-lr (0.01)" in (tmp_path / "table-study-cifar10-paper.md").read_text()
+    text = (tmp_path / "table-study-cifar10-paper.md").read_text()
+    assert "The head trains at --head-lr (0.01)" in text and "nora++" not in text      # no row, no note
     (tmp_path / "results.json").unlink()
     monkeypatch.setitem(train_vit.STUDY, "nora++", (1e-3,))
     train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--rows", "nora++", "--head-lr", "0.01",

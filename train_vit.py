@@ -595,7 +595,8 @@ def study(args, data):
         nora_lr = nora_lr or (best if method == "nora" else None)   # NoRA++ keeps NoRA's lr from row 'nora'
 
     source = "--nora-lr" if args.nora_lr else "the nora row's chosen lr"
-    nora_note = f"; in nora++, NoRA's parameters train at {source} ({nora_lr:g})" if nora_lr else ""
+    ran_nora_pp = nora_lr and (not args.rows or "nora++" in args.rows)
+    nora_note = f"; in nora++, NoRA's parameters train at {source} ({nora_lr:g})" if ran_nora_pp else ""
     write_table(args, "study", f"""
 Each method at its own best learning rate, chosen on a validation split of {len(split[2])} training images
 ({len(split[0])} left to train on); test accuracy ({len(test_y)} images) at that lr over seeds {seeds}
