@@ -49,7 +49,8 @@ import torch.nn.functional as F
 # Autograd keeps every power of x for backward, so `rational` evaluates P and Q by Horner's rule,
 # a0 + x(a1 + x(a2 + ...)), with a hand-written backward that keeps only x and recomputes. On a
 # CPU it is fast because x is viewed as (N, C) with each group's coefficients repeated to one row
-# per channel, (k, C), so every broadcast and sum runs along contiguous memory, in place.
+# per channel, (k, C), so every broadcast and sum runs along contiguous memory, and because
+# backward works in place, so a pass over memory is not also an allocation.
 # -----------------------------------------------------------------------------
 
 def rational_reference(x, numerator, denominator):

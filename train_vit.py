@@ -575,17 +575,22 @@ def study(args, data):
     train_x, train_y, test_x, test_y = data
     split = split_validation(train_x, train_y, args.val_fraction)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    rows, head_lr, nora_lr = [], args.head_lr, args.nora_lr
+    rows, ran, head_lr, nora_lr = [], [], args.head_lr, args.nora_lr
     prep = input_pipeline(args)
+
+    def test_accuracy(model):                            # None: the run diverged
+        return None if model is None else evaluate(model, test_x, test_y, prep, args.batch_size, args.amp)
+
     for method, lrs in STUDY.items():
         if (method == "head" and head_lr) or (args.rows and method not in args.rows):   # --head-lr / --rows given
             continue
+        ran.append(method)
         own = dict(head_lr=head_lr, nora_lr=nora_lr if method == "nora++" else None)
         best, val, models = choose_lr(args, split, method, lrs, seeds[0], **own)
-        tests = [None if models[best] is None else evaluate(models[best], test_x, test_y, prep, args.batch_size, args.amp)]
+        tests = [test_accuracy(models[best])]
         for seed in seeds[1:]:                            # more seeds at the chosen lr, scored on test
             _, model = train_or_diverge(args, split, method=method, lr=best, seed=seed, **own)
-            tests.append(None if model is None else evaluate(model, test_x, test_y, prep, args.batch_size, args.amp))
+            tests.append(test_accuracy(model))
         scores = torch.tensor([0.0 if t is None else t for t in tests])
         rows.append(f"| {method} | " + ", ".join(f"{lr:g}: {fmt(val[lr])}" for lr in lrs) + f" | {best:g} | "
                     f"{scores.mean():.1f} +- {scores.std(unbiased=False) if len(scores) > 1 else 0:.1f} | "
@@ -595,8 +600,7 @@ def study(args, data):
         nora_lr = nora_lr or (best if method == "nora" else None)   # NoRA++ keeps NoRA's lr from row 'nora'
 
     source = "--nora-lr" if args.nora_lr else "the nora row's chosen lr"
-    ran_nora_pp = nora_lr and (not args.rows or "nora++" in args.rows)
-    nora_note = f"; in nora++, NoRA's parameters train at {source} ({nora_lr:g})" if ran_nora_pp else ""
+    nora_note = f"; in nora++, NoRA's parameters train at {source} ({nora_lr:g})" if "nora++" in ran else ""
     write_table(args, "study", f"""
 Each method at its own best learning rate, chosen on a validation split of {len(split[2])} training images
 ({len(split[0])} left to train on); test accuracy ({len(test_y)} images) at that lr over seeds {seeds}
