@@ -116,18 +116,24 @@ def _rational_backward(x, numerator, denominator, grad):
 
 
 class _RationalFunction(torch.autograd.Function):
-    """Autograd glue for the kernels above (`_kernels` and `_chunks`: see "Speed" at the end of this section)."""
+    """Autograd glue for the kernels above (`_kernels` and `_chunks`: see "Speed" at the end of this
+    section). forward and setup_context are separate, and vmap and jvp are given, so that torch.func
+    (grad, vmap for per-sample gradients, jvp) works through it too."""
 
     @staticmethod
-    def forward(ctx, x, numerator, denominator):
-        ctx.save_for_backward(x, numerator, denominator)
+    def forward(x, numerator, denominator):
         ys = [_kernels["forward"](x[c], numerator, denominator) for c in _chunks(x)]
         return ys[0] if len(ys) == 1 else torch.cat(ys)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
     def backward(ctx, grad):
         x, numerator, denominator = ctx.saved_tensors
-        if torch.is_grad_enabled():                       # create_graph=True (e.g. a gradient penalty):
+        if torch.is_grad_enabled():                       # create_graph=True (a gradient penalty, torch.func):
             inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, numerator, denominator)]
             y = rational_reference(*inputs)               # differentiate Eq. 6 itself, twice if asked
             return torch.autograd.grad(y, inputs, grad, create_graph=True)
@@ -137,18 +143,35 @@ class _RationalFunction(torch.autograd.Function):
             return parts[0]
         return torch.cat([p[0] for p in parts]), sum(p[1] for p in parts), sum(p[2] for p in parts)
 
+    @staticmethod
+    def vmap(info, in_dims, x, numerator, denominator):
+        if in_dims[1] is None and in_dims[2] is None:     # shared coefficients: the batch is just more rows
+            x = x.movedim(in_dims[0], 0)
+            return _RationalFunction.apply(x.reshape(-1, x.shape[-1]), numerator, denominator).view(x.shape), 0
+        x, numerator, denominator = (t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+                                     for t, d in zip((x, numerator, denominator), in_dims))
+        return torch.stack([_RationalFunction.apply(*t) for t in zip(x, numerator, denominator)]), 0
 
-def rational(x, numerator, denominator):
-    r"""Group-wise safe rational function of Eq. 6, applied to the last dimension of ``x``.
+    @staticmethod
+    def jvp(ctx, *tangents):                              # forward mode: through Eq. 6 as written
+        inputs = ctx.saved_tensors
+        tangents = tuple(torch.zeros_like(t) if dt is None else dt for t, dt in zip(inputs, tangents))
+        return torch.func.jvp(rational_reference, inputs, tangents)[1]
+
+
+def rational(x, numerator, denominator, dim=-1):
+    r"""Group-wise safe rational function of Eq. 6, applied along the channel dimension ``dim`` of ``x``.
 
     .. math::
         \phi_g(x) = \frac{a_{g,0} + a_{g,1} x + \dots + a_{g,m} x^m}
                          {1 + |b_{g,1} x + \dots + b_{g,n} x^n|}
 
     Args:
-        x: tensor of any shape (..., C); C must be divisible by G.
+        x: tensor of any shape whose dimension ``dim`` (the last, by default; 1 for an (N, C, H, W)
+            feature map) has C channels; C must be divisible by G.
         numerator: (G, m+1) coefficients a_0 .. a_m of each group.
         denominator: (G, n) coefficients b_1 .. b_n of each group.
+        dim: the channel dimension, which is cut into G contiguous groups.
 
     Half-precision inputs are computed in float32 (x^5 overflows float16 for |x| > 9.2) and the
     result is cast back, so it is safe to call under autocast. Beyond |x| ~ 1e7 (float32) the
@@ -159,17 +182,26 @@ def rational(x, numerator, denominator):
     if numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]:
         raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G; "
                          f"got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
-    G, C = numerator.shape[0], x.shape[-1]
+    if numerator.device != x.device or denominator.device != x.device:
+        raise ValueError(f"rational: the input is on {x.device} but the coefficients on {numerator.device}; "
+                         f"move the module to the input's device (model.to(device))")
+    if x.dim() == 0 or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"rational: no channel dimension {dim} in a {tuple(x.shape)} input")
+    G, C = numerator.shape[0], x.shape[dim]
     if C % G:
-        divisors = [d for d in range(1, min(C, 64) + 1) if C % d == 0]
-        raise ValueError(f"rational: {C} channels cannot be split into {G} equal groups; "
-                         f"use a group count that divides {C}, e.g. one of {divisors}")
-    dtype = torch.promote_types(x.dtype, torch.float32)
+        raise ValueError(f"rational: {C} channels (dimension {dim} of a {tuple(x.shape)} input) cannot be split "
+                         f"into {G} equal groups; {_divisors_hint(C)}")
     if x.numel() == 0:
         return x.clone()
+    x = x.movedim(dim, -1)                                # the kernels take channels last
+    dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         y = _RationalFunction.apply(x.to(dtype).reshape(-1, C), numerator.to(dtype), denominator.to(dtype))
-    return y.view(x.shape).to(x.dtype)
+    return y.view(x.shape).to(x.dtype).movedim(-1, dim)
+
+
+def _divisors_hint(C):
+    return f"use a group count that divides {C}, e.g. one of {[d for d in range(1, min(C, 64) + 1) if C % d == 0]}"
 
 
 # ---- Speed (skip on a first reading) ------------------------------------------------------------
@@ -266,7 +298,13 @@ RELU_COEFFS = (
     [1.0108280537e-01, 5.0000000000e-01, 5.7259410346e-01, 2.3928065561e-01, 4.0404417741e-02, 2.3417856946e-03],
     [-2.8085173076e-15, 4.7856131122e-01, -1.6098233857e-15, 4.6835713892e-03],
 )
-COEFFS = {"gelu": GELU_COEFFS, "silu": SILU_COEFFS, "swish": SILU_COEFFS, "relu": RELU_COEFFS}
+GELU_TANH_COEFFS = (                                      # GPT-2's and timm's GELU(approximate="tanh")
+    [-3.7524188325e-03, 5.0000000000e-01, 4.2048344921e-01, 1.2703870751e-01, 1.6407873183e-02, 7.6722982832e-04],
+    [-1.5317608293e-15, 2.5407741501e-01, -1.1102230246e-16, 1.5344596566e-03],
+)
+COEFFS = {"gelu": GELU_COEFFS, "gelu_tanh": GELU_TANH_COEFFS, "silu": SILU_COEFFS, "swish": SILU_COEFFS,
+          "relu": RELU_COEFFS}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu}
 
 
 def _init_coefficients(init, groups):
@@ -341,6 +379,15 @@ class GroupRational(nn.Module):
 # collapses at a 3 to 10x lower lr than ours (README). `basis_scale=1` is the paper's form.
 # -----------------------------------------------------------------------------
 
+def _check_settings(module, names, saved):
+    """Refuse a state dict saved with other settings (a tensor from get_extra_state) than ``module``'s."""
+    mine = module.get_extra_state()
+    if not (isinstance(saved, torch.Tensor) and saved.shape == mine.shape and torch.allclose(saved.cpu().double(), mine)):
+        saved = saved.tolist() if isinstance(saved, torch.Tensor) else saved
+        raise ValueError(f"{type(module).__name__}: the saved adapter was trained with other settings ({names}: "
+                         f"saved {saved}, this model {mine.tolist()}); build the model with the saved settings")
+
+
 class NoRA(nn.Module):
     """Rational activation with frozen base coefficients and a trainable low-rank update.
 
@@ -353,9 +400,12 @@ class NoRA(nn.Module):
         form: 'shared' (released code, dP = B @ A with A shared by all groups) or
             'group' (paper text, dP_g = A_g B_g per group).
         basis_scale: s; the update is learned in the basis (x/s)^i (1: the paper's monomials).
+        channel_dim: the input dimension that holds the channels (-1, or 1 for an (N, C, H, W)
+            feature map); None: the last, refusing inputs of 4 or more dimensions, whose channel
+            axis cannot be told from the shape (:func:`add_nora` sets it from the layer before).
     """
 
-    def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0):
+    def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
         super().__init__()
         if form not in ("shared", "group"):
             raise ValueError(f"NoRA: form must be 'shared' or 'group', got {form!r}")
@@ -370,27 +420,41 @@ class NoRA(nn.Module):
         self.register_buffer("denominator", den)
         self.rank, self.form = rank, form
         self.scaling = (alpha if alpha is not None else 2 * rank) / rank
-        self.basis_scale = basis_scale
-        self.register_buffer("basis_P", basis_scale ** -torch.arange(num.shape[1], dtype=torch.float32), persistent=False)
-        self.register_buffer("basis_Q", basis_scale ** -torch.arange(1, den.shape[1] + 1, dtype=torch.float32),
-                             persistent=False)
+        self.basis_scale, self.channel_dim = basis_scale, channel_dim
+        self.name = "NoRA"                                # add_nora puts the module's path here, for errors
         for side, d in (("P", num.shape[1]), ("Q", den.shape[1])):
             A_shape, B_shape = ((rank, d), (groups, rank)) if form == "shared" else ((groups, d, rank), (groups, rank))
             setattr(self, f"A_{side}", nn.Parameter(torch.randn(A_shape) * 0.02))
             setattr(self, f"B_{side}", nn.Parameter(torch.zeros(B_shape)))
 
-    def _delta(self, A, B):
+    def _delta(self, A, B, first_power):
+        """The update B A * alpha / r (Eq. 8) in the basis (x/s)^i: its column for x^i is divided by s^i."""
+        dtype = torch.promote_types(A.dtype, torch.float32)              # float32 at least, float64 stays
+        A, B = A.to(dtype), B.to(dtype)
         if self.form == "shared":
-            return B @ A * self.scaling                                   # (G, r) @ (r, d)
-        return torch.einsum("gdr,gr->gd", A, B) * self.scaling            # A_g (d, r) @ B_g (r,)
+            delta = B @ A                                                 # (G, r) @ (r, d)
+        else:
+            delta = torch.einsum("gdr,gr->gd", A, B)                      # A_g (d, r) @ B_g (r,)
+        powers = torch.arange(first_power, first_power + delta.shape[1], device=delta.device)
+        return delta * self.scaling * self.basis_scale ** -powers
 
     def coefficients(self):
-        """The adapted coefficients (P + dP, Q + dQ) of Eq. 7, each (G, .)."""
-        return (self.numerator + self._delta(self.A_P, self.B_P) * self.basis_P,
-                self.denominator + self._delta(self.A_Q, self.B_Q) * self.basis_Q)
+        """The adapted coefficients (P + dP, Q + dQ) of Eq. 7, each (G, .). At least float32, even under
+        autocast: the gradient of each entry sums over all the activations of a group (millions),
+        which can overflow float16."""
+        with torch.autocast(self.A_P.device.type, enabled=False):
+            return (self.numerator + self._delta(self.A_P, self.B_P, 0),
+                    self.denominator + self._delta(self.A_Q, self.B_Q, 1))
 
     def forward(self, x):
-        return rational(x, *self.coefficients())
+        dim = self.channel_dim
+        if dim is None and x.dim() >= 4:
+            raise ValueError(f"{self.name}: cannot tell which axis of a {tuple(x.shape)} input holds the channels; "
+                             f"pass channel_dim=1 (N, C, H, W) or channel_dim=-1 (channels last) to add_nora")
+        try:
+            return rational(x, *self.coefficients(), dim=-1 if dim is None else dim)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
 
     @torch.no_grad()
     def merge(self):
@@ -404,17 +468,14 @@ class NoRA(nn.Module):
         self.B_P.zero_()
         self.B_Q.zero_()
 
+    # Settings that change the function but no tensor's shape (rank and form do change shapes),
+    # saved in the state dict so that a mismatch is caught on load. A tensor, not a dict, because
+    # safetensors, ONNX export and HF's save_pretrained accept nothing but tensors in a state dict.
     def get_extra_state(self):
-        """Settings that change the function, saved in the state dict so a mismatch is caught on load."""
-        return {"rank": self.rank, "scaling": self.scaling, "form": self.form, "basis_scale": self.basis_scale}
+        return torch.tensor([self.scaling, self.basis_scale], dtype=torch.float64)
 
     def set_extra_state(self, state):
-        mine = self.get_extra_state()
-        wrong = {k: (v, mine.get(k)) for k, v in state.items() if mine.get(k) != v}
-        if wrong:
-            raise ValueError("NoRA: the saved adapter was trained with other settings (saved, this model): "
-                             + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in wrong.items())
-                             + "; build the model with the saved settings")
+        _check_settings(self, "scaling, basis_scale", state)
 
     @torch.no_grad()
     def grow(self, groups):
@@ -446,45 +507,67 @@ class NoRA(nn.Module):
 # LoRA learns W = W0 + B A * alpha / r with A (r x k) random and B (d x r) zero (Eq. 2) and
 # computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
 # linear; LoRA on "q and v" (paper C.1) is then two updates on two ranges of rows of that one
-# weight, so `row_ranges` lists the (start, stop) ranges of rows to adapt, each with its own A and B.
-# The frozen layer is kept as `base`: any module with a `weight` of shape (out, in) will do.
+# weight, so `row_ranges` lists the (start, stop) ranges of output rows to adapt, each with its
+# own A and B. The frozen layer is kept as `base`: any module whose `weight` maps its input
+# linearly will do. nn.Linear stores it as (out, in); GPT-2's Conv1D as (in, out), which
+# `fan_in_fan_out=True` says (the name loralib uses). Some code reads a layer's `.weight`
+# instead of calling it (torch's nn.MultiheadAttention reads `out_proj.weight`, torchvision's
+# Swin its `qkv.weight`), so `weight` is a property that returns the adapted W0 + B A.
 # -----------------------------------------------------------------------------
 
 class LoRALinear(nn.Module):
     """A frozen linear ``base`` plus a LoRA update on all its output rows, or on the (start, stop)
-    ranges of rows in ``row_ranges``."""
+    ranges of rows in ``row_ranges``. ``fan_in_fan_out``: the base's weight is (in, out) and it
+    computes x @ weight (HF's Conv1D), not x @ weight.T."""
 
-    def __init__(self, base, rank=8, alpha=16, row_ranges=None):
+    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
         super().__init__()
         if not isinstance(rank, int) or rank < 1 or not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"LoRALinear: rank must be a positive integer and alpha a positive number, "
                              f"got rank {rank!r}, alpha {alpha!r}")
-        out_features, in_features = base.weight.shape
+        w = base.weight
+        out_features, in_features = w.T.shape if fan_in_fan_out else w.shape
         ranges = row_ranges or [(0, out_features)]
         width = ranges[0][1] - ranges[0][0]
         if any(stop - start != width for start, stop in ranges) or max(stop for _, stop in ranges) > out_features:
             raise ValueError(f"LoRALinear: row ranges {ranges} must have equal widths within {out_features} rows")
         self.base, self.rank, self.scaling, self.merged = base, rank, alpha / rank, False
-        self.row_ranges = [[start, stop] for start, stop in ranges]
-        w = base.weight                                   # row_index: every adapted row, in order
-        self.register_buffer("row_index", torch.cat([torch.arange(a, b, device=w.device) for a, b in ranges]),
-                             persistent=False)
+        self.row_ranges, self.fan_in_fan_out = [(start, stop) for start, stop in ranges], fan_in_fan_out
         self.lora_A = nn.Parameter(torch.empty(len(ranges), rank, in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(len(ranges), width, rank, device=w.device, dtype=w.dtype))
         for A in self.lora_A:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as in microsoft/LoRA
 
     def delta_weight(self):
-        """B A * alpha / r for each row range, stacked to (len(row_index), in_features)."""
-        return (self.lora_B @ self.lora_A).flatten(0, 1) * self.scaling
+        """B A * alpha / r for each row range: (ranges, width, in_features)."""
+        return self.lora_B @ self.lora_A * self.scaling
+
+    def _add_to_rows(self, t, delta, dim):
+        """``t`` with delta[i] added to the i-th range of rows along ``dim``, in place."""
+        for (start, stop), d in zip(self.row_ranges, delta):
+            t.narrow(dim, start, stop - start).add_(d)
+        return t
 
     def forward(self, x):
         y = self.base(x)
         if self.merged:
             return y
-        h = torch.einsum("...i,tri->...tr", x, self.lora_A)               # A x, per row range
-        d = torch.einsum("...tr,twr->...tw", h, self.lora_B).flatten(-2)  # B (A x)
-        return y.index_add(-1, self.row_index, d * self.scaling)
+        h = torch.einsum("...i,tri->t...r", x, self.lora_A)                # A x, per row range
+        d = torch.einsum("t...r,twr->t...w", h, self.lora_B)               # B (A x)
+        return self._add_to_rows(y, d * self.scaling, dim=-1)
+
+    @property
+    def weight(self):
+        """The adapted weight W0 + B A * alpha / r, in the base's layout."""
+        w = self.base.weight
+        if self.merged:
+            return w
+        delta = self.delta_weight()
+        return self._add_to_rows(w.clone(), delta.mT if self.fan_in_fan_out else delta, dim=int(self.fan_in_fan_out))
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
 
     @torch.no_grad()
     def merge(self):
@@ -492,37 +575,47 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRALinear.merge: the base {type(self.base).__name__} has no stored weight to "
                             f"merge into (a quantised layer?); keep the model unmerged")
         if not self.merged:
-            self.base.weight.index_add_(0, self.row_index, self.delta_weight())
+            self.base.weight.copy_(self.weight)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight.index_add_(0, self.row_index, -self.delta_weight())
+            delta = -self.delta_weight()
+            self._add_to_rows(self.base.weight, delta.mT if self.fan_in_fan_out else delta, dim=int(self.fan_in_fan_out))
             self.merged = False
 
-    def get_extra_state(self):
-        return {"rank": self.rank, "scaling": self.scaling, "row_ranges": self.row_ranges}
+    def get_extra_state(self):                            # as NoRA's: settings that no shape shows
+        return torch.tensor([self.scaling, self.fan_in_fan_out, *(i for r in self.row_ranges for i in r)],
+                            dtype=torch.float64)
 
     def set_extra_state(self, state):
         if self.merged:
             raise ValueError("LoRALinear: cannot load an adapter into a merged layer; unmerge() it first "
                              "(or load into a freshly built model)")
-        if state != self.get_extra_state():
-            raise ValueError(f"LoRALinear: the saved adapter has {state}, this layer {self.get_extra_state()}; "
-                             f"build the model with the saved settings")
+        _check_settings(self, "scaling, fan_in_fan_out, row ranges", state)
 
     def extra_repr(self):
-        return f"rank={self.rank}, scaling={self.scaling:g}, adapted_rows={len(self.row_index)}"
+        return (f"rank={self.rank}, scaling={self.scaling:g}, row_ranges={self.row_ranges}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
 
 
 # -----------------------------------------------------------------------------
 # 6. Putting adapters on any model
 #
-# NoRA needs nothing from the model but its activation modules: `add_nora` swaps every
-# nn.GELU (or any module type you name) for a NoRA module and freezes everything else, so it
-# works the same on our ViT, timm's, or a Hugging Face model (whose GELU class is its own:
-# pass target=transformers.activations.GELUActivation). `add_lora` does the same for linears.
+# NoRA needs nothing from the model but its activation modules: `add_nora` swaps each one for a
+# NoRA module and freezes everything else, so it works the same on our ViT, timm's, torchvision's
+# or a Hugging Face model. Three things must be right for each activation, and none may depend on
+# the user remembering them:
+#   - which function it computes, so the base rational starts equal to it: found by calling the
+#     module on [-8, 8] and comparing with the functions of section 2 (torch's, timm's and HF's
+#     GELU classes differ, GPT-2's is the tanh approximation, LLaMA's is SiLU);
+#   - which axis of its input holds the channels that the groups cut: the last one after a linear
+#     layer, dim 1 in a convolutional stage's (N, C, H, W) maps. Found from the layer registered
+#     just before it, which in an nn.Sequential is surely the one that feeds it (and then the
+#     channel count, and so the group count, can be checked before anything changes);
+#   - for LoRA, how the layer stores its weight: (out, in) for nn.Linear, (in, out) for GPT-2's
+#     Conv1D. Found by calling the layer once and seeing which of x @ W.T and x @ W it computes.
 # Activations called as functions (F.gelu inside forward) cannot be found this way.
 # -----------------------------------------------------------------------------
 
@@ -554,24 +647,119 @@ def replace_modules(model, target, make):
     return len(found)
 
 
-def add_nora(model, groups=8, rank=2, target=nn.GELU, **nora_kwargs):
-    """Replace each ``target`` activation (a class or tuple of classes) in ``model`` with a
-    :class:`NoRA` module, and freeze the rest of a fresh model.
+@torch.no_grad()
+def activation_name(module):
+    """The name in ACTIVATIONS of the function ``module`` computes (to within 1e-4 on [-8, 8]), or None."""
+    x = torch.linspace(-8, 8, 161)
+    try:
+        y = module(x.clone())
+    except Exception:                                     # not an elementwise function of one tensor
+        return None
+    return next((name for name, fn in ACTIVATIONS.items()
+                 if isinstance(y, torch.Tensor) and y.shape == x.shape and (y - fn(x)).abs().max() < 1e-4), None)
 
-    ``nora_kwargs`` go to NoRA (alpha, init, form, basis_scale). A model whose parameters
-    all train is frozen first; one where some are already frozen keeps its choices. Train the
-    task head with :func:`mark_trainable`.
+
+def _channel_layout(parent, name):
+    """(channel dim, channel count) of what feeds ``parent``'s child ``name``, read off the last layer
+    registered before it; the count only inside an nn.Sequential, where that layer surely feeds it."""
+    before = []
+    for n, child in parent.named_children():
+        if n == name:
+            break
+        before += [m for m in child.modules() if not any(m.children())]     # leaves, in order
+    for m in reversed(before):
+        if isinstance(m, (nn.Dropout, nn.Identity)):
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):                         # (N, C, ...) outputs
+            dim, count = 1, m.out_channels
+        elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):  # BatchNorm, InstanceNorm
+            dim, count = 1, getattr(m, "num_features", getattr(m, "num_channels", None))
+        elif isinstance(m, nn.Linear):
+            dim, count = -1, m.out_features
+        elif type(m) is nn.LayerNorm:                     # not timm's LayerNorm2d, which normalises dim 1
+            dim, count = -1, m.normalized_shape[-1]
+        elif getattr(getattr(m, "weight", None), "ndim", 0) == 2:            # HF's Conv1D, ...
+            dim, count = -1, None
+        else:
+            break
+        return dim, count if isinstance(parent, nn.Sequential) else None
+    return None, None
+
+
+def add_nora(model, groups=8, rank=2, target=None, init=None, channel_dim="auto", **nora_kwargs):
+    """Replace each activation module in ``model`` with a :class:`NoRA` module whose base rational
+    equals it, and freeze the rest of a fresh model.
+
+    Args:
+        target: the activation class (or tuple of classes) to replace; None: every GELU, i.e.
+            every module whose class name contains "GELU" (torch's, timm's, HF's).
+        init: the base rational (a name in COEFFS or a fit_rational() pair); None: the fit of
+            the function each module computes (gelu, gelu_tanh, silu or relu; see activation_name).
+        channel_dim: the input dimension that holds the channels; "auto": read off the layer
+            before each activation (see _channel_layout); None where that tells nothing.
+        nora_kwargs: alpha, form, basis_scale (see NoRA).
+
+    A model whose parameters all train is frozen first; one where some are already frozen keeps
+    its choices. Train the task head with :func:`mark_trainable`.
     """
-    fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
+    if target is None:
+        is_target = lambda m: "gelu" in type(m).__name__.lower() and not any(m.children())
+    else:
+        is_target = lambda m: isinstance(m, target)
+    paths = {id(m): path for path, m in model.named_modules()}
+    layouts = {id(child): _channel_layout(parent, name) for parent in model.modules()
+               for name, child in parent.named_children() if is_target(child)}
+    for m in model.modules():                             # check everything before changing anything
+        if id(m) not in layouts:
+            continue
+        where = f"add_nora: {paths[id(m)]} ({type(m).__name__})"
+        if init is None and activation_name(m) is None:
+            raise ValueError(f"{where} computes none of {list(ACTIVATIONS)}; pass init= a fit_rational() pair "
+                             f"for its function, or a target= that leaves it out")
+        count = layouts[id(m)][1]
+        if count and count % groups:
+            raise ValueError(f"{where} acts on {count} channels, which cannot be split into {groups} equal "
+                             f"groups; {_divisors_hint(count)}")
     param = next(model.parameters(), None)
     device = param.device if param is not None else "cpu"
-    # replace_modules builds every NoRA before swapping any in: bad settings leave the model as it was
-    if not replace_modules(model, lambda m: isinstance(m, target), lambda m: NoRA(groups, rank, **nora_kwargs).to(device)):
-        names = " or ".join(t.__name__ for t in (target if isinstance(target, tuple) else (target,)))
-        raise ValueError(f"add_nora: the model has no {names} module; pass target=<its activation class>")
+
+    def make(m):
+        dim = layouts[id(m)][0] if channel_dim == "auto" else channel_dim
+        module = NoRA(groups, rank, init=init or activation_name(m), channel_dim=dim, **nora_kwargs).to(device)
+        module.name = paths[id(m)]
+        return module
+
+    fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
+    if not replace_modules(model, is_target, make):       # builds all first: bad settings change nothing
+        has = sum(isinstance(m, NoRA) for m in model.modules())
+        what = "GELU" if target is None else " or ".join(t.__name__ for t in (target if isinstance(target, tuple) else (target,)))
+        raise ValueError(f"add_nora: the model has no {what} module"
+                         + (f" left: its {has} activations already are NoRA (add_nora was called before)" if has else
+                            "; pass target=<its activation class> (e.g. nn.SiLU)"))
     if fresh:
         freeze(model)
     return model
+
+
+@torch.no_grad()
+def _fan_in_fan_out(layer, where):
+    """Whether ``layer`` computes x @ weight, its weight stored (in, out) as in HF's Conv1D, rather
+    than nn.Linear's x @ weight.T: call it once and see which of the two its output follows."""
+    if isinstance(layer, nn.Linear):
+        return False
+    W = layer.weight
+    for transposed in (False, True):
+        width = W.shape[0] if transposed else W.shape[1]
+        x = torch.linspace(-1, 1, 2 * width, device=W.device, dtype=W.dtype).view(2, width)
+        try:
+            y = layer(x) - layer(torch.zeros_like(x))     # the bias cancels
+        except RuntimeError:                              # the wrong width for this layer
+            continue
+        expected = x @ W if transposed else x @ W.T
+        if y.shape == expected.shape and torch.allclose(y, expected, rtol=1e-3, atol=1e-3 * expected.abs().max()):
+            return transposed
+    raise ValueError(f"{where} computes neither x @ weight.T nor x @ weight, so LoRA cannot adapt its weight; "
+                     f"leave it out of targets")
 
 
 def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", layer=LoRALinear):
@@ -580,7 +768,8 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", layer=Lo
 
     A target named 'qkv' is timm's fused projection: only the parts named in ``qkv_parts`` (default
     q and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
-    ``weight`` counts as linear; ``layer`` is the adapter class (DoRALinear is another).
+    ``weight`` that it applies linearly counts as linear, stored (out, in) or (in, out) (HF's
+    Conv1D); ``layer`` is the adapter class (DoRALinear is another).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not qkv_parts or set(qkv_parts) - set("qkv"):
@@ -592,16 +781,23 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", layer=Lo
         return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(m, LoRALinear)
                 and names[id(m)].endswith(targets))
 
+    found = [m for m in model.modules() if is_target(m)]
+    transposed = {id(m): _fan_in_fan_out(m, f"add_lora: {names[id(m)]} ({type(m).__name__})") for m in found}
+
     def make(linear):
-        ranges = None
+        ranges, t = None, transposed[id(linear)]
         if names[id(linear)].endswith("qkv"):                 # rows: q | k | v
-            d = linear.weight.shape[0] // 3
+            d = linear.weight.shape[int(t)] // 3
             ranges = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv_parts]
-        return layer(linear, rank=rank, alpha=alpha, row_ranges=ranges)
+        return layer(linear, rank=rank, alpha=alpha, row_ranges=ranges, fan_in_fan_out=t)
 
     fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
     if not replace_modules(model, is_target, make):       # builds all first: bad settings change nothing
-        raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
+        mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        raise ValueError(f"add_lora: no linear layer named *{targets} in the model" + (
+            f"; its attention ({mha[0]}, ...) is torch's nn.MultiheadAttention, whose q, k and v are one "
+            f"`in_proj_weight` parameter, not layers LoRA can wrap: adapt its `out_proj` and the MLP's linear "
+            f"layers instead (targets=('out_proj', ...))" if mha else ""))
     if fresh:
         freeze(model)
     return model
@@ -628,13 +824,16 @@ def merge(model):
 
 
 def adapter_state_dict(model, extra=("head",)):
-    """All that a fine-tune adds to the pretrained model, to be loaded back with :func:`load_adapter`:
+    """All that a fine-tune changes in the pretrained model, to be loaded back with :func:`load_adapter`:
     every adapter's tensors and settings (chosen by module type, so freezing the model first loses
-    nothing), the parameters whose names start with ``extra`` (the task head), and any other
-    parameter that trains."""
+    nothing), the parameters whose names start with ``extra`` (the task head), any other parameter
+    that trains, and the running statistics of BatchNorm layers, which training updates even though
+    their weights are frozen (torchvision's MaxViT has them)."""
     state = model.state_dict()
     keep = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, ADAPTERS)
             for k in m.state_dict() if not k.startswith("base.")}
+    keep |= {f"{name}.{k}" for name, m in model.named_modules() if getattr(m, "track_running_stats", False)
+             for k, _ in m.named_buffers(recurse=False)}
     keep |= {name for name, p in model.named_parameters() if p.requires_grad or name.startswith(tuple(extra))}
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if k in keep}
 
@@ -645,6 +844,12 @@ def load_adapter(model, state):
     if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
         raise ValueError("load_adapter: the model's LoRA is merged; load into a freshly built model")
     missing = sorted(set(adapter_state_dict(model, extra=())) - set(state))
+    own = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and not k.endswith("_extra_state") and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"load_adapter: the saved adapter was trained with other settings (groups, rank, form or "
+                         f"targets; saved vs this model: {', '.join(bad[:3])}); build the model with the saved settings")
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or missing:
         raise ValueError(f"load_adapter: the model has no {result.unexpected_keys[:5]} and the file has no "

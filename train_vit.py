@@ -83,24 +83,27 @@ TABLES = {
 class DoRALinear(nora.LoRALinear):
     """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
     trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
-    the norm is treated as a constant in backward."""
+    the norm is treated as a constant in backward. For (out, in) weights only (nn.Linear)."""
 
-    def __init__(self, base, rank=8, alpha=16, row_ranges=None):
+    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
+        if fan_in_fan_out:
+            raise ValueError("DoRALinear: only for layers with an (out, in) weight, such as nn.Linear")
         super().__init__(base, rank, alpha, row_ranges)
-        self.magnitude = nn.Parameter(base.weight.detach()[self.row_index].norm(dim=1))
+        self.magnitude = nn.Parameter(base.weight.detach()[self.rows()].norm(dim=1))
 
-    def adapted_weight(self):
-        v = self.base.weight[self.row_index] + self.delta_weight()
-        return self.base.weight.index_copy(0, self.row_index, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
+    def rows(self):
+        return torch.cat([torch.arange(a, b, device=self.lora_A.device) for a, b in self.row_ranges])
+
+    @property
+    def weight(self):
+        if self.merged:
+            return self.base.weight
+        rows, w = self.rows(), super().weight              # W0 + B A on the adapted rows
+        v = w[rows]
+        return w.index_copy(0, rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
 
     def forward(self, x):
-        return self.base(x) if self.merged else F.linear(x, self.adapted_weight(), self.base.bias)
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base.weight.copy_(self.adapted_weight())
-            self.merged = True
+        return F.linear(x, self.weight, self.base.bias)
 
     def unmerge(self):
         raise NotImplementedError("DoRA's merge rescales rows; it is not undone")
