@@ -1,8 +1,8 @@
 """Fit the safe rational P(x) / (1 + |S(x)|) of nora.py to GELU (and SiLU, ReLU) and show where the fit holds.
 
-    python fit_gelu.py                     # GELU on [-8, 8]
-    python fit_gelu.py --all               # GELU, SiLU and ReLU
-    python fit_gelu.py --range -6 6        # another fitting range
+    python fit_gelu.py                     # GELU on [-12, 12], weighted by nora.preactivation_weight
+    python fit_gelu.py --all               # GELU, its tanh approximation, SiLU and ReLU
+    python fit_gelu.py --range -8 8 --unweighted   # another fitting range, every point weighted alike
     python fit_gelu.py --plot fit.svg      # and draw them
 
 Prints the coefficients in a form that can be pasted into nora.py, a table of max / mean error
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import nora
 
-ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+ACTIVATIONS = nora.ACTIVATIONS
 
 
 def error_table(fn, num, den, ranges=(3, 6, 8, 10, 12, 16)):
@@ -81,6 +81,16 @@ def preactivation_ranges(model_name, weights, images, img_size):
                            torch.tensor([1e-4, 1 - 1e-4]))
         print(f"| {i} | {a.min():.2f} | {a.max():.2f} | {q[0]:.2f} | {q[1]:.2f} | {(a.abs() > 8).float().mean():.2e} |")
     a = torch.cat(seen).double()
+    print("\nthe model's output when every GELU is swapped for a rational (the swap NoRA makes at step 0), "
+          "relative to the GELU model's:\n| rational | change (L2) | change (max) |\n|---|---|---|")
+    with torch.no_grad():
+        y = model(x)
+        for name, coeffs in (("shipped GELU fit (nora.GELU_COEFFS)", nora.GELU_COEFFS),
+                             ("unweighted fit on [-8, 8]", nora.fit_rational(F.gelu, x_range=(-8, 8), weight=None))):
+            for block in model.blocks:
+                block.mlp.act = nora.GroupRational(1, coeffs)
+            d = model(x) - y
+            print(f"| {name} | {d.norm() / y.norm():.2%} | {d.abs().max() / y.abs().max():.2%} |")
     num, den = (torch.tensor(c, dtype=torch.float64) for c in nora.GELU_COEFFS)
     Q = 1 / nora.rational_reference(a[:, None], torch.ones(1, 1, dtype=torch.float64), den[None])[:, 0]   # P = 1
     s = nora.NoRA().basis_scale
@@ -91,8 +101,10 @@ def preactivation_ranges(model_name, weights, images, img_size):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--range", nargs=2, type=float, default=(-8.0, 8.0), metavar=("LO", "HI"))
-    p.add_argument("--all", action="store_true", help="also fit SiLU and ReLU")
+    p.add_argument("--range", nargs=2, type=float, default=(-12.0, 12.0), metavar=("LO", "HI"))
+    p.add_argument("--unweighted", action="store_true", help="weight every point of the range alike "
+                   "(default: nora.preactivation_weight, where a pretrained ViT's GELU inputs lie)")
+    p.add_argument("--all", action="store_true", help="also fit tanh-GELU, SiLU and ReLU")
     p.add_argument("--out", help="also write the coefficients and errors to this JSON file")
     p.add_argument("--weights", help="a ViT checkpoint (file or URL) whose pre-activations to measure")
     p.add_argument("--model", choices=nora.PRETRAINED,
@@ -106,8 +118,9 @@ def main(argv=None):
     results, panels = {}, []
     for name in (ACTIVATIONS if args.all else ["gelu"]):
         fn = ACTIVATIONS[name]
-        num, den = nora.fit_rational(fn, x_range=tuple(args.range))
-        print(f"\n{name.upper()} fitted on [{args.range[0]:g}, {args.range[1]:g}]; paste into nora.py:")
+        num, den = nora.fit_rational(fn, x_range=tuple(args.range), weight=None if args.unweighted else nora.preactivation_weight)
+        print(f"\n{name.upper()} fitted on [{args.range[0]:g}, {args.range[1]:g}]"
+              f"{', unweighted' if args.unweighted else ''}; paste into nora.py:")
         print(f"{name.upper()}_COEFFS = (\n    [{', '.join(f'{c:.10e}' for c in num)}],\n"
               f"    [{', '.join(f'{c:.10e}' for c in den)}],\n)")
         table = error_table(fn, num, den)
