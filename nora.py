@@ -731,9 +731,9 @@ def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, c
     paths = {id(m): path for path, m in model.named_modules()}
     layouts = {id(child): _channel_layout(parent, name) for parent in model.modules()
                for name, child in parent.named_children() if id(child) in found}
-    for key, function in found.items():                  # check everything before changing anything
-        where, count = f"add_nora: {paths[key]}", layouts[key][1]
-        if init is None and function is None:
+    for m in (m for m in model.modules() if id(m) in found):     # check everything before changing anything
+        where, count = f"add_nora: {paths[id(m)]} ({type(m).__name__})", layouts[id(m)][1]
+        if init is None and found[id(m)] is None:
             raise ValueError(f"{where} computes none of {list(ACTIVATIONS)}; pass init= a fit_rational() pair "
                              f"for its function, or a target= that leaves it out")
         if count and count % groups:

@@ -284,7 +284,7 @@ def write_safetensors(path, state):
     """The safetensors format written by hand (header length, JSON header, raw bytes)."""
     import json
     import struct
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for k, v in state.items():
         b = v.contiguous().view(torch.uint8).numpy().tobytes()
@@ -971,3 +971,192 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
     records = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in records] == ["head", "nora", "nora-monomial", "nora-monomial"]
     assert [(r["lr"], r["head_lr"]) for r in records] == [(1e-2, None)] + [(1e-2, 1e-2)] * 3
+
+
+# --- nora.py on models nobody on this project wrote ------------------------------------------------
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dev"))
+import interop  # noqa: E402  (dev/interop.py: the same checks for timm and Hugging Face models)
+
+
+@pytest.mark.parametrize("name", list(interop.torchvision_models()))
+def test_torchvision_models_swap_train_reload_merge_and_export(name):
+    make, x, lora_targets = interop.torchvision_models()[name]
+    row = interop.check(make, x, lora_targets)
+    assert int(row["replaced"].split()[0]) > 0
+    assert row["round trip"] == 0                         # BatchNorm statistics travel with the adapter
+    assert row["merge"] < 1e-5 and row.get("NoRA++ merge", 0) < 1e-5
+    assert row["export"].startswith("ok") and float(row["export"][4:-1]) < 1e-5
+    assert ("(dim 1)" in row["replaced"]) == ("maxvit" in name)       # its conv stages are (N, C, H, W)
+    if "maxvit" not in name:                              # maxvit's random BatchNorms leave inputs ~1e-4
+        assert row["init change"] < 0.05
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D: the weight is stored (in, out) and the layer computes x @ W + b."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.2)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_lora_on_an_in_out_weight_merges_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(8, 24), nn.GELU(approximate="tanh"), Conv1D(24, 8))
+    nora.add_lora(model, rank=2, alpha=4, targets=("0", "2"))
+    assert model[0].fan_in_fan_out and model[0].lora_A.shape == (1, 2, 8) and model[0].lora_B.shape == (1, 24, 2)
+    train_steps(model, steps=3, x=torch.randn(16, 8), classes=8)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        before = model(x)
+        torch.testing.assert_close(model[0].weight, model[0].base.weight + (model[0].delta_weight()[0]).T)
+        torch.testing.assert_close(nora.merge(model)(x), before, atol=1e-6, rtol=1e-6)
+
+
+def test_lora_refuses_a_layer_that_is_not_linear_in_its_weight():
+    class Squares(nn.Module):                             # has a 2-D weight, but applies it to x * x
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return (x * x) @ self.weight.T
+
+    model = nn.Sequential(nn.Linear(4, 4), Squares())
+    with pytest.raises(ValueError, match=r"add_lora: 1 \(Squares\) computes neither"):
+        nora.add_lora(model, targets=("0", "1"))
+    assert not any(isinstance(m, nora.LoRALinear) for m in model.modules())
+
+
+def test_gelu_on_an_nchw_feature_map_is_grouped_over_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.GELU(), nn.Conv2d(16, 4, 1)).eval()
+    nora.add_nora(model, groups=8, rank=2)
+    act = model[2]
+    assert act.channel_dim == 1
+    with torch.no_grad():
+        act.B_P.normal_()                                 # give each group its own function
+        x = torch.randn(2, 16, 6, 6)
+        num, den = act.coefficients()
+        expected = nora.rational_reference(x.movedim(1, -1), num, den).movedim(-1, 1)
+        torch.testing.assert_close(act(x), expected)
+        model(torch.randn(2, 3, 9, 7))                    # any image size: the groups are channels
+    with pytest.raises(ValueError, match=r"add_nora: 1 \(GELU\) acts on 16 channels.*divides 16"):
+        nora.add_nora(nn.Sequential(nn.Conv2d(3, 16, 3), nn.GELU()), groups=3)
+
+
+def test_an_activation_whose_channel_axis_cannot_be_told_refuses_4d_inputs_by_name():
+    class Block(nn.Module):                               # nothing before the GELU tells its layout
+        def __init__(self):
+            super().__init__()
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            return self.act(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Block())
+    nora.add_nora(model, groups=2)
+    assert model[1].act.channel_dim is None
+    assert model[1].act(torch.randn(2, 5, 8)).shape == (2, 5, 8)       # 3-D: channels last
+    with pytest.raises(ValueError, match=r"1\.act: cannot tell which axis.*channel_dim=1"):
+        model(torch.randn(2, 3, 4, 4))
+    nora.add_nora(fixed := nn.Sequential(nn.Conv2d(3, 8, 1), Block()), groups=2, channel_dim=1)
+    assert fixed(torch.randn(2, 3, 4, 4)).shape == (2, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"1\.act: rational: 5 channels"):   # the forward error names the module
+        fixed[1].act(torch.randn(2, 5, 4, 4))
+
+
+def test_add_nora_takes_each_activations_function_and_refuses_to_run_twice():
+    class MyGELU(nn.Module):                              # any class, found by what it computes
+        def forward(self, x):
+            return F.gelu(x)
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(approximate="tanh"), nn.Linear(8, 8), MyGELU(),
+                          nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8), nn.Tanh())
+    assert [nora.activation_name(m) for m in model[1::2]] == ["gelu_tanh", "gelu", "silu", None]
+    nora.add_nora(model, groups=2)
+    assert [type(m).__name__ for m in model[1::2]] == ["NoRA", "NoRA", "SiLU", "Tanh"]
+    torch.testing.assert_close(model[1].numerator[0], torch.tensor(nora.GELU_TANH_COEFFS[0]))
+    torch.testing.assert_close(model[3].numerator[0], torch.tensor(nora.GELU_COEFFS[0]))
+    nora.add_nora(model, groups=2, target="silu")
+    torch.testing.assert_close(model[5].numerator[0], torch.tensor(nora.SILU_COEFFS[0]))
+    with pytest.raises(ValueError, match="already are NoRA"):
+        nora.add_nora(model, groups=2)
+    with pytest.raises(ValueError, match=r"7 \(Tanh\) computes none of"):
+        nora.add_nora(model, groups=2, target=nn.Tanh)
+    nora.add_nora(model, groups=2, target=nn.Tanh, init=nora.fit_rational(torch.tanh, x_range=(-4, 4)))
+
+
+def test_add_lora_refuses_multihead_attention_qkv_before_changing_anything():
+    from torchvision.models import VisionTransformer
+    model = VisionTransformer(32, 8, 1, 2, 32, 64, num_classes=10)
+    with pytest.raises(ValueError, match="in_proj_weight.*out_proj"):
+        nora.add_lora(model, targets=("qkv",))
+    assert all(p.requires_grad for p in model.parameters())
+    nora.add_lora(model, rank=2, targets=("out_proj",))   # read as .weight by nn.MultiheadAttention
+    assert isinstance(model.encoder.layers[0].self_attention.out_proj, nora.LoRALinear)
+
+
+def test_torch_func_grad_vmap_and_jvp_go_through_the_rational():
+    from torch.func import functional_call, grad, jvp, vmap
+    torch.manual_seed(0)
+    model = nora.add_nora(nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3)), groups=4)
+    with torch.no_grad():
+        model[1].B_P.normal_(), model[1].B_Q.normal_()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(5, 6)
+    loss = lambda p, xb: functional_call(model, p, (xb[None],)).square().sum()
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(5):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        expected = torch.autograd.grad(loss(p, x[i]), [p["1.B_P"], p["1.B_Q"]])
+        torch.testing.assert_close(per_sample["1.B_P"][i], expected[0])
+        torch.testing.assert_close(per_sample["1.B_Q"][i], expected[1])
+    model64, x64, t = model.double(), x.double(), torch.randn(5, 6, dtype=torch.float64)
+    _, tangent = jvp(model64, (x64,), (t,))
+    with torch.no_grad():
+        fd = (model64(x64 + 1e-6 * t) - model64(x64 - 1e-6 * t)) / 2e-6
+    torch.testing.assert_close(tangent, fd, atol=1e-6, rtol=1e-6)
+
+
+def test_state_dict_holds_only_tensors_and_exports(tmp_path):
+    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2), rank=2)
+    nora.mark_trainable(model, "head")
+    train_steps(model, steps=2)
+    state = nora.adapter_state_dict(model)
+    assert all(isinstance(v, torch.Tensor) for v in model.state_dict().values())
+    write_safetensors(tmp_path / "a.safetensors", state)
+    fresh = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2), rank=2)
+    nora.load_adapter(fresh, nora.read_safetensors(tmp_path / "a.safetensors"))
+    x = images(2)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(fresh(x), expected, atol=0, rtol=0)
+    nora.merge(fresh)                                     # trainable parameters remain: export must cope
+    exported = torch.export.export(fresh, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), expected, atol=1e-5, rtol=1e-5)
+    try:
+        torch.onnx.export(fresh, (x,), str(tmp_path / "m.onnx"), dynamo=False)
+    except ModuleNotFoundError as e:                      # some torch builds need the onnx package
+        pytest.skip(f"torch.onnx.export needs {e.name}")
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def test_coefficients_stay_float32_under_autocast_and_devices_are_checked():
+    m = nora.NoRA(4, 2)
+    with torch.no_grad():
+        m.B_P.normal_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        num, den = m.coefficients()
+        y = m(torch.randn(3, 8).bfloat16())
+    assert num.dtype == den.dtype == torch.float32 and y.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="model.to"):
+        nora.rational(torch.randn(2, 8), torch.zeros(2, 6, device="meta"), torch.zeros(2, 4, device="meta"))
