@@ -1,6 +1,7 @@
 """NoRA on models nobody on this project wrote: the basic workflow, checked end to end.
 
     python dev/interop.py                 # torchvision; timm and Hugging Face too where installed
+    python dev/interop.py --unweighted    # the same with the unweighted [-8, 8] fits (the earlier ones)
 
 For each model (random weights, tiny configs, small inputs, nothing downloaded): add_nora, the
 output change of the swap at init, a few training steps, the adapter saved as a tensors-only state
@@ -98,7 +99,7 @@ def check(make, x, lora_targets=None, groups=4, rank=2, **nora_kwargs):
 def torchvision_models():
     from torchvision.models import ConvNeXt, MaxVit, SwinTransformer, VisionTransformer
     from torchvision.models.convnext import CNBlockConfig
-    img = torch.randn(2, 3, 32, 32)
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     return {
         "torchvision vit (vit_b_16's classes)": (lambda: VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10), img,
                                                  ("out_proj",)),
@@ -113,7 +114,7 @@ def torchvision_models():
 
 def timm_models():
     import timm
-    img = torch.randn(2, 3, 32, 32)
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     kw = dict(pretrained=False, num_classes=10, img_size=32)
     return {
         "timm vit_tiny_patch16_224 (depth 2)": (lambda: timm.create_model("vit_tiny_patch16_224", depth=2, **kw), img,
@@ -126,7 +127,7 @@ def timm_models():
 
 def hf_models():
     import transformers as hf
-    ids = torch.randint(0, 100, (2, 8))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     small = dict(vocab_size=100, num_hidden_layers=2, num_attention_heads=2)
     return {
         "HF GPT-2": (lambda: hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=100, n_layer=2, n_head=2, n_embd=32,
@@ -140,6 +141,9 @@ def hf_models():
 
 
 def main():
+    if "--unweighted" in sys.argv:
+        for name, fn in nora.ACTIVATIONS.items():
+            nora.COEFFS[name] = nora.fit_rational(fn, x_range=(-8, 8), weight=None)
     families = [torchvision_models]
     for module, models in (("timm", timm_models), ("transformers", hf_models)):
         try:
