@@ -6,12 +6,14 @@
 For each model (random weights, tiny configs, small inputs, nothing downloaded): add_nora, the
 output change of the swap at init, a few training steps, the adapter saved as a tensors-only state
 dict and loaded into a fresh model (max difference), merge (max difference), NoRA++ (LoRA added
-too, trained, merged) and torch.export of the merged model. test_nora.py runs `check` on the
-torchvision models; timm and transformers are not dependencies, so this script covers them.
+too, trained, merged), torch.export of the merged model, and HF's save_pretrained. test_nora.py
+runs `check` on the torchvision models; timm and transformers are not dependencies, so this
+script covers them.
 """
 import copy
 import io
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -86,6 +88,10 @@ def check(make, x, lora_targets=None, groups=4, rank=2, **nora_kwargs):
             row["export"] = f"ok ({max_diff(exported.module()(x), y1):.1e})"
     except Exception as e:                                # report, do not stop: the table says what failed
         row["export"] = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    if hasattr(fresh, "save_pretrained"):                 # Hugging Face: a state dict of tensors only
+        with tempfile.TemporaryDirectory() as folder:
+            fresh.save_pretrained(folder)
+            row["save_pretrained"] = "ok"
     if lora_targets:
         plus = nora.add_lora(nora.add_nora(copy.deepcopy(base), groups, rank, **nora_kwargs), rank=2, alpha=4,
                              targets=lora_targets)
@@ -158,7 +164,7 @@ def main():
             row = check(make, x, targets, **kwargs)
             rows.append((name, row))
             print(name, row, flush=True)
-    columns = ["replaced", "init change", "round trip", "merge", "NoRA++ merge", "export"]
+    columns = ["replaced", "init change", "round trip", "merge", "NoRA++ merge", "export", "save_pretrained"]
     fmt = lambda v: f"{v:.1e}" if isinstance(v, float) else str(v)
     print("\n| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     for name, row in rows:
