@@ -43,8 +43,8 @@ import torch.nn.functional as F
 # Degrees (m, n) = (5, 4), as in Group-KAN and the released code, which also leaves out Eq. 6's
 # b_0: then Q(0) = 1, and S(x) = x s(x) has a factor x that the kernels below use.
 #
-# "Group-wise": the C channels (last dimension) are cut into G contiguous groups that each share
-# one rational, so the coefficients are a (G, m+1) numerator and a (G, n) denominator matrix,
+# "Group-wise": the C channels (the last dimension, or `dim`: 1 for an (N, C, H, W) feature map)
+# are cut into G contiguous groups that each share one rational, so the coefficients are a (G, m+1) numerator and a (G, n) denominator matrix,
 # whatever the size of x. `rational_reference` is Eq. 6 as written, autograd doing the rest.
 # Autograd keeps every power of x for backward, so `rational` evaluates P and Q by Horner's rule,
 # a0 + x(a1 + x(a2 + ...)), with a hand-written backward that keeps only x and recomputes. On a
@@ -79,11 +79,13 @@ def _horner(x, c, derivative=False):
 
 
 def _rational_forward(x, numerator, denominator):
-    """y = P(x) / (1 + |x s(x)|), where S(x) = b1 x + ... + bn x^n = x s(x)."""
-    C = x.shape[-1]
+    """y = P(x) / (1 + |x s(x)|), where S(x) = b1 x + ... + bn x^n = x s(x), computed in the
+    coefficients' precision (float32 at least) and returned in x's."""
+    C, dtype = x.shape[-1], x.dtype
+    x = x.to(numerator.dtype)
     P = _horner(x, _per_channel(numerator, C))
     Q = _horner(x, _per_channel(denominator, C)).mul_(x).abs_().add_(1)
-    return P.div_(Q)
+    return P.div_(Q).to(dtype)
 
 
 def _group_power_sums(t, x, k, groups):
@@ -96,10 +98,13 @@ def _group_power_sums(t, x, k, groups):
     return torch.stack(sums).view(k, groups, -1).sum(-1).T
 
 
-def _rational_backward(x, numerator, denominator, grad):
-    """Gradients of sum(grad * y) for x (N, C), the numerator (G, m+1) and the denominator (G, n)."""
-    C, G = x.shape[-1], numerator.shape[0]
-    P, dP = _horner(x, _per_channel(numerator, C), derivative=True)
+def _rational_backward(x, numerator, denominator, grad, needs=(True, True, True)):
+    """Gradients of sum(grad * y) for x (N, C), the numerator (G, m+1) and the denominator (G, n);
+    None for those not in ``needs`` (a frozen side, or the input of the first layer)."""
+    C, G, dtype = x.shape[-1], numerator.shape[0], x.dtype
+    x, grad = x.to(numerator.dtype), grad.to(numerator.dtype)
+    num = _per_channel(numerator, C)
+    P, dP = _horner(x, num, derivative=True) if needs[0] else (_horner(x, num), None)
     s, ds = _horner(x, _per_channel(denominator, C), derivative=True)
     dS = torch.addcmul(s, ds, x, out=ds)                  # S' = s + x s'
     S = s.mul_(x)
@@ -107,11 +112,13 @@ def _rational_backward(x, numerator, denominator, grad):
     Q = S.abs_().add_(1)
     y = P.div_(Q)
     g = grad / Q
-    # dy/dx = (P' - y Q') / Q  with  Q' = sign(S) S'
-    grad_x = dP.sub_(dS.mul_(sign).mul_(y)).mul_(g)
-    # dy/db_j = -y sign(S) x^j / Q  and  dy/da_i = x^i / Q, summed over each group
-    grad_den = _group_power_sums((g * y).mul_(sign).neg_().mul_(x), x, denominator.shape[1], G)
-    grad_num = _group_power_sums(g, x, numerator.shape[1], G)
+    grad_x = grad_num = grad_den = None
+    if needs[0]:                                          # dy/dx = (P' - y Q') / Q  with  Q' = sign(S) S'
+        grad_x = dP.sub_(dS.mul_(sign).mul_(y)).mul_(g).to(dtype)
+    if needs[2]:                                          # dy/db_j = -y sign(S) x^j / Q, summed per group
+        grad_den = _group_power_sums((g * y).mul_(sign).neg_().mul_(x), x, denominator.shape[1], G)
+    if needs[1]:                                          # dy/da_i = x^i / Q, summed per group
+        grad_num = _group_power_sums(g, x, numerator.shape[1], G)
     return grad_x, grad_num, grad_den
 
 
@@ -136,12 +143,14 @@ class _RationalFunction(torch.autograd.Function):
         if torch.is_grad_enabled():                       # create_graph=True (a gradient penalty, torch.func):
             inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, numerator, denominator)]
             y = rational_reference(*inputs)               # differentiate Eq. 6 itself, twice if asked
-            return torch.autograd.grad(y, inputs, grad, create_graph=True)
-        grad = grad.contiguous()
-        parts = [_kernels["backward"](x[c], numerator, denominator, grad[c]) for c in _chunks(x)]
+            return torch.autograd.grad(y, inputs, grad.to(y.dtype), create_graph=True)
+        grad, needs = grad.contiguous(), tuple(ctx.needs_input_grad)
+        parts = [_kernels["backward"](x[c], numerator, denominator, grad[c], needs) for c in _chunks(x)]
         if len(parts) == 1:
             return parts[0]
-        return torch.cat([p[0] for p in parts]), sum(p[1] for p in parts), sum(p[2] for p in parts)
+        x_grads, num_grads, den_grads = zip(*parts)
+        return (torch.cat(x_grads) if needs[0] else None, sum(num_grads) if needs[1] else None,
+                sum(den_grads) if needs[2] else None)
 
     @staticmethod
     def vmap(info, in_dims, x, numerator, denominator):
@@ -194,12 +203,13 @@ def rational(x, numerator, denominator, dim=-1):
     if x.numel() == 0:
         return x.clone()
     x = x.movedim(dim, -1)                                # the kernels take channels last
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = torch.promote_types(x.dtype, torch.float32)   # the kernels compute in this, return x's dtype
+    numerator, denominator = numerator.to(dtype), denominator.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
         if torch.jit.is_tracing():                        # torch.jit.trace, torch.onnx.export: plain Eq. 6 in the graph
-            return rational_reference(x.to(dtype), numerator.to(dtype), denominator.to(dtype)).to(x.dtype).movedim(-1, dim)
-        y = _RationalFunction.apply(x.to(dtype).reshape(-1, C), numerator.to(dtype), denominator.to(dtype))
-    return y.view(x.shape).to(x.dtype).movedim(-1, dim)
+            return rational_reference(x.to(dtype), numerator, denominator).to(x.dtype).movedim(-1, dim)
+        y = _RationalFunction.apply(x.reshape(-1, C), numerator, denominator)
+    return y.view(x.shape).movedim(-1, dim)
 
 
 def _divisors_hint(C):
@@ -211,7 +221,8 @@ def _divisors_hint(C):
 # above by default, torch.compile'd ones after use_compiled_rational(). On a CPU the eager
 # kernels take x in chunks of `chunk` elements, so their ~10 forward and ~40 backward passes run
 # from cache rather than memory (2-3x faster on a 2-core CPU; README). Compiled kernels fuse the
-# passes into one loop, and on a GPU chunks would only cost launches, so both take x whole.
+# passes into one loop (the float32 casts included), and on a GPU chunks would only cost
+# launches, so both take x whole.
 _EAGER = {"forward": _rational_forward, "backward": _rational_backward, "chunk": 1 << 18}
 _kernels = dict(_EAGER)
 
@@ -223,23 +234,42 @@ def _chunks(x):
     return [slice(i, i + rows) for i in range(0, len(x), rows)]
 
 
-def use_compiled_rational(enable=True):
+def _compile(kernel):
+    """torch.compile ``kernel`` with the row count dynamic and everything else static: one graph
+    serves every batch size (static row counts would recompile for each, and after 8 shapes
+    PyTorch silently runs eager; fully dynamic shapes ran 40x slower here). The fused backward
+    computes all three gradients: skipping one saves little there, and each `needs` pattern
+    would be another graph."""
+    compiled = torch.compile(kernel)
+
+    def run(x, numerator, denominator, *grad_and_needs):
+        tensors = [t.detach() for t in (x, numerator, denominator, *grad_and_needs[:1])]   # backward: + grad
+        for t in tensors[:1] + tensors[3:]:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(*tensors)
+    return run
+
+
+def use_compiled_rational(enable=True, device=None):
     """Run the rational through torch.compile'd kernels: each pass fuses into one loop over memory
-    (on a 2-core CPU, forward + backward then costs what GELU's does; README). Compiling takes
-    seconds on first use, so it is opt-in. Returns whether the compiled path is now in use; where
-    compilation fails (no C++ compiler, say) it warns and the eager path stays."""
+    (a NoRA training step then costs about what a LoRA step does on a 2-core CPU; README).
+    Compiling takes seconds, so it is opt-in. It warms up on ``device`` (default: CUDA if there
+    is one), where it will run: on a GPU that exercises Triton, on a CPU a C++ compiler. Returns
+    whether the compiled path is now in use; where compilation fails it warns and stays eager."""
     if not enable:
         _kernels.update(_EAGER)
         return False
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        # static shapes: dynamic ones ran 40x slower here; each new input shape compiles once (~2 s)
-        forward = torch.compile(_rational_forward, dynamic=False)
-        backward = torch.compile(_rational_backward, dynamic=False)
-        x = torch.linspace(-4, 4, 32).view(4, 8)         # not randn: compiling must not move the global RNG
-        num, den = torch.ones(2, 6), torch.ones(2, 4)
-        forward(x, num, den), backward(x, num, den, x)
+        forward, backward = _compile(_rational_forward), _compile(_rational_backward)
+        x = torch.linspace(-4, 4, 96, device=device).view(12, 8)  # not randn: must not move the global RNG
+        num, den = torch.ones(2, 6, device=device), torch.ones(2, 4, device=device)
+        with torch.no_grad():                             # as inside the autograd function
+            for rows in (12, 5):                          # two row counts: the second must reuse the graph
+                forward(x[:rows], num, den), backward(x[:rows], num, den, x[:rows], (True, True, True))
     except Exception as e:                                # any failure to compile: stay eager
-        warnings.warn(f"use_compiled_rational: torch.compile failed ({type(e).__name__}: {e}); using the eager path")
+        warnings.warn(f"use_compiled_rational: torch.compile failed on {device} ({type(e).__name__}: {e}); "
+                      f"using the eager path")
         return False
     _kernels.update(forward=forward, backward=backward, chunk=None)
     return True
@@ -333,7 +363,7 @@ def _init_coefficients(init, groups):
             raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
                              f"or pass (numerator, denominator) tensors, e.g. from fit_rational()")
         init = COEFFS[init]
-    num, den = (torch.as_tensor(c, dtype=torch.float32) for c in init)
+    num, den = (torch.as_tensor(c, dtype=torch.float32, device="cpu") for c in init)   # checked here, moved later
     num = num.expand(groups, -1) if num.dim() == 1 else num
     den = den.expand(groups, -1) if den.dim() == 1 else den
     if num.shape[0] != groups or den.shape[0] != groups:
@@ -667,7 +697,7 @@ def replace_modules(model, target, make):
 @torch.no_grad()
 def activation_name(module):
     """The name in ACTIVATIONS of the function ``module`` computes (to within 1e-4 on [-8, 8]), or None."""
-    x = torch.linspace(-8, 8, 161)
+    x = torch.linspace(-8, 8, 161, device="cpu")          # cpu even under `with torch.device("meta")`
     try:
         y = module(x.clone())
     except Exception:                                     # not an elementwise function of one tensor
@@ -769,6 +799,9 @@ def _fan_in_fan_out(layer, where):
     if isinstance(layer, nn.Linear):
         return False
     W = layer.weight
+    if W.is_meta:
+        raise ValueError(f"{where} is on the meta device, where its weight layout cannot be seen; add LoRA "
+                         f"before moving it there, or pass an nn.Linear")
     for transposed in (False, True):
         width = W.shape[0] if transposed else W.shape[1]
         x = torch.linspace(-1, 1, 2 * width, device=W.device, dtype=W.dtype).view(2, width)

@@ -126,16 +126,18 @@ class NF4Linear(nn.Module):
             raise ValueError(f"NF4Linear: {w.numel()} weights do not split into blocks of {block_size}")
         blocks = w.reshape(-1, block_size)
         absmax = blocks.abs().amax(1, keepdim=True).clamp_min(1e-12)
-        codes = ((blocks / absmax).unsqueeze(-1) - NF4_LEVELS.to(w.device)).abs().argmin(-1).to(torch.uint8)
+        levels = NF4_LEVELS.to(w.device)
+        codes = ((blocks / absmax).unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
         self.register_buffer("codes", codes[:, 0::2] << 4 | codes[:, 1::2])
         self.register_buffer("absmax", absmax)
+        self.register_buffer("levels", levels, persistent=False)   # on the layer's device: no copy per forward
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.shape = w.shape
 
     @property
     def weight(self):
         codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
-        return (NF4_LEVELS.to(self.absmax.device)[codes] * self.absmax).view(self.shape)
+        return (self.levels[codes] * self.absmax).view(self.shape)
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -306,16 +308,15 @@ def balanced_subset(labels, n, seed):
     return torch.cat(picked).sort().values
 
 
-def preprocess(x, img_size, mean, std, device, flip_generator=None):
-    """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S) on ``device``, with random horizontal
-    flips when training. The uint8 batch moves first: resizing to 224 px on the CPU would starve a GPU."""
-    x = x.to(device, non_blocking=True).float() / 255
-    if flip_generator is not None:                      # drawn on the CPU: the same flips on any device
-        flip = (torch.rand(len(x), generator=flip_generator) < 0.5).to(device)
+def preprocess(x, img_size, mean, std, device, flip=None):
+    """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S) on ``device``, mirrored where the bool
+    tensor ``flip`` (B,) says. The uint8 batch moves first (if it is not there yet): resizing to
+    224 px on the CPU would starve a GPU. ``mean`` and ``std`` are (3, 1, 1) tensors on ``device``."""
+    x = x.to(device).float() / 255
+    if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if img_size != x.shape[-1]:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (mean, std))
     return (x - mean) / std
 
 
@@ -344,19 +345,26 @@ def build_model(args):
 
 def input_pipeline(args):
     """preprocess with this run's image size, normalisation and device: uint8 batch -> model input."""
-    return functools.partial(preprocess, img_size=args.img_size, mean=args.mean, std=args.std, device=args.device)
+    mean, std = (torch.tensor(v, device=args.device)[:, None, None] for v in (args.mean, args.std))   # built once
+    return functools.partial(preprocess, img_size=args.img_size, mean=mean, std=std, device=args.device)
 
 
-def evaluate(model, x, y, prep, batch_size, amp=False):
-    """Top-1 accuracy (%) of ``model`` on the uint8 images ``x``; ``prep`` makes a batch its input."""
+def evaluate(model, x, y, prep, batch_size, amp=None):
+    """Top-1 accuracy (%) of ``model`` on the uint8 images ``x``; ``prep`` makes a batch its input.
+    ``amp``: the autocast dtype, or None. One host-device sync, at the end."""
     device = next(model.parameters()).device
     model.eval()
-    correct = 0
-    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         for i in range(0, len(x), batch_size):
-            correct += (model(prep(x[i:i + batch_size])).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+            correct += (model(prep(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size].to(device)).sum()
     model.train()
-    return 100.0 * correct / len(x)
+    return 100.0 * correct.item() / len(x)
+
+
+def to_device(t, device):
+    """``t`` on ``device`` without a host-device sync: from pinned memory a copy is queued like a kernel."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 class Diverged(Exception):
@@ -374,8 +382,9 @@ def train(args, data, eval_name="test"):
     steps_per_epoch = max(1, len(train_x) // args.batch_size)
     steps = args.epochs * steps_per_epoch if args.steps is None else args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    scaler = torch.amp.GradScaler(enabled=args.amp and args.device.type == "cuda")
+    scaler = torch.amp.GradScaler(enabled=args.amp == torch.float16 and args.device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
+    train_x, train_y = train_x.to(args.device), train_y.to(args.device)   # CIFAR's uint8 fits on any GPU
     prep = input_pipeline(args)
     print(f"{args.method} on {args.dataset}: {len(train_x)} train / {len(test_x)} {eval_name} images at {args.img_size} px, "
           f"{steps} steps, lr {lr:g}{f', head lr {args.head_lr:g}' if args.head_lr else ''}"
@@ -383,26 +392,30 @@ def train(args, data, eval_name="test"):
     history, step, start, seen = [], 0, time.time(), 0
     model.train()
     while step < steps:
-        order = torch.randperm(len(train_x), generator=g)
+        # an epoch's order and flips, drawn on the CPU (the same on any device) and moved once
+        order = to_device(torch.randperm(len(train_x), generator=g), args.device)
+        flips = to_device(torch.rand(steps_per_epoch * args.batch_size, generator=g) < 0.5, args.device)
         for i in range(steps_per_epoch):
             if step == steps:
                 break
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            xb = prep(train_x[idx], flip_generator=g)
-            with torch.autocast(args.device.type, enabled=args.amp):
-                loss = F.cross_entropy(model(xb), train_y[idx].to(args.device))
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss is {loss.item()} at step {step}; lower --lr (now {lr:g}) or the NoRA --alpha")
+            batch = slice(i * args.batch_size, (i + 1) * args.batch_size)
+            idx = order[batch]
+            xb = prep(train_x[idx], flip=flips[batch])
+            with torch.autocast(args.device.type, dtype=args.amp, enabled=args.amp is not None):
+                loss = F.cross_entropy(model(xb), train_y[idx])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
             step, seen = step + 1, seen + len(idx)
-            if step % args.log_every == 0 or step == steps:
+            if step % args.log_every == 0 or step == steps:   # the loop's only host-device sync
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise Diverged(f"loss is {value} at step {step}; lower --lr (now {lr:g}) or the NoRA --alpha")
                 rate = seen / (time.time() - start)
                 left = (steps - step) * args.batch_size / rate
-                print(f"  step {step}/{steps}  loss {loss.item():.4f}  {rate:.0f} img/s  "
+                print(f"  step {step}/{steps}  loss {value:.4f}  {rate:.0f} img/s  "
                       f"{time.strftime('%H:%M:%S', time.gmtime(left))} left", flush=True)
             if step % steps_per_epoch == 0 or step == steps:
                 history.append(evaluate(model, test_x, test_y, prep, args.batch_size, args.amp))
@@ -758,7 +771,7 @@ def time_models(dev, reps, B, amp):
         return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
 
     def train_step(model, opt):
-        with torch.autocast(dev.type, enabled=amp):
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -766,7 +779,7 @@ def time_models(dev, reps, B, amp):
 
     def infer(model):
         model.eval()
-        with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             model(x)
         model.train()
 
@@ -881,6 +894,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision (on by default on CUDA)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the rational's eager kernels instead of torch.compile'd ones (compiling takes seconds)")
+    p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default="float16",
+                   help="autocast dtype on CUDA: float16 (with a gradient scaler, the paper's AMP) or bfloat16 "
+                        "(no scaler needed; on Ampere and newer GPUs)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5, help="--table efficiency: timed repeats per measurement")
@@ -914,7 +932,7 @@ def parse_args(argv=None):
         p.error("--rows with nora++ but not nora needs --nora-lr: nora++ trains NoRA at the nora row's lr")
     check_output_paths(p, args.save, args.out, args.plot_activations)
     args.device = torch.device(args.device)
-    args.amp = args.device.type == "cuda" and not args.no_amp
+    args.amp = getattr(torch, args.amp_dtype) if args.device.type == "cuda" and not args.no_amp else None
     args.mean, args.std = nora.PRETRAINED[args.model]["mean"], nora.PRETRAINED[args.model]["std"]
     if args.table and args.out is None:
         args.out = "results.json"
@@ -938,17 +956,25 @@ def load_saved_run(path):
 def main(argv=None):
     args = parse_args(argv)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    threads = torch.get_num_threads()
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    kernels = dict(nora._kernels)                       # eager or compiled rational, as the caller had it
     try:
         torch.manual_seed(args.seed)
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
+        else:                                           # TF32 matmuls for the float32 parts (--no-amp too)
+            torch.set_float32_matmul_precision("high")
+        if not args.no_compile and args.table != "efficiency":   # (the efficiency table times both paths)
+            compiled = nora.use_compiled_rational(device=args.device)
+            print(f"rational: {'compiled' if compiled else 'eager (torch.compile failed, see the warning)'}")
         return _main(args)
     finally:                                            # leave a Python caller's torch settings as they were
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+        nora._kernels.update(kernels)
 
 
 def _main(args):
