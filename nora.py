@@ -706,30 +706,39 @@ def activation_name(module):
                  if isinstance(y, torch.Tensor) and y.shape == x.shape and (y - fn(x)).abs().max() < 1e-4), None)
 
 
+def _layout(m, makes_input):
+    """(channel dim, channel count) of the tensor layer ``m`` makes (or, if not ``makes_input``, takes);
+    None for layers that leave it as it is; "unknown" for any other."""
+    if isinstance(m, (nn.Dropout, nn.Identity)):
+        return None
+    if isinstance(m, nn.modules.conv._ConvNd):                             # (N, C, ...) maps
+        return 1, m.out_channels if makes_input else m.in_channels
+    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):      # BatchNorm, InstanceNorm
+        return 1, getattr(m, "num_features", getattr(m, "num_channels", None))
+    if isinstance(m, nn.Linear):
+        return -1, m.out_features if makes_input else m.in_features
+    if type(m) is nn.LayerNorm:                           # not timm's LayerNorm2d, which normalises dim 1
+        return -1, m.normalized_shape[-1]
+    if getattr(getattr(m, "weight", None), "ndim", 0) == 2:                # HF's Conv1D, ...
+        return -1, None
+    return "unknown"
+
+
 def _channel_layout(parent, name):
-    """(channel dim, channel count) of what feeds ``parent``'s child ``name``, read off the last layer
-    registered before it; the count only inside an nn.Sequential, where that layer surely feeds it."""
-    before = []
-    for n, child in parent.named_children():
-        if n == name:
-            break
-        before += [m for m in child.modules() if not any(m.children())]     # leaves, in order
-    for m in reversed(before):
-        if isinstance(m, (nn.Dropout, nn.Identity)):
-            continue
-        if isinstance(m, nn.modules.conv._ConvNd):                         # (N, C, ...) outputs
-            dim, count = 1, m.out_channels
-        elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):  # BatchNorm, InstanceNorm
-            dim, count = 1, getattr(m, "num_features", getattr(m, "num_channels", None))
-        elif isinstance(m, nn.Linear):
-            dim, count = -1, m.out_features
-        elif type(m) is nn.LayerNorm:                     # not timm's LayerNorm2d, which normalises dim 1
-            dim, count = -1, m.normalized_shape[-1]
-        elif getattr(getattr(m, "weight", None), "ndim", 0) == 2:            # HF's Conv1D, ...
-            dim, count = -1, None
-        else:
-            break
-        return dim, count if isinstance(parent, nn.Sequential) else None
+    """(channel dim, channel count) of the input of ``parent``'s child ``name``, read off the last layer
+    registered before it (which makes that input) or else the first after it (which takes its
+    output, of the same layout); the count only inside an nn.Sequential, where those surely are
+    its neighbours. (None, None) where no such layer tells."""
+    children = list(parent.named_children())
+    i = [n for n, _ in children].index(name)
+    leaves = lambda part: [m for _, c in part for m in c.modules() if not any(m.children())]
+    for neighbours, makes_input in ((leaves(children[:i])[::-1], True), (leaves(children[i + 1:]), False)):
+        for m in neighbours:
+            layout = _layout(m, makes_input)
+            if layout == "unknown":                       # a layer that may change the layout: stop looking
+                break
+            if layout is not None:
+                return layout if isinstance(parent, nn.Sequential) else (layout[0], None)
     return None, None
 
 

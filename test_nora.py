@@ -1227,3 +1227,19 @@ def test_train_vit_compiles_the_rational_by_default_with_the_eager_result(cifar_
     assert nora._kernels["forward"] is nora._rational_forward      # main() leaves the library as it found it
     assert compiled["history"] == eager["history"]
     assert compiled["drift"] == pytest.approx(eager["drift"], rel=1e-4)
+
+
+def test_the_channel_axis_is_also_read_off_the_layer_after_the_activation():
+    class ClipMlp(nn.Module):                             # HF CLIP registers its activation first
+        def __init__(self):
+            super().__init__()
+            self.act, self.fc1, self.fc2 = nn.GELU(), nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    model = nn.Sequential(ClipMlp(), nn.Sequential(nn.GELU(), nn.Conv2d(8, 8, 1)))
+    nora.add_nora(model, groups=4)
+    assert model[0].act.channel_dim == -1 and model[1][0].channel_dim == 1
+    with pytest.raises(ValueError, match=r"1\.0 \(GELU\) acts on 8 channels"):
+        nora.add_nora(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.GELU(), nn.Conv2d(8, 8, 1))), groups=3)
