@@ -652,18 +652,19 @@ class LoRALinear(nn.Module):
 #
 # NoRA needs nothing from the model but its activation modules: `add_nora` swaps each one for a
 # NoRA module and freezes everything else, so it works the same on our ViT, timm's, torchvision's
-# or a Hugging Face model. Three things must be right for each activation, and none may depend on
-# the user remembering them:
+# or a Hugging Face model. Three things must be right, and none may depend on the user
+# remembering them:
 #   - which function it computes, so the base rational starts equal to it: found by calling the
 #     module on [-8, 8] and comparing with the functions of section 2 (torch's, timm's and HF's
 #     GELU classes differ, GPT-2's is the tanh approximation, LLaMA's is SiLU);
 #   - which axis of its input holds the channels that the groups cut: the last one after a linear
 #     layer, dim 1 in a convolutional stage's (N, C, H, W) maps. Found from the layer registered
-#     just before it, which in an nn.Sequential is surely the one that feeds it (and then the
-#     channel count, and so the group count, can be checked before anything changes);
+#     next to it (before it, else after), which in an nn.Sequential surely is its neighbour (and
+#     then the channel count, and so the group count, can be checked before anything changes);
 #   - for LoRA, how the layer stores its weight: (out, in) for nn.Linear, (in, out) for GPT-2's
 #     Conv1D. Found by calling the layer once and seeing which of x @ W.T and x @ W it computes.
-# Activations called as functions (F.gelu inside forward) cannot be found this way.
+# Activations called as functions (F.gelu inside forward) cannot be found this way. And the
+# adapter file holds everything training changes, BatchNorm running statistics included.
 # -----------------------------------------------------------------------------
 
 ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable
