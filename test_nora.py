@@ -1243,3 +1243,14 @@ def test_the_channel_axis_is_also_read_off_the_layer_after_the_activation():
     assert model[0].act.channel_dim == -1 and model[1][0].channel_dim == 1
     with pytest.raises(ValueError, match=r"1\.0 \(GELU\) acts on 8 channels"):
         nora.add_nora(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.GELU(), nn.Conv2d(8, 8, 1))), groups=3)
+
+
+def test_coefficient_gradients_stay_finite_under_float16_autocast():
+    m = nora.NoRA(2, 2)
+    with torch.no_grad():
+        m.B_P.normal_(), m.B_Q.normal_(0, 0.01)
+    x = torch.rand(64, 64, 8, generator=torch.Generator().manual_seed(0)) * 4 + 4   # |x| in [4, 8]: x^5 is large
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = m(x.half())
+    y.float().sum().backward()                            # each coefficient's gradient sums 16,384 terms
+    assert all(torch.isfinite(p.grad).all() for p in (m.A_P, m.B_P, m.A_Q, m.B_Q))   # float16 B A: inf
