@@ -44,13 +44,14 @@ import torch.nn.functional as F
 # b_0: then Q(0) = 1, and S(x) = x s(x) has a factor x that the kernels below use.
 #
 # "Group-wise": the C channels (the last dimension, or `dim`: 1 for an (N, C, H, W) feature map)
-# are cut into G contiguous groups that each share one rational, so the coefficients are a (G, m+1) numerator and a (G, n) denominator matrix,
-# whatever the size of x. `rational_reference` is Eq. 6 as written, autograd doing the rest.
-# Autograd keeps every power of x for backward, so `rational` evaluates P and Q by Horner's rule,
-# a0 + x(a1 + x(a2 + ...)), with a hand-written backward that keeps only x and recomputes. On a
-# CPU it is fast because x is viewed as (N, C) with each group's coefficients repeated to one row
-# per channel, (k, C), so every broadcast and sum runs along contiguous memory, and because
-# backward works in place, so a pass over memory is not also an allocation.
+# are cut into G contiguous groups that each share one rational, so the coefficients are a
+# (G, m+1) numerator and a (G, n) denominator matrix, whatever the size of x.
+# `rational_reference` is Eq. 6 as written, autograd doing the rest. Autograd keeps every power
+# of x for backward, so `rational` evaluates P and Q by Horner's rule, a0 + x(a1 + x(a2 + ...)),
+# with a hand-written backward that keeps only x and recomputes. On a CPU it is fast because x
+# is viewed as (N, C) with each group's coefficients repeated to one row per channel, (k, C), so
+# every broadcast and sum runs along contiguous memory, and because backward works in place, so
+# a pass over memory is not also an allocation.
 # -----------------------------------------------------------------------------
 
 def rational_reference(x, numerator, denominator):
@@ -236,11 +237,11 @@ def _chunks(x):
 
 def _compile(kernel):
     """torch.compile ``kernel`` with the row count dynamic and everything else static: one graph
-    serves every batch size (static row counts would recompile for each, and after 8 shapes
-    PyTorch silently runs eager; fully dynamic shapes ran 40x slower here). The fused backward
-    computes all three gradients: skipping one saves little there, and each `needs` pattern
-    would be another graph."""
-    compiled = torch.compile(kernel)
+    per channel count serves every batch size. (All-static shapes recompile for each new batch
+    size and after 8 PyTorch silently runs eager; fully dynamic ones ran 40x slower here.) The
+    fused backward computes all three gradients: skipping one saves little there, and each
+    `needs` pattern would be another graph."""
+    compiled = torch.compile(kernel, dynamic=False)
 
     def run(x, numerator, denominator, *grad_and_needs):
         tensors = [t.detach() for t in (x, numerator, denominator, *grad_and_needs[:1])]   # backward: + grad
@@ -291,8 +292,9 @@ def use_compiled_rational(enable=True, device=None):
 # Fitting P/Q to f is nonlinear least squares; the Sanathanan-Koerner iteration turns it into a
 # sequence of linear ones: with weights w = 1/Q_prev, solve
 #       min || w (P(x) - f(x) S(x) - f(x)) ||      (since f = P/(1+S)  <=>  P - f S = f)
-# and repeat (each row also times sqrt(weight(x)), for the weighted fit). For GELU, SiLU and ReLU the fits come out even in the denominator (b1 = b3 = 0)
-# with S >= 0, so the |.| of Eq. 6 changes nothing on the range. Deterministic: float64, fixed grid.
+# and repeat, each row also times sqrt(weight(x)) for the weighted fit. For GELU, SiLU and ReLU
+# the fits come out even in the denominator (b1 = b3 = 0, to 1e-15) with S >= 0, so the |.| of
+# Eq. 6 changes nothing on the range. Deterministic: float64, fixed grid.
 # -----------------------------------------------------------------------------
 
 def preactivation_weight(x):
@@ -421,9 +423,10 @@ class GroupRational(nn.Module):
 # the same family of functions (merge folds it into plain coefficients), but well conditioned.
 # GELU's tails are set by tiny leading coefficients, phi(x) ~ (a_5 / |b_4|) x with a_5 = 5.3e-4
 # and b_4 = 1.1e-3, yet over a real ViT's pre-activations the output is 290 times more sensitive
-# to a_5 than to a_1 (README; s^5 = 243 at s = 3 undoes about that). Adam moves every entry by about the same step, so in monomials the
-# first steps change a_5 and b_4 by more than their own size: on a real ViT-S the paper's form
-# collapses at a 3 to 10x lower lr than ours (README). `basis_scale=1` is the paper's form.
+# to a_5 than to a_1 (README; s^5 = 243 at s = 3 undoes about that). Adam moves every entry of A
+# and B by about the same step, so in monomials the first steps change a_5 and b_4 by more than
+# their own size: on a real ViT-S the paper's form collapses at a 3 to 10x lower lr than ours
+# (README). `basis_scale=1` is the paper's form.
 # -----------------------------------------------------------------------------
 
 def _check_settings(module, names, saved):

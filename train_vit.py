@@ -6,6 +6,7 @@
     python train_vit.py --method nora --scale small --save a.pt   # then: --eval-adapter a.pt
     python train_vit.py --scale small --plot-activations act.svg  # draw what NoRA learned
     python train_vit.py --table study --model vit_small_patch14_dinov2.lvd142m ...   # README: is NoRA worth it?
+    torchrun --nproc_per_node 8 train_vit.py --groups 8 --rank 2 # data-parallel on 8 GPUs (DDP)
 
 The method itself lives in nora.py; this script holds the comparison harness (the baselines of the
 paper's tables and `prepare`), parses arguments, loads data, trains and prints.
@@ -13,7 +14,9 @@ paper's tables and `prepare`), parses arguments, loads data, trains and prints.
 import argparse
 import functools
 import json
+import contextlib
 import math
+import os
 import pickle
 import sys
 import time
@@ -377,6 +380,10 @@ def train(args, data, eval_name="test"):
     train_x, train_y, test_x, test_y = data
     model, total = build_model(args)
     trainable = nora.count_parameters(model)[0]
+    # torchrun: every process holds the model; DDP averages the trainable parameters' gradients
+    # over them. broadcast_buffers=False: a forward then needs no collective (our ViT has no buffers).
+    forward = model if args.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[args.device] if args.device.type == "cuda" else None, broadcast_buffers=False)
     lr = args.lr if args.lr is not None else METHOD_LR.get(args.method, 1e-3)
     opt = torch.optim.AdamW(nora.param_groups(model, lr, args.head_lr, args.nora_lr), weight_decay=args.weight_decay)
     steps_per_epoch = max(1, len(train_x) // args.batch_size)
@@ -398,18 +405,25 @@ def train(args, data, eval_name="test"):
         for i in range(steps_per_epoch):
             if step == steps:
                 break
-            batch = slice(i * args.batch_size, (i + 1) * args.batch_size)
+            # the global batch, as in a single process; this process takes its 1/world of it
+            shard = args.batch_size // args.world
+            first = i * args.batch_size + args.process * shard
+            batch = slice(first, first + shard)
             idx = order[batch]
             xb = prep(train_x[idx], flip=flips[batch])
             with torch.autocast(args.device.type, dtype=args.amp, enabled=args.amp is not None):
-                loss = F.cross_entropy(model(xb), train_y[idx])
+                loss = F.cross_entropy(forward(xb), train_y[idx])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-            step, seen = step + 1, seen + len(idx)
+            step, seen = step + 1, seen + args.batch_size
             if step % args.log_every == 0 or step == steps:   # the loop's only host-device sync
+                if args.world > 1:                      # the global batch's loss, the same in every process
+                    loss = loss.detach().clone()
+                    torch.distributed.all_reduce(loss)
+                    loss /= args.world
                 value = loss.item()
                 if not math.isfinite(value):
                     raise Diverged(f"loss is {value} at step {step}; lower --lr (now {lr:g}) or the NoRA --alpha")
@@ -452,7 +466,7 @@ def record(args, result):
           f"({result['percent']:.3f}%) accuracy={result['accuracy']:.2f}% time={result['seconds']:.0f}s"
           + ("" if result.get("drift") is None else f" max|phi-GELU| on [-8,8]={result['drift']:.3g}, "
              f"b_n<0 in {result['layers_b_n_below_zero']} layers"))
-    if args.out:
+    if args.out and args.process == 0:                  # torchrun: one record, from the first process
         path = Path(args.out)
         records = json.loads(path.read_text()) if path.exists() else []
         path.write_text(json.dumps(records + [rec], indent=1))
@@ -472,7 +486,7 @@ def evaluate_adapter(args, data, state):
         sys.exit(f"error: {args.eval_adapter}: {e}")
     acc = evaluate(model, data[2], data[3], input_pipeline(args), args.batch_size, args.amp)
     print(f"RESULT eval-adapter {args.eval_adapter}: method={args.method} accuracy={acc:.2f}%")
-    if args.plot_activations:
+    if args.plot_activations and args.process == 0:
         plot_activations(model, args.plot_activations)
     return dict(accuracy=acc)
 
@@ -482,11 +496,12 @@ def run(args, data):
         model, result = train(args, data)
     except Diverged as e:
         sys.exit(f"error: {e}")
-    if args.save:
+    if args.save and args.process == 0:
         state = nora.adapter_state_dict(model)
-        torch.save({"args": {k: v for k, v in vars(args).items() if k != "device"}, "state": state}, args.save)
+        torch.save({"args": {k: v for k, v in vars(args).items() if k not in ("device", "process", "world")},
+                    "state": state}, args.save)
         print(f"saved adapter and head ({sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor)):,} numbers) to {args.save}")
-    if args.plot_activations:
+    if args.plot_activations and args.process == 0:
         plot_activations(model, args.plot_activations)
     return record(args, result)
 
@@ -665,7 +680,8 @@ def describe(args):
 def write_table(args, name, text):
     print(text)
     md = Path(f"table-{name}-{args.dataset}-{args.scale}.md")
-    md.write_text(text.lstrip() + "\n")
+    if args.process == 0:
+        md.write_text(text.lstrip() + "\n")
     print(f"\nwrote {md}" + (f" and appended every run to {args.out}" if args.out else ""))
 
 
@@ -934,6 +950,7 @@ def parse_args(argv=None):
     args.device = torch.device(args.device)
     args.amp = getattr(torch, args.amp_dtype) if args.device.type == "cuda" and not args.no_amp else None
     args.mean, args.std = nora.PRETRAINED[args.model]["mean"], nora.PRETRAINED[args.model]["std"]
+    args.process, args.world = 0, 1                     # this process's rank and the count (start_processes)
     if args.table and args.out is None:
         args.out = "results.json"
     return args
@@ -953,24 +970,44 @@ def load_saved_run(path):
     return saved
 
 
+def start_processes(args):
+    """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the process group, NCCL on
+    GPUs and gloo on CPUs, and take this process's GPU. Sets args.process (its rank) and args.world (0 and 1
+    without torchrun). Every process runs the same code on the same data, evaluations included
+    (so all take the same decisions, e.g. the study's lr), but only rank 0 prints and writes."""
+    args.process, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.world == 1:
+        return
+    if args.batch_size % args.world:
+        sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of the {args.world} processes")
+    if args.device.type == "cuda":
+        args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    start_processes(args)
     deterministic = torch.are_deterministic_algorithms_enabled()
     threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
     kernels = dict(nora._kernels)                       # eager or compiled rational, as the caller had it
     try:
-        torch.manual_seed(args.seed)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.device.type == "cpu":
-            torch.use_deterministic_algorithms(True)
-        else:                                           # TF32 matmuls for the float32 parts (--no-amp too)
-            torch.set_float32_matmul_precision("high")
-        if not args.no_compile and args.table != "efficiency":   # (the efficiency table times both paths)
-            compiled = nora.use_compiled_rational(device=args.device)
-            print(f"rational: {'compiled' if compiled else 'eager (torch.compile failed, see the warning)'}")
-        return _main(args)
+        with contextlib.redirect_stdout(None) if args.process else contextlib.nullcontext():   # rank 0 prints
+            torch.manual_seed(args.seed)
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            if args.device.type == "cpu":
+                torch.use_deterministic_algorithms(True)
+            else:                                       # TF32 matmuls for the float32 parts (--no-amp too)
+                torch.set_float32_matmul_precision("high")
+            if not args.no_compile and args.table != "efficiency":   # (the efficiency table times both paths)
+                compiled = nora.use_compiled_rational(device=args.device)
+                print(f"rational: {'compiled' if compiled else 'eager (torch.compile failed, see the warning)'}")
+            return _main(args)
     finally:                                            # leave a Python caller's torch settings as they were
+        if args.world > 1:
+            torch.distributed.destroy_process_group()
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
         torch.set_float32_matmul_precision(precision)
