@@ -7,8 +7,9 @@ activation (GELU in a ViT's MLP) with a group-wise rational function P(x)/Q(x), 
 match GELU, and training only a low-rank update of its coefficients (plus the task head).
 NoRA++ adds LoRA on the weights.
 
-Read it top to bottom; each section uses only what came before it, so sections 1-6 are all
-you need for your own model, and section 7 only builds and loads the ViT the scripts use.
+Read it top to bottom: each section builds on the ones before it (only the fenced "Speed"
+parts, which change no result, may be skipped). Sections 1-6 are all you need for your own
+model; section 7 only builds and loads the ViT the scripts use.
   1. The rational function P(x)/Q(x)              paper Eqs. 1, 5, 6
   2. Fitting the coefficients to GELU (and others)  paper Appendix B
   3. GroupRational: a learnable group rational       paper Sec. 3 (after Group-KAN)
@@ -39,9 +40,10 @@ import torch.nn.functional as F
 # 1. The rational function (Eqs. 1, 5, 6)
 #
 # A rational activation is phi(x) = P(x) / Q(x) (Eq. 1). A plain polynomial Q has roots, so phi
-# has poles; Eq. 6 makes it safe with the denominator Q(x) = 1 + |b_1 x + ... + b_n x^n| >= 1.
-# Degrees (m, n) = (5, 4), as in Group-KAN and the released code, which also leaves out Eq. 6's
-# b_0: then Q(0) = 1, and S(x) = x s(x) has a factor x that the kernels below use.
+# has poles; Eq. 6 makes it safe with the denominator Q(x) = 1 + |b_0 + b_1 x + ... + b_n x^n|,
+# which is >= 1. Like Group-KAN and the released code we use degrees (m, n) = (5, 4) and leave
+# out b_0, so Q(x) = 1 + |S(x)| with S(x) = b_1 x + ... + b_n x^n: then Q(0) = 1, and S(x) =
+# x s(x) has a factor x that the kernels below use.
 #
 # "Group-wise": the C channels (the last dimension, or `dim`: 1 for an (N, C, H, W) feature map)
 # are cut into G contiguous groups that each share one rational, so the coefficients are a
@@ -70,7 +72,7 @@ def _per_channel(coeffs, channels):
 
 def _horner(x, c, derivative=False):
     """p(x) = c0 + c1 x + ... (and p'(x) if asked) for x (N, C) and per-channel coefficients c (k, C)."""
-    p = torch.addcmul(c[-2], c[-1], x)                    # c_{k-1} + c_k x, a new tensor to overwrite
+    p = torch.addcmul(c[-2], c[-1], x)                    # c_{k-2} + c_{k-1} x (c has k rows): a new tensor
     dp = c[-1]                                            # its derivative: a (C,) row that broadcasts
     for i, ci in enumerate(c.flip(0)[2:]):
         if derivative:                                    # (p x + c)' = p + x p'
@@ -105,9 +107,9 @@ def _rational_backward(x, numerator, denominator, grad, needs=(True, True, True)
     C, G, dtype = x.shape[-1], numerator.shape[0], x.dtype
     x, grad = x.to(numerator.dtype), grad.to(numerator.dtype)
     num = _per_channel(numerator, C)
-    P, dP = _horner(x, num, derivative=True) if needs[0] else (_horner(x, num), None)
-    s, ds = _horner(x, _per_channel(denominator, C), derivative=True)
-    dS = torch.addcmul(s, ds, x, out=ds)                  # S' = s + x s'
+    P, P_x = _horner(x, num, derivative=True) if needs[0] else (_horner(x, num), None)   # P and P'(x)
+    s, s_x = _horner(x, _per_channel(denominator, C), derivative=True)
+    S_x = torch.addcmul(s, s_x, x, out=s_x)               # S' = s + x s'
     S = s.mul_(x)
     sign = S.sgn()                                        # = sign(), but vectorised on CPU
     Q = S.abs_().add_(1)
@@ -115,7 +117,7 @@ def _rational_backward(x, numerator, denominator, grad, needs=(True, True, True)
     g = grad / Q
     grad_x = grad_num = grad_den = None
     if needs[0]:                                          # dy/dx = (P' - y Q') / Q  with  Q' = sign(S) S'
-        grad_x = dP.sub_(dS.mul_(sign).mul_(y)).mul_(g).to(dtype)
+        grad_x = P_x.sub_(S_x.mul_(sign).mul_(y)).mul_(g).to(dtype)
     if needs[2]:                                          # dy/db_j = -y sign(S) x^j / Q, summed per group
         grad_den = _group_power_sums((g * y).mul_(sign).neg_().mul_(x), x, denominator.shape[1], G)
     if needs[1]:                                          # dy/da_i = x^i / Q, summed per group
@@ -406,27 +408,38 @@ class GroupRational(nn.Module):
 # -----------------------------------------------------------------------------
 # 4. NoRA: low-rank updates of the rational coefficients (Eqs. 7, 8)
 #
-# NoRA freezes the base coefficients P_g, Q_g (initialised to GELU) and learns a low-rank
-# perturbation of each (Eq. 7):
+# Why tune an activation at all? LoRA changes what a frozen layer's weights compute; NoRA
+# changes the nonlinearity between them. Every MLP of a ViT applies GELU to thousands of
+# channels, so reshaping that curve per group of channels (steeper here, a different knee there)
+# changes what every block computes, for a few dozen numbers per layer. Swapping GELU for its
+# rational (section 2) changes the model by little (README: 1.5% on a real ViT-S), and NoRA's
+# update starts at zero, so training starts from the pretrained model.
+#
+# NoRA freezes the base coefficients P_g, Q_g of each group and learns a low-rank perturbation
+# of each (Eq. 7):
 #       phi'(x) = (P + dP)(x) / (Q + dQ)(x)
 # The paper's Eq. 8 gives each group g its own product A_g B_g with A_g in R^{d x r} and
 # B_g in R^{r x 1}, i.e. a free d-vector per group ("group" form below). The released code
 # instead factorises the whole G x d update matrix ("shared" form, our default):
 #       dP = B_P @ A_P * alpha / r,     A_P in R^{r x (m+1)} shared,  B_P in R^{G x r} per group
-# so groups move along r shared directions in coefficient space: r (m+1+n) + 2 G r numbers per
-# layer (52 at G = 8, r = 2). As in LoRA, A starts as small noise (Sec. 3: A ~ N(0, 0.02); the
-# released code's kaiming A, 12x larger, collapsed a real ViT-S) and B at zero, so at step 0
-# NoRA is exactly its base rational. dQ goes inside the |.| (b -> b + db), so Q stays >= 1.
+# so dP, as a G x (m+1) matrix, has rank <= r: the groups move along r shared directions in
+# coefficient space. That is r (m+1+n) + 2 G r numbers per layer (52 at G = 8, r = 2). As in
+# LoRA, A starts as small noise (Sec. 3: A ~ N(0, 0.02); the released code's kaiming A, 12x
+# larger, collapsed a real ViT-S) and B at zero, so at step 0 phi' is exactly the base rational.
+# Eq. 7 writes Q + dQ; with Eq. 6's safe denominator we add dQ to Q's coefficients, inside the
+# |.| (b -> b + db), so Q stays >= 1 however training moves them.
 #
 # One departure from the paper: the update is learned in the scaled basis (x/s)^i, s = 3,
 #       dP(x) = sum_i dp_i (x/s)^i,  i.e. da_i = dp_i / s^i    (and db_j = dq_j / s^j)
 # the same family of functions (merge folds it into plain coefficients), but well conditioned.
 # GELU's tails are set by tiny leading coefficients, phi(x) ~ (a_5 / |b_4|) x with a_5 = 5.3e-4
 # and b_4 = 1.1e-3, yet over a real ViT's pre-activations the output is 290 times more sensitive
-# to a_5 than to a_1 (README; s^5 = 243 at s = 3 undoes about that). Adam moves every entry of A
-# and B by about the same step, so in monomials the first steps change a_5 and b_4 by more than
-# their own size: on a real ViT-S the paper's form collapses at a 3 to 10x lower lr than ours
-# (README). `basis_scale=1` is the paper's form.
+# to a_5 than to a_1 (README, "Why NoRA's update is learned in the basis (x/3)^i"). Adam moves
+# every entry of A and B by about the same step, so every dp_i moves by about the same amount,
+# and in monomials (da_i = dp_i) the first steps change a_5 and b_4 by more than their own size.
+# Dividing dp_i by s^i evens that out: s^5 = 243 at s = 3 undoes about the 290x. On a real ViT-S
+# the paper's form collapses at a 3 to 10x lower lr than ours (README, the stability grid).
+# `basis_scale=1` is the paper's form.
 # -----------------------------------------------------------------------------
 
 def _check_settings(module, names, saved):
@@ -472,10 +485,11 @@ class NoRA(nn.Module):
         self.scaling = (alpha if alpha is not None else 2 * rank) / rank
         self.basis_scale, self.channel_dim = basis_scale, channel_dim
         self.name = "NoRA"                                # add_nora puts the module's path here, for errors
-        for side, d in (("P", num.shape[1]), ("Q", den.shape[1])):
-            A_shape, B_shape = ((rank, d), (groups, rank)) if form == "shared" else ((groups, d, rank), (groups, rank))
-            setattr(self, f"A_{side}", nn.Parameter(torch.randn(A_shape) * 0.02))
-            setattr(self, f"B_{side}", nn.Parameter(torch.zeros(B_shape)))
+        A_shape = (lambda d: (rank, d)) if form == "shared" else (lambda d: (groups, d, rank))
+        self.A_P = nn.Parameter(torch.randn(A_shape(num.shape[1])) * 0.02)    # numerator update, Eq. 8
+        self.B_P = nn.Parameter(torch.zeros(groups, rank))
+        self.A_Q = nn.Parameter(torch.randn(A_shape(den.shape[1])) * 0.02)    # denominator update
+        self.B_Q = nn.Parameter(torch.zeros(groups, rank))
 
     def _delta(self, A, B, first_power):
         """The update B A * alpha / r (Eq. 8) in the basis (x/s)^i: its column for x^i is divided by s^i."""
@@ -621,7 +635,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        if not isinstance(self.base.weight, nn.Parameter):   # e.g. a 4-bit weight rebuilt at each call
+        if not isinstance(self.base.weight, nn.Parameter):   # e.g. a quantised weight rebuilt at each call
             raise TypeError(f"LoRALinear.merge: the base {type(self.base).__name__} has no stored weight to "
                             f"merge into (a quantised layer?); keep the model unmerged")
         if not self.merged:
@@ -836,7 +850,7 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", layer=Lo
     A target named 'qkv' is timm's fused projection: only the parts named in ``qkv_parts`` (default
     q and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
     ``weight`` that it applies linearly counts as linear, stored (out, in) or (in, out) (HF's
-    Conv1D); ``layer`` is the adapter class (DoRALinear is another).
+    Conv1D); ``layer`` is the adapter class (LoRALinear or a subclass of it).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not qkv_parts or set(qkv_parts) - set("qkv"):

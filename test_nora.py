@@ -1254,3 +1254,25 @@ def test_coefficient_gradients_stay_finite_under_float16_autocast():
         y = m(x.half())
     y.float().sum().backward()                            # each coefficient's gradient sums 16,384 terms
     assert all(torch.isfinite(p.grad).all() for p in (m.A_P, m.B_P, m.A_Q, m.B_Q))   # float16 B A: inf
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_torchrun_with_two_processes_trains_what_one_process_trains(cifar_root, tmp_path):
+    import json
+    import subprocess
+    import sys
+    import train_vit
+    flags = ["--data-root", str(cifar_root), *TINY_RUN, "--epochs", "2", "--batch-size", "10"]
+    train_vit.main([*flags, "--save", str(tmp_path / "one.pt"), "--out", str(tmp_path / "one.json")])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train_vit.py", *flags, "--threads", "1", "--save", str(tmp_path / "two.pt"),
+                           "--out", str(tmp_path / "two.json")],
+                          cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("RESULT") == 1                                  # only rank 0 prints
+    assert len(json.loads((tmp_path / "two.json").read_text())) == 1        # and writes one record
+    one, two = (torch.load(tmp_path / f, weights_only=True)["state"] for f in ("one.pt", "two.pt"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(one["blocks.0.mlp.act.B_P"], torch.zeros_like(one["blocks.0.mlp.act.B_P"]))
