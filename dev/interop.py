@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nora  # noqa: E402

@@ -9,13 +9,13 @@ Each photo (427 x 640) gives a 3 x 6 grid of overlapping 140 px crops, resized t
 ImageNet mean and std.
 """
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_sample_images
 
-import sys
-from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nora  # noqa: E402
 
