@@ -1162,10 +1162,13 @@ def test_coefficients_stay_float32_under_autocast_and_devices_are_checked():
     m = nora.NoRA(4, 2)
     with torch.no_grad():
         m.B_P.normal_()
+    x = torch.randn(3, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         num, den = m.coefficients()
-        y = m(torch.randn(3, 8).bfloat16())
+        y = m(x.bfloat16())
+        y32 = m(x)
     assert num.dtype == den.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert torch.equal(y32, m(x))                         # as the float32 model computes it
     with pytest.raises(ValueError, match="model.to"):
         nora.rational(torch.randn(2, 8), torch.zeros(2, 6, device="meta"), torch.zeros(2, 4, device="meta"))
 
@@ -1276,3 +1279,23 @@ def test_torchrun_with_two_processes_trains_what_one_process_trains(cifar_root, 
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5)
     assert not torch.equal(one["blocks.0.mlp.act.B_P"], torch.zeros_like(one["blocks.0.mlp.act.B_P"]))
+
+
+def test_lora_row_ranges_add_their_update_where_index_add_would():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 36)
+    lora = nora.LoRALinear(lin, rank=2, alpha=4, row_ranges=[(0, 12), (24, 36)])
+    with torch.no_grad():
+        lora.lora_B.normal_()
+        x = torch.randn(3, 5, 6)
+        rows = torch.cat([torch.arange(0, 12), torch.arange(24, 36)])
+        update = torch.einsum("...i,tri,twr->...tw", x, lora.lora_A, lora.lora_B).flatten(-2) * lora.scaling
+        torch.testing.assert_close(lora(x), lin(x).index_add(-1, rows, update))
+        torch.testing.assert_close(lora.weight, lin.weight.index_add(0, rows, lora.delta_weight().flatten(0, 1)))
+
+
+def test_nf4_levels_are_a_buffer_that_moves_with_the_layer():
+    import train_vit
+    q = train_vit.NF4Linear(nn.Linear(64, 8))
+    assert "levels" in dict(q.named_buffers()) and "levels" not in q.state_dict()
+    assert q.to(torch.float64).levels.dtype == torch.float64 and q.weight.dtype == torch.float64
