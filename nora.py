@@ -7,9 +7,9 @@ activation (GELU in a ViT's MLP) with a group-wise rational function P(x)/Q(x), 
 match GELU, and training only a low-rank update of its coefficients (plus the task head).
 NoRA++ adds LoRA on the weights.
 
-Read it top to bottom: each section builds on the ones before it (only the fenced "Speed"
-parts, which change no result, may be skipped). Sections 1-6 are all you need for your own
-model; section 7 only builds and loads the ViT the scripts use.
+Read it top to bottom: each section builds on the ones before it (the fenced "Kernels and
+speed" part of section 1 changes no result and may be skipped). Sections 1-6 are all you need
+for your own model; section 7 only builds and loads the ViT the scripts use.
   1. The rational function P(x)/Q(x)              paper Eqs. 1, 5, 6
   2. Fitting the coefficients to GELU (and others)  paper Appendix B
   3. GroupRational: a learnable group rational       paper Sec. 3 (after Group-KAN)
@@ -42,18 +42,16 @@ import torch.nn.functional as F
 # A rational activation is phi(x) = P(x) / Q(x) (Eq. 1). A plain polynomial Q has roots, so phi
 # has poles; Eq. 6 makes it safe with the denominator Q(x) = 1 + |b_0 + b_1 x + ... + b_n x^n|,
 # which is >= 1. Like Group-KAN and the released code we use degrees (m, n) = (5, 4) and leave
-# out b_0, so Q(x) = 1 + |S(x)| with S(x) = b_1 x + ... + b_n x^n: then Q(0) = 1, and S(x) =
-# x s(x) has a factor x that the kernels below use.
+# out b_0, so Q(x) = 1 + |S(x)| with S(x) = b_1 x + ... + b_n x^n and Q(0) = 1.
 #
 # "Group-wise": the C channels (the last dimension, or `dim`: 1 for an (N, C, H, W) feature map)
 # are cut into G contiguous groups that each share one rational, so the coefficients are a
 # (G, m+1) numerator and a (G, n) denominator matrix, whatever the size of x.
-# `rational_reference` is Eq. 6 as written, autograd doing the rest. Autograd keeps every power
-# of x for backward, so `rational` evaluates P and Q by Horner's rule, a0 + x(a1 + x(a2 + ...)),
-# with a hand-written backward that keeps only x and recomputes. On a CPU it is fast because x
-# is viewed as (N, C) with each group's coefficients repeated to one row per channel, (k, C), so
-# every broadcast and sum runs along contiguous memory, and because backward works in place, so
-# a pass over memory is not also an allocation.
+#
+# `rational_reference` is Eq. 6 as written, autograd doing the rest; `rational` computes the same
+# function (the tests check it against the reference, gradients included) and is what every
+# module below calls. How it is made fast is fenced off after it: read on from section 2 on a
+# first reading.
 # -----------------------------------------------------------------------------
 
 def rational_reference(x, numerator, denominator):
@@ -63,6 +61,69 @@ def rational_reference(x, numerator, denominator):
     P = sum(numerator[:, i, None] * xg ** i for i in range(numerator.shape[1]))
     S = sum(denominator[:, j, None] * xg ** (j + 1) for j in range(denominator.shape[1]))
     return (P / (1 + S.abs())).reshape(x.shape)
+
+
+def rational(x, numerator, denominator, dim=-1):
+    r"""Group-wise safe rational function of Eq. 6, applied along the channel dimension ``dim`` of ``x``.
+
+    .. math::
+        \phi_g(x) = \frac{a_{g,0} + a_{g,1} x + \dots + a_{g,m} x^m}
+                         {1 + |b_{g,1} x + \dots + b_{g,n} x^n|}
+
+    Args:
+        x: tensor of any shape whose dimension ``dim`` (the last, by default; 1 for an (N, C, H, W)
+            feature map) has C channels; C must be divisible by G.
+        numerator: (G, m+1) coefficients a_0 .. a_m of each group.
+        denominator: (G, n) coefficients b_1 .. b_n of each group.
+        dim: the channel dimension, which is cut into G contiguous groups.
+
+    Half-precision inputs are computed in float32 (x^5 overflows float16 for |x| > 9.2) and the
+    result is cast back, so it is safe to call under autocast. Beyond |x| ~ 1e7 (float32) the
+    powers overflow and the result is inf or NaN; a fitted rational means nothing that far out.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"rational: expected a floating-point input, got {x.dtype} (convert with x.float())")
+    if numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]:
+        raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G; "
+                         f"got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
+    if numerator.device != x.device or denominator.device != x.device:
+        raise ValueError(f"rational: the input is on {x.device} but the coefficients on {numerator.device}; "
+                         f"move the module to the input's device (model.to(device))")
+    if x.dim() == 0 or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"rational: no channel dimension {dim} in a {tuple(x.shape)} input")
+    G, C = numerator.shape[0], x.shape[dim]
+    if C % G:
+        raise ValueError(f"rational: {C} channels (dimension {dim} of a {tuple(x.shape)} input) cannot be split "
+                         f"into {G} equal groups; {_divisors_hint(C)}")
+    if x.numel() == 0:
+        return x.clone()
+    x = x.movedim(dim, -1)                                # the kernels take channels last
+    dtype = torch.promote_types(x.dtype, torch.float32)   # the kernels compute in this, return x's dtype
+    numerator, denominator = numerator.to(dtype), denominator.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        if torch.jit.is_tracing():                        # torch.jit.trace, torch.onnx.export: plain Eq. 6 in the graph
+            return rational_reference(x.to(dtype), numerator, denominator).to(x.dtype).movedim(-1, dim)
+        y = _RationalFunction.apply(x.reshape(-1, C), numerator, denominator)
+    return y.view(x.shape).movedim(-1, dim)
+
+
+def _divisors_hint(C):
+    return f"use a group count that divides {C}, e.g. one of {[d for d in range(1, min(C, 64) + 1) if C % d == 0]}"
+
+
+# ---- Kernels and speed (skip on a first reading) -------------------------------------------------
+# Nothing here changes a result. Autograd would keep every power of x for backward, so the
+# kernels evaluate P and Q by Horner's rule, a0 + x(a1 + x(a2 + ...)), with a hand-written
+# backward that keeps only x and recomputes. On a CPU they are fast because x is viewed as (N, C)
+# with each group's coefficients repeated to one row per channel, (k, C), so every broadcast and
+# sum runs along contiguous memory, and because they work in place (a pass over memory is then
+# not also an allocation: in the backward, s, S and Q are one tensor in turn, and y takes P's).
+#
+# `_kernels` holds the kernels `rational` runs: these eager ones by default, torch.compile'd ones
+# after use_compiled_rational(). On a CPU the eager kernels take x in chunks of `chunk` elements,
+# so their ~10 forward and ~40 backward passes run from cache rather than memory (2-3x faster on
+# a 2-core CPU; README, "Efficiency"). Compiled kernels fuse the passes into one loop (the
+# float32 casts included), and on a GPU chunks would only cost launches, so both take x whole.
 
 
 def _per_channel(coeffs, channels):
@@ -126,9 +187,9 @@ def _rational_backward(x, numerator, denominator, grad, needs=(True, True, True)
 
 
 class _RationalFunction(torch.autograd.Function):
-    """Autograd glue for the kernels above (`_kernels` and `_chunks`: see "Speed" at the end of this
-    section). forward and setup_context are separate, and vmap and jvp are given, so that torch.func
-    (grad, vmap for per-sample gradients, jvp) works through it too."""
+    """Autograd glue for the kernels above (`_kernels` and `_chunks` follow it). forward and
+    setup_context are separate, and vmap and jvp are given, so that torch.func (grad, vmap for
+    per-sample gradients, jvp) works through it too."""
 
     @staticmethod
     def forward(x, numerator, denominator):
@@ -171,61 +232,6 @@ class _RationalFunction(torch.autograd.Function):
         return torch.func.jvp(rational_reference, inputs, tangents)[1]
 
 
-def rational(x, numerator, denominator, dim=-1):
-    r"""Group-wise safe rational function of Eq. 6, applied along the channel dimension ``dim`` of ``x``.
-
-    .. math::
-        \phi_g(x) = \frac{a_{g,0} + a_{g,1} x + \dots + a_{g,m} x^m}
-                         {1 + |b_{g,1} x + \dots + b_{g,n} x^n|}
-
-    Args:
-        x: tensor of any shape whose dimension ``dim`` (the last, by default; 1 for an (N, C, H, W)
-            feature map) has C channels; C must be divisible by G.
-        numerator: (G, m+1) coefficients a_0 .. a_m of each group.
-        denominator: (G, n) coefficients b_1 .. b_n of each group.
-        dim: the channel dimension, which is cut into G contiguous groups.
-
-    Half-precision inputs are computed in float32 (x^5 overflows float16 for |x| > 9.2) and the
-    result is cast back, so it is safe to call under autocast. Beyond |x| ~ 1e7 (float32) the
-    powers overflow and the result is inf or NaN; a fitted rational means nothing that far out.
-    """
-    if not x.is_floating_point():
-        raise TypeError(f"rational: expected a floating-point input, got {x.dtype} (convert with x.float())")
-    if numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]:
-        raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G; "
-                         f"got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
-    if numerator.device != x.device or denominator.device != x.device:
-        raise ValueError(f"rational: the input is on {x.device} but the coefficients on {numerator.device}; "
-                         f"move the module to the input's device (model.to(device))")
-    if x.dim() == 0 or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"rational: no channel dimension {dim} in a {tuple(x.shape)} input")
-    G, C = numerator.shape[0], x.shape[dim]
-    if C % G:
-        raise ValueError(f"rational: {C} channels (dimension {dim} of a {tuple(x.shape)} input) cannot be split "
-                         f"into {G} equal groups; {_divisors_hint(C)}")
-    if x.numel() == 0:
-        return x.clone()
-    x = x.movedim(dim, -1)                                # the kernels take channels last
-    dtype = torch.promote_types(x.dtype, torch.float32)   # the kernels compute in this, return x's dtype
-    numerator, denominator = numerator.to(dtype), denominator.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        if torch.jit.is_tracing():                        # torch.jit.trace, torch.onnx.export: plain Eq. 6 in the graph
-            return rational_reference(x.to(dtype), numerator, denominator).to(x.dtype).movedim(-1, dim)
-        y = _RationalFunction.apply(x.reshape(-1, C), numerator, denominator)
-    return y.view(x.shape).movedim(-1, dim)
-
-
-def _divisors_hint(C):
-    return f"use a group count that divides {C}, e.g. one of {[d for d in range(1, min(C, 64) + 1) if C % d == 0]}"
-
-
-# ---- Speed (skip on a first reading) ------------------------------------------------------------
-# Nothing here changes a result. `_kernels` holds the kernels `rational` runs: the eager ones
-# above by default, torch.compile'd ones after use_compiled_rational(). On a CPU the eager
-# kernels take x in chunks of `chunk` elements, so their ~10 forward and ~40 backward passes run
-# from cache rather than memory (2-3x faster on a 2-core CPU; README). Compiled kernels fuse the
-# passes into one loop (the float32 casts included), and on a GPU chunks would only cost
-# launches, so both take x whole.
 _EAGER = {"forward": _rational_forward, "backward": _rational_backward, "chunk": 1 << 18}
 _kernels = dict(_EAGER)
 
@@ -277,7 +283,7 @@ def use_compiled_rational(enable=True, device=None):
     _kernels.update(forward=forward, backward=backward, chunk=None)
     return True
 
-# ---- end of Speed -------------------------------------------------------------------------------
+# ---- end of kernels and speed --------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
 # 2. Fitting the coefficients (Appendix B)
