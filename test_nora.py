@@ -684,6 +684,7 @@ def test_efficiency_table_runs_and_reports_ratios(tmp_path, monkeypatch):
     for row in ("| GELU |", "| ours, eager |", "| LoRA |", "| NoRA, eager |", "| NoRA merged, eager |"):
         assert row in text
     assert "| 624 |" in text                     # NoRA's trainable count at G = 8, r = 2: 12 x 52
+    assert "| GELU | 1 | 8 | 1 | 12 |" in text   # one pass each way: read x, write y (float32)
 
 
 def test_train_vit_downloads_cifar_from_a_server_and_checks_its_md5(tmp_path, monkeypatch):

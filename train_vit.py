@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._python_dispatch
+import torch.utils._pytree
 
 import nora
 from fit_gelu import write_svg
@@ -776,6 +778,55 @@ def time_activations(dev, reps):
                for k, (f, b, m) in rows.items()])
 
 
+class MemoryTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ATen ops that read or write a tensor of at least ``numel`` elements (a pass over
+    the activation), and the bytes of all such tensors they touch."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.passes, self.bytes = numel, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        big = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
+               if isinstance(t, torch.Tensor) and t.numel() >= self.numel]
+        self.passes += bool(big)
+        self.bytes += sum(t.numel() * t.element_size() for t in big)
+        return out
+
+
+def memory_traffic(dev):
+    """Table rows: the passes over memory of the rational's eager forward and backward, and the bytes
+    they move per activation element, against GELU's: counted op by op as they run, so the same
+    count on any device. The compiled kernels are not visible op by op; for them the table gives
+    the number of kernels inductor generated."""
+    x = torch.randn(16 * 197, 768, device=dev)
+    num, den = (torch.tensor(c, device=dev).repeat(8, 1) for c in nora.GELU_COEFFS)
+    ops = {"GELU": (lambda: F.gelu(x), lambda: torch.ops.aten.gelu_backward(x, x)),
+           "ours, eager": (lambda: nora._rational_forward(x, num, den), lambda: nora._rational_backward(x, num, den, x))}
+    lines = ["| pass over (3152, 768) float32 | forward: passes | bytes / element | backward: passes | bytes / element |",
+             "|---|---|---|---|---|"]
+    for name, (forward, backward) in ops.items():
+        counts = []
+        for fn in (forward, backward):
+            with MemoryTraffic(x.numel()) as t:
+                fn()
+            counts += [t.passes, t.bytes / x.numel()]
+        lines.append(f"| {name} | {counts[0]} | {counts[1]:.0f} | {counts[2]} | {counts[3]:.0f} |")
+    try:
+        import torch._inductor.metrics as metrics
+        kernels = []
+        for kernel, args in ((nora._rational_forward, (x, num, den)), (nora._rational_backward, (x, num, den, x))):
+            torch._dynamo.reset()
+            metrics.reset()
+            torch.compile(kernel, dynamic=False)(*args)
+            kernels.append(metrics.generated_kernel_count)
+        lines.append(f"| ours, compiled | {kernels[0]} kernel(s) | - | {kernels[1]} kernel(s) | - |")
+    except Exception as e:                                # no compiler: the eager rows stand alone
+        lines.append(f"| ours, compiled | not available ({type(e).__name__}) | - | - | - |")
+    return lines + [""]
+
+
 def time_models(dev, reps, B, amp):
     """Table rows: ViT-Tiny with a frozen backbone under LoRA, NoRA and NoRA++: one training step and inference."""
     x = torch.randn(B, 3, 224, 224, device=dev)
@@ -848,6 +899,7 @@ def efficiency(dev, reps, batch_size, amp):
     """Paper Table 6, extended: the activation alone against GELU, then whole ViT-Tiny models against LoRA."""
     lines = [f"Efficiency on {dev.type} ({torch.get_num_threads()} threads), median of {reps} interleaved repeats "
              f"after warm-up, torch {torch.__version__}.\n"]
+    lines += memory_traffic(dev)
     lines += time_activations(dev, reps)
     lines += time_models(dev, reps, batch_size, amp)
     text = "\n".join(lines)
