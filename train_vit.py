@@ -356,7 +356,16 @@ def input_pipeline(args):
 
 def evaluate(model, x, y, prep, batch_size, amp=None):
     """Top-1 accuracy (%) of ``model`` on the uint8 images ``x``; ``prep`` makes a batch its input.
-    ``amp``: the autocast dtype, or None. One host-device sync, at the end."""
+    ``amp``: the autocast dtype, or None. One host-device sync, at the end. Under torchrun only
+    rank 0 evaluates, and sends the result to the others, so all take the same decisions."""
+    if torch.distributed.is_initialized():
+        result = [evaluate_here(model, x, y, prep, batch_size, amp) if torch.distributed.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(result, src=0)
+        return result[0]
+    return evaluate_here(model, x, y, prep, batch_size, amp)
+
+
+def evaluate_here(model, x, y, prep, batch_size, amp=None):
     device = next(model.parameters()).device
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -1024,9 +1033,10 @@ def load_saved_run(path):
 
 def start_processes(args):
     """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the process group, NCCL on
-    GPUs and gloo on CPUs, and take this process's GPU. Sets args.process (its rank) and args.world (0 and 1
-    without torchrun). Every process runs the same code on the same data, evaluations included
-    (so all take the same decisions, e.g. the study's lr), but only rank 0 prints and writes."""
+    GPUs and gloo on CPUs, and take this process's GPU. Sets args.process (its rank) and
+    args.world (0 and 1 without torchrun). Every process runs the same code on the same data, but
+    only rank 0 evaluates (sending the result to the others, so that all take the same decisions,
+    e.g. the study's lr), prints and writes."""
     args.process, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.world == 1:
         return
