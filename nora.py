@@ -246,7 +246,7 @@ def _chunks(x):
 def _compile(kernel):
     """torch.compile ``kernel`` with the row count dynamic and everything else static: one graph
     per channel count serves every batch size. (All-static shapes recompile for each new batch
-    size and after 8 PyTorch silently runs eager; fully dynamic ones ran 40x slower here.) The
+    size and after 8 PyTorch silently runs eager; fully dynamic ones ran 40x slower: README.) The
     fused backward computes all three gradients: skipping one saves little there, and each
     `needs` pattern would be another graph."""
     compiled = torch.compile(kernel, dynamic=False)
@@ -342,7 +342,7 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
 # e.g. GELU(-20) -> -1.2. An unweighted fit on [-8, 8] is closer at +-8 (0.0038) but further in
 # the core, where the inputs are: swapped into the real ViT-S it moves the output by 2.44%
 # against 1.52% for these (README). Do not use the published Group-KAN numbers: they were
-# fitted on [-3, 3] and are off by 6 on [-6, 6].
+# fitted on [-3, 3] and are off by 6 on [-6, 6] (README, "GELU coefficients").
 GELU_COEFFS = (
     [-1.8690075278e-03, 5.0000000000e-01, 4.1246663722e-01, 1.1754117820e-01, 1.3490307895e-02, 5.3023071430e-04],
     [-1.5473733406e-15, 2.3508235640e-01, -6.9388939039e-16, 1.0604614286e-03],
@@ -622,8 +622,9 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = torch.einsum("...i,tri->t...r", x, self.lora_A)                # A x, per row range
-        d = torch.einsum("t...r,twr->t...w", h, self.lora_B)               # B (A x)
+        # one A (r, in) and B (rows, r) per row range; letters: g range, r rank, i input, o output row
+        h = torch.einsum("...i,gri->g...r", x, self.lora_A)                # A x
+        d = torch.einsum("g...r,gor->g...o", h, self.lora_B)               # B (A x)
         return self._add_to_rows(y, d * self.scaling, dim=-1)
 
     @property
