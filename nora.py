@@ -243,15 +243,18 @@ def _chunks(x):
     return [slice(i, i + rows) for i in range(0, len(x), rows)]
 
 
-def _compile(kernel):
+def _compile(kernel, device):
     """torch.compile ``kernel`` with the row count dynamic and everything else static: one graph
     per channel count serves every batch size. (All-static shapes recompile for each new batch
     size and after 8 PyTorch silently runs eager; fully dynamic ones ran 40x slower: README.) The
     fused backward computes all three gradients: skipping one saves little there, and each
-    `needs` pattern would be another graph."""
+    `needs` pattern would be another graph. On other devices than ``device`` (a plot's CPU
+    tensors while training on a GPU) the eager kernel runs: compiling for them could fail."""
     compiled = torch.compile(kernel, dynamic=False)
 
     def run(x, numerator, denominator, *grad_and_needs):
+        if x.device.type != device.type:
+            return kernel(x, numerator, denominator, *grad_and_needs)
         tensors = [t.detach() for t in (x, numerator, denominator, *grad_and_needs[:1])]   # backward: + grad
         for t in tensors[:1] + tensors[3:]:
             torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -270,7 +273,7 @@ def use_compiled_rational(enable=True, device=None):
         return False
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        forward, backward = _compile(_rational_forward), _compile(_rational_backward)
+        forward, backward = _compile(_rational_forward, device), _compile(_rational_backward, device)
         x = torch.linspace(-4, 4, 96, device=device).view(12, 8)  # not randn: must not move the global RNG
         num, den = torch.ones(2, 6, device=device), torch.ones(2, 4, device=device)
         with torch.no_grad():                             # as inside the autograd function
@@ -395,18 +398,20 @@ class GroupRational(nn.Module):
 
     Args:
         groups: number of contiguous channel groups G (must divide the channel count).
-        init: a name in ``COEFFS`` ('gelu', 'silu', 'relu') or a (numerator, denominator)
-            pair of 1-D tensors (shared by all groups) or 2-D (G, .) tensors.
+        init: a name in ``COEFFS`` ('gelu', 'gelu_tanh', 'silu', 'relu') or a (numerator,
+            denominator) pair of 1-D tensors (shared by all groups) or 2-D (G, .) tensors.
+        channel_dim: the input dimension that holds the channels (1 for an (N, C, H, W) map).
     """
 
-    def __init__(self, groups=8, init="gelu"):
+    def __init__(self, groups=8, init="gelu", channel_dim=-1):
         super().__init__()
         num, den = _init_coefficients(init, groups)
         self.numerator = nn.Parameter(num)
         self.denominator = nn.Parameter(den)
+        self.channel_dim = channel_dim
 
     def forward(self, x):
-        return rational(x, self.numerator, self.denominator)
+        return rational(x, self.numerator, self.denominator, dim=self.channel_dim)
 
     def extra_repr(self):
         return f"groups={self.numerator.shape[0]}, degrees=({self.numerator.shape[1] - 1}, {self.denominator.shape[1]})"

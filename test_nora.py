@@ -1300,3 +1300,18 @@ def test_nf4_levels_are_a_buffer_that_moves_with_the_layer():
     q = train_vit.NF4Linear(nn.Linear(64, 8))
     assert "levels" in dict(q.named_buffers()) and "levels" not in q.state_dict()
     assert q.to(torch.float64).levels.dtype == torch.float64 and q.weight.dtype == torch.float64
+
+
+def test_compiled_kernels_run_only_on_the_device_they_were_compiled_for(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda *a: calls.append(a[0].device.type) or fn(*a)))
+    try:
+        assert nora.use_compiled_rational(device="meta")          # stands in for a GPU here
+        calls.clear()
+        num, den = (torch.tensor(c).repeat(2, 1) for c in nora.GELU_COEFFS)
+        nora.rational(torch.randn(3, 8), num, den)                    # a CPU tensor: the eager kernels
+        assert calls == []
+        nora._kernels["forward"](torch.randn(3, 8).to("meta"), num.to("meta"), den.to("meta"))
+        assert calls == ["meta"]
+    finally:
+        nora.use_compiled_rational(False)
