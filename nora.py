@@ -782,8 +782,8 @@ def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, c
             activation class or tuple of classes. Default: both kinds of GELU.
         init: the base rational (a name in COEFFS or a fit_rational() pair); None: the fit of
             the function each module computes (see activation_name).
-        channel_dim: the input dimension that holds the channels; "auto": read off the layer
-            before each activation (see _channel_layout); None where that tells nothing.
+        channel_dim: the input dimension that holds the channels; "auto": read off the layers
+            next to each activation (see _channel_layout), None where they tell nothing.
         nora_kwargs: alpha, form, basis_scale (see NoRA).
 
     A model whose parameters all train is frozen first; one where some are already frozen keeps
@@ -846,7 +846,7 @@ def _fan_in_fan_out(layer, where):
         x = torch.linspace(-1, 1, 2 * width, device=W.device, dtype=W.dtype).view(2, width)
         try:
             y = layer(x) - layer(torch.zeros_like(x))     # the bias cancels
-        except RuntimeError:                              # the wrong width for this layer
+        except (RuntimeError, ValueError):                # the wrong width for this layer
             continue
         expected = x @ W if transposed else x @ W.T
         if y.shape == expected.shape and torch.allclose(y, expected, rtol=1e-3, atol=1e-3 * expected.abs().max()):
