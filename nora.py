@@ -550,6 +550,8 @@ class NoRA(nn.Module):
         return torch.tensor([self.scaling, self.basis_scale], dtype=torch.float64)
 
     def set_extra_state(self, state):
+        if isinstance(state, dict):                       # saved by an older nora.py
+            state = torch.tensor([state["scaling"], state["basis_scale"]], dtype=torch.float64)
         _check_settings(self, "scaling, basis_scale", state)
 
     @torch.no_grad()
@@ -669,6 +671,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise ValueError("LoRALinear: cannot load an adapter into a merged layer; unmerge() it first "
                              "(or load into a freshly built model)")
+        if isinstance(state, dict):                       # saved by an older nora.py
+            state = torch.tensor([state["scaling"], False, *(i for r in state["row_ranges"] for i in r)],
+                                 dtype=torch.float64)
         _check_settings(self, "scaling, fan_in_fan_out, row ranges", state)
 
     def extra_repr(self):

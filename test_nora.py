@@ -1315,3 +1315,20 @@ def test_compiled_kernels_run_only_on_the_device_they_were_compiled_for(monkeypa
         assert calls == ["meta"]
     finally:
         nora.use_compiled_rational(False)
+
+
+def test_adapter_files_from_before_the_settings_were_tensors_still_load():
+    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2), rank=2)
+    train_steps(model, steps=2)
+    state = nora.adapter_state_dict(model)
+    old = {k: v for k, v in state.items()}                # the dicts get_extra_state used to return
+    for k in [k for k in state if k.endswith("_extra_state")]:
+        v = state[k].tolist()
+        if "qkv" in k:                                    # LoRA: scaling, fan_in_fan_out, row ranges
+            old[k] = {"rank": 2, "scaling": v[0], "row_ranges": [[int(v[2]), int(v[3])], [int(v[4]), int(v[5])]]}
+        else:                                             # NoRA: scaling, basis_scale
+            old[k] = {"rank": 2, "scaling": v[0], "form": "shared", "basis_scale": v[1]}
+    fresh = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2), rank=2)
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(nora.load_adapter(fresh, old)(x), model(x), atol=0, rtol=0)
