@@ -476,7 +476,7 @@ class NoRA(nn.Module):
         basis_scale: s; the update is learned in the basis (x/s)^i (1: the paper's monomials).
         channel_dim: the input dimension that holds the channels (-1, or 1 for an (N, C, H, W)
             feature map); None: the last, refusing inputs of 4 or more dimensions, whose channel
-            axis cannot be told from the shape (:func:`add_nora` sets it from the layer before).
+            axis cannot be told from the shape (:func:`add_nora` sets it from the layers next to it).
     """
 
     def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
@@ -576,7 +576,7 @@ class NoRA(nn.Module):
 
     def extra_repr(self):
         return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
-                f"form={self.form}, basis_scale={self.basis_scale:g}")
+                f"form={self.form}, basis_scale={self.basis_scale:g}, channel_dim={self.channel_dim}")
 
 # -----------------------------------------------------------------------------
 # 5. LoRA, for NoRA++ (Eqs. 2, 3)
