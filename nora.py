@@ -861,12 +861,14 @@ def _fan_in_fan_out(layer, where):
                      f"leave it out of targets")
 
 
-def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", layer=LoRALinear):
+def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", fused_qkv=("qkv", "c_attn"),
+             layer=LoRALinear):
     """Put LoRA on each linear layer of ``model`` whose name ends with one of ``targets``, and
     freeze the rest of a fresh model (as :func:`add_nora` does).
 
-    A target named 'qkv' is timm's fused projection: only the parts named in ``qkv_parts`` (default
-    q and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
+    A target whose name ends with one of ``fused_qkv`` is a fused projection whose outputs are
+    q | k | v (timm's `qkv`, GPT-2's `c_attn`): only the parts named in ``qkv_parts`` (default q
+    and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
     ``weight`` that it applies linearly counts as linear, stored (out, in) or (in, out) (HF's
     Conv1D); ``layer`` is the adapter class (LoRALinear or a subclass of it).
     """
@@ -885,7 +887,7 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", layer=Lo
 
     def make(linear):
         ranges, t = None, transposed[id(linear)]
-        if names[id(linear)].endswith("qkv"):                 # rows: q | k | v
+        if names[id(linear)].endswith(tuple(fused_qkv)):      # rows: q | k | v
             d = linear.weight.shape[int(t)] // 3
             ranges = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv_parts]
         return layer(linear, rank=rank, alpha=alpha, row_ranges=ranges, fan_in_fan_out=t)

@@ -1018,13 +1018,14 @@ class Conv1D(nn.Module):
 def test_lora_on_an_in_out_weight_merges_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(8, 24), nn.GELU(approximate="tanh"), Conv1D(24, 8))
-    nora.add_lora(model, rank=2, alpha=4, targets=("0", "2"))
-    assert model[0].fan_in_fan_out and model[0].lora_A.shape == (1, 2, 8) and model[0].lora_B.shape == (1, 24, 2)
+    nora.add_lora(model, rank=2, alpha=4, targets=("0", "2"), fused_qkv=("0",))    # GPT-2's c_attn: q | k | v
+    assert model[0].fan_in_fan_out and model[0].row_ranges == [(0, 8), (16, 24)]       # q and v of 24 outputs
+    assert model[0].lora_A.shape == (2, 2, 8) and model[0].lora_B.shape == (2, 8, 2) and model[2].row_ranges == [(0, 8)]
     train_steps(model, steps=3, x=torch.randn(16, 8), classes=8)
     x = torch.randn(4, 8)
     with torch.no_grad():
         before = model(x)
-        torch.testing.assert_close(model[0].weight, model[0].base.weight + (model[0].delta_weight()[0]).T)
+        torch.testing.assert_close(model[2].weight, model[2].base.weight + (model[2].delta_weight()[0]).T)
         torch.testing.assert_close(nora.merge(model)(x), before, atol=1e-6, rtol=1e-6)
 
 
