@@ -590,7 +590,9 @@ class NoRA(nn.Module):
 # linearly will do. nn.Linear stores it as (out, in); GPT-2's Conv1D as (in, out), which
 # `fan_in_fan_out=True` says (the name loralib uses). Some code reads a layer's `.weight`
 # instead of calling it (torch's nn.MultiheadAttention reads `out_proj.weight`, torchvision's
-# Swin its `qkv.weight`), so `weight` is a property that returns the adapted W0 + B A.
+# Swin its `qkv.weight`), so `weight` is a property that returns the adapted W0 + B A. And where
+# the weight is no layer's own (nn.MultiheadAttention keeps q | k | v in one `in_proj_weight`),
+# `LoRAWeight` adds the same update as a torch.nn.utils.parametrize parametrization of it.
 # -----------------------------------------------------------------------------
 
 class LoRALinear(nn.Module):
@@ -682,6 +684,27 @@ class LoRALinear(nn.Module):
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
 
 
+class LoRAWeight(LoRALinear):
+    """LoRA on a weight that no layer owns, as a parametrization (torch.nn.utils.parametrize): torch's
+    nn.MultiheadAttention keeps q | k | v in one `in_proj_weight` and reads it itself, so there is
+    no layer to wrap; registered on that weight, it makes the module read W0 + B A * alpha / r.
+    :func:`merge` folds it in by removing the parametrization."""
+
+    def __init__(self, weight, rank=8, alpha=16, row_ranges=None):
+        holder = nn.Module()
+        holder.weight = weight
+        super().__init__(holder, rank, alpha, row_ranges)
+        del self.base                                     # the weight stays its own module's
+
+    def forward(self, weight):
+        return self._add_to_rows(weight.clone(), self.delta_weight(), dim=0)
+
+    def merge(self):
+        raise TypeError("LoRAWeight: merge the whole model with nora.merge(model), which removes the parametrization")
+
+    unmerge = merge
+
+
 # -----------------------------------------------------------------------------
 # 6. Putting adapters on any model
 #
@@ -702,7 +725,7 @@ class LoRALinear(nn.Module):
 # adapter file holds everything training changes, BatchNorm running statistics included.
 # -----------------------------------------------------------------------------
 
-ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable
+ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable (LoRAWeight too)
 
 
 def _adapter_parameters(model, types=ADAPTERS):
@@ -868,7 +891,9 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", fused_qk
 
     A target whose name ends with one of ``fused_qkv`` is a fused projection whose outputs are
     q | k | v (timm's `qkv`, GPT-2's `c_attn`): only the parts named in ``qkv_parts`` (default q
-    and v, as in the paper's C.1 and the LoRA paper) are adapted. Any module with a 2-D
+    and v, as in the paper's C.1 and the LoRA paper) are adapted. Such a target also adapts the
+    `in_proj_weight` of every torch nn.MultiheadAttention (torchvision's ViT), through
+    :class:`LoRAWeight`. Any module with a 2-D
     ``weight`` that it applies linearly counts as linear, stored (out, in) or (in, out) (HF's
     Conv1D); ``layer`` is the adapter class (LoRALinear or a subclass of it).
     """
@@ -884,21 +909,21 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", fused_qk
 
     found = [m for m in model.modules() if is_target(m)]
     transposed = {id(m): _fan_in_fan_out(m, f"add_lora: {names[id(m)]} ({type(m).__name__})") for m in found}
+    qkv_rows = lambda rows: [(i * rows // 3, (i + 1) * rows // 3) for i, part in enumerate("qkv") if part in qkv_parts]
 
     def make(linear):
-        ranges, t = None, transposed[id(linear)]
-        if names[id(linear)].endswith(tuple(fused_qkv)):      # rows: q | k | v
-            d = linear.weight.shape[int(t)] // 3
-            ranges = [(i * d, (i + 1) * d) for i, part in enumerate("qkv") if part in qkv_parts]
+        t = transposed[id(linear)]
+        ranges = qkv_rows(linear.weight.shape[int(t)]) if names[id(linear)].endswith(tuple(fused_qkv)) else None
         return layer(linear, rank=rank, alpha=alpha, row_ranges=ranges, fan_in_fan_out=t)
 
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and set(targets) & set(fused_qkv)
+                 and m.in_proj_weight is not None and not torch.nn.utils.parametrize.is_parametrized(m)]
+    lora_weights = [LoRAWeight(m.in_proj_weight, rank, alpha, qkv_rows(len(m.in_proj_weight))) for m in attention]
     fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
-    if not replace_modules(model, is_target, make):       # builds all first: bad settings change nothing
-        mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-        raise ValueError(f"add_lora: no linear layer named *{targets} in the model" + (
-            f"; its attention ({mha[0]}, ...) is torch's nn.MultiheadAttention, whose q, k and v are one "
-            f"`in_proj_weight` parameter, not layers LoRA can wrap: adapt its `out_proj` and the MLP's linear "
-            f"layers instead (targets=('out_proj', ...))" if mha else ""))
+    if not replace_modules(model, is_target, make) + len(attention):    # builds all first: errors change nothing
+        raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
+    for m, lora in zip(attention, lora_weights):
+        torch.nn.utils.parametrize.register_parametrization(m, "in_proj_weight", lora)
     if fresh:
         freeze(model)
     return model
@@ -918,6 +943,10 @@ def mark_trainable(model, *prefixes):
 def merge(model):
     """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
     inference costs what the base model costs (NoRA: one rational per activation)."""
+    for m in list(model.modules()):
+        for name, chain in list(getattr(m, "parametrizations", {}).items()):
+            if any(isinstance(p, LoRAWeight) for p in chain):   # the weight keeps W0 + B A, plainly
+                torch.nn.utils.parametrize.remove_parametrizations(m, name, leave_parametrized=True)
     for m in model.modules():
         if isinstance(m, ADAPTERS):
             m.merge()

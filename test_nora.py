@@ -1103,14 +1103,28 @@ def test_add_nora_takes_each_activations_function_and_refuses_to_run_twice():
     nora.add_nora(model, groups=2, target=nn.Tanh, init=nora.fit_rational(torch.tanh, x_range=(-4, 4)))
 
 
-def test_add_lora_refuses_multihead_attention_qkv_before_changing_anything():
+def test_lora_on_multihead_attention_q_and_v_merges_exactly():
     from torchvision.models import VisionTransformer
-    model = VisionTransformer(32, 8, 1, 2, 32, 64, num_classes=10)
-    with pytest.raises(ValueError, match="in_proj_weight.*out_proj"):
-        nora.add_lora(model, targets=("qkv",))
-    assert all(p.requires_grad for p in model.parameters())
+    torch.manual_seed(0)
+    model = VisionTransformer(32, 8, 1, 2, 32, 64, num_classes=10).eval()
+    nora.add_lora(model, rank=2, alpha=4)                 # the default target, qkv: here in_proj_weight
+    attention = model.encoder.layers[0].self_attention
+    lora = attention.parametrizations.in_proj_weight[0]
+    assert isinstance(lora, nora.LoRAWeight) and lora.row_ranges == [(0, 32), (64, 96)]          # q and v
+    assert not attention.parametrizations.in_proj_weight.original.requires_grad and lora.lora_A.requires_grad
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.heads.head.weight.normal_()                 # torchvision starts the head at zero
+        before = model(x)
+        lora.lora_B.normal_()
+        after = model(x)
+        assert (after - before).abs().max() > 1e-3        # the attention reads the adapted weight
+        torch.testing.assert_close(attention.in_proj_weight[32:64], attention.parametrizations.in_proj_weight.original[32:64])
+        nora.merge(model)
+        assert not torch.nn.utils.parametrize.is_parametrized(attention)
+        torch.testing.assert_close(model(x), after, atol=1e-6, rtol=1e-6)
     nora.add_lora(model, rank=2, targets=("out_proj",))   # read as .weight by nn.MultiheadAttention
-    assert isinstance(model.encoder.layers[0].self_attention.out_proj, nora.LoRALinear)
+    assert isinstance(attention.out_proj, nora.LoRALinear)
 
 
 def test_torch_func_grad_vmap_and_jvp_go_through_the_rational():

@@ -107,7 +107,7 @@ def torchvision_models():
     img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     return {
         "torchvision vit (vit_b_16's classes)": (lambda: VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10), img,
-                                                 ("out_proj",)),
+                                                 ("qkv", "out_proj")),
         "torchvision swin_t's classes": (lambda: SwinTransformer([4, 4], 16, [2, 2], [2, 2], [4, 4], num_classes=10),
                                          img, ("qkv",)),
         "torchvision convnext_tiny's classes": (lambda: ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)],
