@@ -721,6 +721,7 @@ class LoRAWeight(LoRALinear):
 #     then the channel count, and so the group count, can be checked before anything changes);
 #   - for LoRA, how the layer stores its weight: (out, in) for nn.Linear, (in, out) for GPT-2's
 #     Conv1D. Found by calling the layer once and seeing which of x @ W.T and x @ W it computes.
+#     (nn.MultiheadAttention's q | k | v weight is no layer's: a LoRAWeight parametrizes it.)
 # Activations called as functions (F.gelu inside forward) cannot be found this way. And the
 # adapter file holds everything training changes, BatchNorm running statistics included.
 # -----------------------------------------------------------------------------
