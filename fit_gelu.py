@@ -118,7 +118,8 @@ def main(argv=None):
     results, panels = {}, []
     for name in (ACTIVATIONS if args.all else ["gelu"]):
         fn = ACTIVATIONS[name]
-        num, den = nora.fit_rational(fn, x_range=tuple(args.range), weight=None if args.unweighted else nora.preactivation_weight)
+        weight = None if args.unweighted else nora.preactivation_weight
+        num, den = nora.fit_rational(fn, x_range=tuple(args.range), weight=weight)
         print(f"\n{name.upper()} fitted on [{args.range[0]:g}, {args.range[1]:g}]"
               f"{', unweighted' if args.unweighted else ''}; paste into nora.py:")
         print(f"{name.upper()}_COEFFS = (\n    [{', '.join(f'{c:.10e}' for c in num)}],\n"

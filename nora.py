@@ -637,14 +637,16 @@ class LoRALinear(nn.Module):
         d = torch.einsum("g...r,gor->g...o", h, self.lora_B)               # B (A x)
         return self._add_to_rows(y, d * self.scaling, dim=-1)
 
+    def _add_to_weight(self, w, delta):
+        """``w``, in the base's layout ((out, in), or (in, out) if fan_in_fan_out), plus ``delta`` on its
+        adapted rows, in place."""
+        return self._add_to_rows(w, delta.mT if self.fan_in_fan_out else delta, dim=int(self.fan_in_fan_out))
+
     @property
     def weight(self):
         """The adapted weight W0 + B A * alpha / r, in the base's layout."""
         w = self.base.weight
-        if self.merged:
-            return w
-        delta = self.delta_weight()
-        return self._add_to_rows(w.clone(), delta.mT if self.fan_in_fan_out else delta, dim=int(self.fan_in_fan_out))
+        return w if self.merged else self._add_to_weight(w.clone(), self.delta_weight())
 
     @property
     def bias(self):
@@ -662,8 +664,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            delta = -self.delta_weight()
-            self._add_to_rows(self.base.weight, delta.mT if self.fan_in_fan_out else delta, dim=int(self.fan_in_fan_out))
+            self._add_to_weight(self.base.weight, -self.delta_weight())
             self.merged = False
 
     def get_extra_state(self):                            # as NoRA's: settings that no shape shows
@@ -894,9 +895,9 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", fused_qk
     q | k | v (timm's `qkv`, GPT-2's `c_attn`): only the parts named in ``qkv_parts`` (default q
     and v, as in the paper's C.1 and the LoRA paper) are adapted. Such a target also adapts the
     `in_proj_weight` of every torch nn.MultiheadAttention (torchvision's ViT), through
-    :class:`LoRAWeight`. Any module with a 2-D
-    ``weight`` that it applies linearly counts as linear, stored (out, in) or (in, out) (HF's
-    Conv1D); ``layer`` is the adapter class (LoRALinear or a subclass of it).
+    :class:`LoRAWeight`. Any module with a 2-D ``weight`` that it applies linearly counts as
+    linear, stored (out, in) or (in, out) (HF's Conv1D); ``layer`` is the adapter class
+    (LoRALinear or a subclass of it).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not qkv_parts or set(qkv_parts) - set("qkv"):

@@ -1279,7 +1279,6 @@ def test_coefficient_gradients_stay_finite_under_float16_autocast():
 def test_torchrun_with_two_processes_trains_what_one_process_trains(cifar_root, tmp_path):
     import json
     import subprocess
-    import sys
     import train_vit
     flags = ["--data-root", str(cifar_root), *TINY_RUN, "--epochs", "2", "--batch-size", "10"]
     train_vit.main([*flags, "--save", str(tmp_path / "one.pt"), "--out", str(tmp_path / "one.json")])
@@ -1336,7 +1335,7 @@ def test_adapter_files_from_before_the_settings_were_tensors_still_load():
     model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2), rank=2)
     train_steps(model, steps=2)
     state = nora.adapter_state_dict(model)
-    old = {k: v for k, v in state.items()}                # the dicts get_extra_state used to return
+    old = dict(state)                                     # with the dicts get_extra_state used to return
     for k in [k for k in state if k.endswith("_extra_state")]:
         v = state[k].tolist()
         if "qkv" in k:                                    # LoRA: scaling, fan_in_fan_out, row ranges

@@ -12,9 +12,9 @@ The method itself lives in nora.py; this script holds the comparison harness (th
 paper's tables and `prepare`), parses arguments, loads data, trains and prints.
 """
 import argparse
+import contextlib
 import functools
 import json
-import contextlib
 import math
 import os
 import pickle
@@ -408,6 +408,7 @@ def train(args, data, eval_name="test"):
           f"{steps} steps, lr {lr:g}{f', head lr {args.head_lr:g}' if args.head_lr else ''}"
           f"{f', NoRA lr {args.nora_lr:g}' if args.nora_lr else ''}, trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     history, step, start, seen = [], 0, time.time(), 0
+    shard = args.batch_size // args.world                # torchrun: this process's part of each batch
     model.train()
     while step < steps:
         # an epoch's order and flips, drawn on the CPU (the same on any device) and moved once
@@ -417,7 +418,6 @@ def train(args, data, eval_name="test"):
             if step == steps:
                 break
             # the global batch, as in a single process; this process takes its 1/world of it
-            shard = args.batch_size // args.world
             first = i * args.batch_size + args.process * shard
             batch = slice(first, first + shard)
             idx = order[batch]
@@ -787,6 +787,12 @@ def time_activations(dev, reps):
                for k, (f, b, m) in rows.items()])
 
 
+def full_size_bytes(tensors, numel):
+    """(how many, total bytes) of the tensors in the nested ``tensors`` with at least ``numel`` elements."""
+    big = [t for t in torch.utils._pytree.tree_leaves(tensors) if isinstance(t, torch.Tensor) and t.numel() >= numel]
+    return len(big), sum(t.numel() * t.element_size() for t in big)
+
+
 class MemoryTraffic(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the ATen ops that read or write a tensor of at least ``numel`` elements (a pass over
     the activation), and the bytes of all such tensors they touch."""
@@ -797,10 +803,9 @@ class MemoryTraffic(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        big = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
-               if isinstance(t, torch.Tensor) and t.numel() >= self.numel]
-        self.passes += bool(big)
-        self.bytes += sum(t.numel() * t.element_size() for t in big)
+        count, size = full_size_bytes((args, kwargs, out), self.numel)
+        self.passes += bool(count)
+        self.bytes += size
         return out
 
 
@@ -830,10 +835,8 @@ def memory_traffic(dev):
             torch._dynamo.reset()
             metrics.reset()
             out = torch.compile(kernel, dynamic=False)(*args)
-            big = [t for t in torch.utils._pytree.tree_leaves((args, out)) if isinstance(t, torch.Tensor)
-                   and t.numel() >= x.numel()]            # what the kernels must read and write at least once
-            cells += [f"{metrics.generated_kernel_count} kernel(s)",
-                      f">= {sum(t.numel() * t.element_size() for t in big) / x.numel():.0f}"]
+            size = full_size_bytes((args, out), x.numel())[1]   # what the kernels read and write at least once
+            cells += [f"{metrics.generated_kernel_count} kernel(s)", f">= {size / x.numel():.0f}"]
         lines.append(f"| ours, compiled | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
     except Exception as e:                                # no compiler: the eager rows stand alone
         lines.append(f"| ours, compiled | not available ({type(e).__name__}) | - | - | - |")
