@@ -5,11 +5,12 @@
     python train_vit.py --table methods --scale small             # Table 1 at laptop scale
     python train_vit.py --method nora --scale small --save a.pt   # then: --eval-adapter a.pt
     python train_vit.py --scale small --plot-activations act.svg  # draw what NoRA learned
-    python train_vit.py --table study --model vit_small_patch14_dinov2.lvd142m ...   # README: is NoRA worth it?
+    python train_vit.py --table frontier --plot frontier.svg ...  # README: accuracy per parameter
     torchrun --nproc_per_node 8 train_vit.py --groups 8 --rank 2 # data-parallel on 8 GPUs (DDP)
 
-The method itself lives in nora.py; this script holds the comparison harness (the baselines of the
-paper's tables and `prepare`), parses arguments, loads data, trains and prints.
+The method itself lives in nora.py; this script parses arguments, loads data, trains and prints.
+In order: defaults, data, the model, one training run, the tables (the paper's; the lr study and
+stability grid; the frontier; efficiency), the baselines of the paper's tables, the command line.
 """
 import argparse
 import contextlib
@@ -36,11 +37,12 @@ from fit_gelu import write_svg
 DEFAULTS = dict(
     method="nora",                 # or lora, nora++, full, head, ... (METHODS below)
     groups=8, rank=2,              # NoRA: G groups of channels share a rational; rank r of its update
+    lora_rank=8,                   # LoRA and NoRA++: rank r of the weight update, alpha = 2 r (paper C.1: 8, 16)
     alpha=None,                    # NoRA's update is scaled by alpha / r; None: alpha = 2 r (released code)
     basis_scale=None,              # None: nora.NoRA's (x/3)^i basis; 1: the paper's monomials x^i
-    lr=None,                       # None: 1e-3 for every method (VPT 5e-3, DoRA 5e-4; paper C.1)
-    head_lr=None,                  # None: the same lr. 80-step runs want 1e-2 (README: the study)
-    nora_lr=None,                  # None: the same lr. NoRA++'s NoRA part: 80-step runs want 3e-2
+    lr=None,                       # LoRA, full, ...: 1e-3 (VPT 5e-3, DoRA 5e-4; paper C.1). Given: every part trains at it
+    head_lr=None,                  # None: HEAD_LR, or --lr when that is given
+    nora_lr=None,                  # None: nora_lr(steps), or --lr when that is given
     weight_decay=0.05,             # AdamW with a cosine schedule, no warm-up
     scale="paper",                 # image size, epochs, batch size and subsets: SCALES below
     model=nora.DEFAULT_WEIGHTS,    # the paper's augreg ViT-Tiny (nora.PRETRAINED)
@@ -60,6 +62,28 @@ CIFAR = {  # folder, train files, test file, label key, archive URL, its md5 (as
 }
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 METHOD_LR = {"vpt": 5e-3, "dora": 5e-4}          # paper C.1; every other method uses --lr (1e-3)
+# With no --lr, the head and NoRA's update get learning rates of their own, the ones the lr study
+# chose on validation (README): the paper's one lr of 1e-3 leaves a fresh head and NoRA's update
+# in the (x/3)^i basis moving too slowly to beat a tuned linear probe in short runs.
+HEAD_LR = 1e-2                  # the head's: chosen at 80 steps, 3e-2 at 400 (2.7 validation points better)
+
+
+def nora_lr(steps):
+    """NoRA's lr for a run of ``steps`` steps: the study chose 3e-2 at 80 steps and 1e-2 at 400,
+    so 3x lower per 5x more steps, capped at 3e-2 (1e-1 collapsed). At the paper's 9,750 steps this
+    gives 1.1e-3, about the paper's 1e-3: an extrapolation of that trend, not a measurement."""
+    return min(3e-2, 1e-2 * 3 ** -math.log(steps / 400, 5))
+
+
+def learning_rates(args, steps):
+    """(lr, head lr, NoRA lr) of a run: the flags where given; else, with --lr given, every part at
+    it (the paper's protocol); else HEAD_LR and nora_lr(steps) (the paper's monomial basis keeps
+    --lr: it wants a 30x smaller step than ours)."""
+    lr = args.lr if args.lr is not None else METHOD_LR.get(args.method, 1e-3)
+    own = args.lr is None
+    head = args.head_lr or (HEAD_LR if own else lr)
+    ours = args.method != "nora-monomial" and args.basis_scale in (None, nora.NoRA().basis_scale)
+    return lr, head, args.nora_lr or (nora_lr(steps) if own and ours else lr)
 
 # The paper's numbers, printed beside ours.
 PAPER = {
@@ -76,190 +100,6 @@ TABLES = {
     "ablation": ["rational", "zero-init", "const", "nora-num", "nora-den", "nora", "nora-group"],
     "activations": ["prelu", "arelu", "elu", "nora"],
 }
-
-
-# --- baselines for the paper's tables -----------------------------------------------------------
-#
-# The comparisons of Tables 1, 3, 4 and 5 on the same frozen ViT, each as small as it can be:
-# DoRA and QLoRA on the LoRA targets, VPT prompts, bottleneck adapters, other learnable
-# activations, and the coefficient-tuning variants NoRA is compared with. `prepare` puts any of
-# them (or NoRA) on a model by name.
-
-class DoRALinear(nora.LoRALinear):
-    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
-    trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
-    the norm is treated as a constant in backward. For (out, in) weights only (nn.Linear)."""
-
-    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
-        if fan_in_fan_out:
-            raise ValueError("DoRALinear: only for layers with an (out, in) weight, such as nn.Linear")
-        super().__init__(base, rank, alpha, row_ranges)
-        self.magnitude = nn.Parameter(base.weight.detach()[self.rows()].norm(dim=1))
-
-    def rows(self):
-        return torch.cat([torch.arange(a, b, device=self.lora_A.device) for a, b in self.row_ranges])
-
-    @property
-    def weight(self):
-        if self.merged:
-            return self.base.weight
-        rows, w = self.rows(), super().weight              # W0 + B A on the adapted rows
-        v = w[rows]
-        return w.index_copy(0, rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.base.bias)
-
-    def unmerge(self):
-        raise NotImplementedError("DoRA's merge rescales rows; it is not undone")
-
-
-# The 16 levels of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
-NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
-                           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear stored in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and
-    a 4-bit index into NF4_LEVELS, two indices per byte. The weight is dequantised at every forward.
-    (QLoRA also quantises the absmax values, "double quantisation"; we keep them in float32.)"""
-
-    def __init__(self, linear, block_size=64):
-        super().__init__()
-        w = linear.weight.detach().float()
-        if w.numel() % block_size:
-            raise ValueError(f"NF4Linear: {w.numel()} weights do not split into blocks of {block_size}")
-        blocks = w.reshape(-1, block_size)
-        absmax = blocks.abs().amax(1, keepdim=True).clamp_min(1e-12)
-        levels = NF4_LEVELS.to(w.device)
-        codes = ((blocks / absmax).unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
-        self.register_buffer("codes", codes[:, 0::2] << 4 | codes[:, 1::2])
-        self.register_buffer("absmax", absmax)
-        self.register_buffer("levels", levels, persistent=False)   # on the layer's device: no copy per forward
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.shape = w.shape
-
-    @property
-    def weight(self):
-        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
-        return (self.levels[codes] * self.absmax).view(self.shape)
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-class PromptTokens(nn.Module):
-    """VPT-shallow (Jia et al. 2022): learnable tokens inserted after the class token, before the first block."""
-
-    def __init__(self, num_tokens, dim):
-        super().__init__()
-        self.prompts = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
-
-    def forward(self, x):
-        return torch.cat([x[:, :1], self.prompts.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
-
-
-class Adapter(nn.Module):
-    """Bottleneck adapter after a block (Houlsby et al. 2019): x + up(GELU(down(x))), up zero-initialised."""
-
-    def __init__(self, dim, bottleneck=48):
-        super().__init__()
-        self.down, self.act, self.up = nn.Linear(dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x):
-        return x + self.up(self.act(self.down(x)))
-
-
-class DeltaRational(nn.Module):
-    """Frozen base coefficients plus a directly trained, zero-initialised update of the first
-    ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
-    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0)."""
-
-    def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
-        super().__init__()
-        base = nora.GroupRational(groups, init)
-        self.register_buffer("numerator", base.numerator.detach())
-        self.register_buffer("denominator", base.denominator.detach())
-        self.delta_num = nn.Parameter(torch.zeros(groups, num_terms))
-        self.delta_den = nn.Parameter(torch.zeros(groups, den_terms))
-
-    def forward(self, x):
-        pad = lambda d, full: F.pad(d, (0, full.shape[1] - d.shape[1]))
-        return nora.rational(x, self.numerator + pad(self.delta_num, self.numerator),
-                             self.denominator + pad(self.delta_den, self.denominator))
-
-
-class LearnableELU(nn.Module):
-    """ELU with a learnable alpha (Table 3)."""
-
-    def __init__(self, alpha=1.0):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.tensor(alpha))
-
-    def forward(self, x):
-        return torch.where(x > 0, x, self.alpha * torch.expm1(x.clamp_max(0)))
-
-
-class AReLU(nn.Module):
-    """AReLU (Chen et al. 2020): (1 + sigmoid(beta)) x for x >= 0, clamp(alpha, 0.01, 0.99) x below (Table 3)."""
-
-    def __init__(self, alpha=0.9, beta=2.0):
-        super().__init__()
-        self.alpha, self.beta = nn.Parameter(torch.tensor(alpha)), nn.Parameter(torch.tensor(beta))
-
-    def forward(self, x):
-        return torch.where(x >= 0, (1 + torch.sigmoid(self.beta)) * x, self.alpha.clamp(0.01, 0.99) * x)
-
-
-METHODS = ("head", "full", "lora", "dora", "qlora", "vpt", "adapter", "nora", "nora++", "nora-monomial",
-           "nora-group", "nora-num", "nora-den", "rational", "zero-init", "const", "prelu", "elu", "arelu")
-
-
-def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha=16, **nora_kwargs):
-    """Set ``model`` (a VisionTransformer) up for fine-tuning with ``method`` (one of METHODS) and
-    make its head trainable. The Table 4 variants, on frozen GELU-fitted base coefficients:
-    'rational' tunes the coefficients directly, 'zero-init' adds a full-rank zero-initialised
-    update (NoRA without the low-rank factorisation), 'const' tunes only a0 (our Q has no b0),
-    all with ``groups`` groups. 'nora-monomial' is NoRA with the paper's update of the plain
-    monomial coefficients (basis_scale=1). ``nora_kwargs`` go to every NoRA module."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    nora.freeze(model)
-    dim = model.cls_token.shape[-1]
-    if method == "full":
-        model.requires_grad_(True)
-    elif method == "head":
-        pass
-    elif method in ("lora", "dora", "qlora"):
-        if method == "qlora":
-            nora.replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
-        nora.add_lora(model, lora_rank, lora_alpha, layer=DoRALinear if method == "dora" else nora.LoRALinear)
-    elif method == "vpt":
-        model.blocks = nn.Sequential(PromptTokens(10, dim), *model.blocks)
-    elif method == "adapter":
-        model.blocks = nn.Sequential(*[nn.Sequential(block, Adapter(dim, 48)) for block in model.blocks])
-    elif method.startswith("nora"):
-        if method == "nora-monomial":
-            nora_kwargs["basis_scale"] = 1.0
-        nora.add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared", **nora_kwargs)
-        if method in ("nora-num", "nora-den"):            # Table 5: adapt one side of the rational only
-            fixed = "Q" if method == "nora-num" else "P"
-            for m in (m for m in model.modules() if isinstance(m, nora.NoRA)):
-                getattr(m, f"A_{fixed}").requires_grad_(False)
-                getattr(m, f"B_{fixed}").requires_grad_(False)
-        if method == "nora++":
-            nora.add_lora(model, lora_rank, lora_alpha)
-    elif method == "rational":
-        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(groups))
-    elif method in ("zero-init", "const"):
-        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU),
-                             lambda m: DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
-    else:                                                 # Table 3: other learnable activations
-        make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: LearnableELU(), "arelu": lambda m: AReLU()}[method]
-        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), make)
-    return nora.mark_trainable(model, "head")
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -327,6 +167,55 @@ def preprocess(x, img_size, mean, std, device, flip=None):
 
 # --- model -------------------------------------------------------------------------------------
 
+METHODS = ("head", "full", "lora", "dora", "qlora", "vpt", "adapter", "nora", "nora++", "nora-monomial",
+           "nora-group", "nora-num", "nora-den", "rational", "zero-init", "const", "prelu", "elu", "arelu")
+
+
+def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha=16, **nora_kwargs):
+    """Set ``model`` (a VisionTransformer) up for fine-tuning with ``method`` (one of METHODS) and
+    make its head trainable. The Table 4 variants, on frozen GELU-fitted base coefficients:
+    'rational' tunes the coefficients directly, 'zero-init' adds a full-rank zero-initialised
+    update (NoRA without the low-rank factorisation), 'const' tunes only a0 (our Q has no b0),
+    all with ``groups`` groups. 'nora-monomial' is NoRA with the paper's update of the plain
+    monomial coefficients (basis_scale=1). ``nora_kwargs`` go to every NoRA module."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    nora.freeze(model)
+    dim = model.cls_token.shape[-1]
+    if method == "full":
+        model.requires_grad_(True)
+    elif method == "head":
+        pass
+    elif method in ("lora", "dora", "qlora"):
+        if method == "qlora":
+            nora.replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
+        nora.add_lora(model, lora_rank, lora_alpha, layer=DoRALinear if method == "dora" else nora.LoRALinear)
+    elif method == "vpt":
+        model.blocks = nn.Sequential(PromptTokens(10, dim), *model.blocks)
+    elif method == "adapter":
+        model.blocks = nn.Sequential(*[nn.Sequential(block, Adapter(dim, 48)) for block in model.blocks])
+    elif method.startswith("nora"):
+        if method == "nora-monomial":
+            nora_kwargs["basis_scale"] = 1.0
+        nora.add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared", **nora_kwargs)
+        if method in ("nora-num", "nora-den"):            # Table 5: adapt one side of the rational only
+            fixed = "Q" if method == "nora-num" else "P"
+            for m in (m for m in model.modules() if isinstance(m, nora.NoRA)):
+                getattr(m, f"A_{fixed}").requires_grad_(False)
+                getattr(m, f"B_{fixed}").requires_grad_(False)
+        if method == "nora++":
+            nora.add_lora(model, lora_rank, lora_alpha)
+    elif method == "rational":
+        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(groups))
+    elif method in ("zero-init", "const"):
+        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU),
+                             lambda m: DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
+    else:                                                 # Table 3: other learnable activations
+        make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: LearnableELU(), "arelu": lambda m: AReLU()}[method]
+        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), make)
+    return nora.mark_trainable(model, "head")
+
+
 def build_model(args):
     """The pretrained ViT, set up for args.method. Returns (model, total parameters of the base model)."""
     torch.manual_seed(args.seed)
@@ -338,6 +227,7 @@ def build_model(args):
             sys.exit(f"error: {e}")
     total = nora.count_parameters(model)[1]
     prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha,
+            lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
             **({} if args.basis_scale is None else {"basis_scale": args.basis_scale}))
     if args.grow_from:                                  # paper Sec. 4.2: replicate groups
         for m in model.modules():
@@ -391,22 +281,23 @@ def train(args, data, eval_name="test"):
     train_x, train_y, test_x, test_y = data
     model, total = build_model(args)
     trainable = nora.count_parameters(model)[0]
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("head") and p.requires_grad)
     # torchrun: every process holds the model; DDP averages the trainable parameters' gradients
     # over them. broadcast_buffers=False: a forward then needs no collective (our ViT has no buffers).
     forward = model if args.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[args.device] if args.device.type == "cuda" else None, broadcast_buffers=False)
-    lr = args.lr if args.lr is not None else METHOD_LR.get(args.method, 1e-3)
-    opt = torch.optim.AdamW(nora.param_groups(model, lr, args.head_lr, args.nora_lr), weight_decay=args.weight_decay)
     steps_per_epoch = max(1, len(train_x) // args.batch_size)
     steps = args.epochs * steps_per_epoch if args.steps is None else args.steps
+    lr, head_lr, own_lr = learning_rates(args, steps)
+    opt = torch.optim.AdamW(nora.param_groups(model, lr, head_lr, own_lr), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     scaler = torch.amp.GradScaler(enabled=args.amp == torch.float16 and args.device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
     train_x, train_y = train_x.to(args.device), train_y.to(args.device)   # CIFAR's uint8 fits on any GPU
     prep = input_pipeline(args)
     print(f"{args.method} on {args.dataset}: {len(train_x)} train / {len(test_x)} {eval_name} images at {args.img_size} px, "
-          f"{steps} steps, lr {lr:g}{f', head lr {args.head_lr:g}' if args.head_lr else ''}"
-          f"{f', NoRA lr {args.nora_lr:g}' if args.nora_lr else ''}, trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+          f"{steps} steps, lr {lr:g}, head lr {head_lr:g}{f', NoRA lr {own_lr:.2g}' if 'nora' in args.method else ''}, "
+          f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     history, step, start, seen = [], 0, time.time(), 0
     shard = args.batch_size // args.world                # torchrun: this process's part of each batch
     model.train()
@@ -445,7 +336,9 @@ def train(args, data, eval_name="test"):
             if step % steps_per_epoch == 0 or step == steps:
                 history.append(evaluate(model, test_x, test_y, prep, args.batch_size, args.amp))
                 print(f"  epoch {len(history)}: {eval_name} accuracy {history[-1]:.2f}%", flush=True)
-    return model, dict(trainable=trainable, total=total, percent=100 * trainable / total, lr=lr,
+    return model, dict(trainable=trainable, backbone=trainable - head, total=total, percent=100 * trainable / total,
+                       lr=lr, head_lr_used=head_lr,
+                       nora_lr_used=own_lr if "nora" in args.method else None,
                        accuracy=history[-1], history=history, seconds=round(time.time() - start, 1),
                        **activation_drift(model))
 
@@ -536,6 +429,8 @@ def plot_activations(model, path, x_range=8.0):
     print(f"wrote {path}: {len(panels) // 2} layers, every group's activation against GELU (dashed)")
 
 
+# --- the paper's tables ----------------------------------------------------------------------
+
 def table(args, data):
     name, col = args.table, 0 if args.dataset == "cifar10" else 1
     rows = []
@@ -584,6 +479,12 @@ def fmt(accuracy):
     return "diverged" if accuracy is None else f"{accuracy:.1f}"
 
 
+def spread(accuracies):
+    """'mean +- population sd' over seeds (a diverged run counts as 0)."""
+    a = torch.tensor([0.0 if t is None else t for t in accuracies])
+    return f"{a.mean():.1f} +- {a.std(unbiased=False) if len(a) > 1 else 0:.1f}"
+
+
 def split_validation(x, y, fraction):
     """(train_x, train_y, val_x, val_y): a class-balanced validation split carved from the training
     set, the same for every seed (seed 12345), so that all runs are chosen on the same images."""
@@ -592,25 +493,44 @@ def split_validation(x, y, fraction):
     return x[~val], y[~val], x[val], y[val]
 
 
-def train_or_diverge(args, data, **changes):
-    """One run with ``changes`` applied to args: (validation accuracy, model), or (None, None) when
-    the loss stopped being finite."""
+# Settings that make two runs the same run: a sweep finds a run already in --out by these and
+# reads it back instead of training it again, so an interrupted table resumes where it stopped.
+RUN_SETTINGS = SAVED_SETTINGS + ("lora_rank", "lr", "head_lr", "nora_lr", "weight_decay", "weights", "epochs", "steps", "batch_size", "train_subset", "test_subset", "val_fraction", "seed")
+
+
+def trial(args, split, test=None, train_now=True, **changes):
+    """One run of a sweep (study, stability, frontier): train on the validation split's training
+    part with ``changes`` applied to args; its record, with 'validation' and 'test' accuracies (None
+    when the loss stopped being finite; 'test' also when ``test`` is None). A run already in --out
+    is read back; one that is not is trained, or with ``train_now=False`` returned as None."""
     run_args = argparse.Namespace(**{**vars(args), **changes})
+    key = json.loads(json.dumps({k: getattr(run_args, k) for k in RUN_SETTINGS}))   # as JSON has it: tuples as lists
+    path = Path(args.out) if args.out else None
+    for rec in json.loads(path.read_text()) if path and path.exists() else []:
+        if "validation" in rec and {k: rec.get(k) for k in RUN_SETTINGS} == key and (test is None or rec["test"] is not None
+                                                                                     or rec["validation"] is None):
+            return rec
+    if not train_now:
+        return None
     try:
-        model, result = train(run_args, data, eval_name="validation")
+        model, result = train(run_args, split, eval_name="validation")
+        result["validation"] = result["accuracy"]
+        result["test"] = None if test is None else evaluate(model, *test, input_pipeline(run_args), args.batch_size, args.amp)
     except Diverged as e:
         print(f"  diverged: {e}")
-        return None, None
-    record(run_args, result)
-    return result["accuracy"], model
+        result = dict(validation=None, test=None)
+    rec = {**key, **result, "table": args.table}
+    print(f"RESULT {run_args.method} lr {run_args.lr:g} seed {run_args.seed}: validation {fmt(rec['validation'])}"
+          + ("" if test is None else f", test {fmt(rec['test'])}"), flush=True)
+    if path and args.process == 0:
+        path.write_text(json.dumps((json.loads(path.read_text()) if path.exists() else []) + [rec], indent=1))
+    return rec
 
 
-def choose_lr(args, split, method, lrs, seed, **changes):
-    """Train ``method`` at each lr on the validation split: (best lr, {lr: validation accuracy}, {lr: model})."""
-    val, models = {}, {}
-    for lr in lrs:
-        val[lr], models[lr] = train_or_diverge(args, split, method=method, lr=lr, seed=seed, **changes)
-    return max(lrs, key=lambda lr: -1 if val[lr] is None else val[lr]), val, models
+def choose_lr(args, split, method, lrs, test=None, **changes):
+    """``method`` at each lr, scored on validation: (best lr, {lr: record})."""
+    runs = {lr: trial(args, split, test, method=method, lr=lr, **changes) for lr in lrs}
+    return max(lrs, key=lambda lr: -1 if runs[lr]["validation"] is None else runs[lr]["validation"]), runs
 
 
 def study(args, data):
@@ -618,25 +538,16 @@ def study(args, data):
     split = split_validation(train_x, train_y, args.val_fraction)
     seeds = list(range(args.seed, args.seed + args.seeds))
     rows, ran, head_lr, nora_lr = [], [], args.head_lr, args.nora_lr
-    prep = input_pipeline(args)
-
-    def test_accuracy(model):                            # None: the run diverged
-        return None if model is None else evaluate(model, test_x, test_y, prep, args.batch_size, args.amp)
-
     for method, lrs in STUDY.items():
         if (method == "head" and head_lr) or (args.rows and method not in args.rows):   # --head-lr / --rows given
             continue
         ran.append(method)
         own = dict(head_lr=head_lr, nora_lr=nora_lr if method == "nora++" else None)
-        best, val, models = choose_lr(args, split, method, lrs, seeds[0], **own)
-        tests = [test_accuracy(models[best])]
-        for seed in seeds[1:]:                            # more seeds at the chosen lr, scored on test
-            _, model = train_or_diverge(args, split, method=method, lr=best, seed=seed, **own)
-            tests.append(test_accuracy(model))
-        scores = torch.tensor([0.0 if t is None else t for t in tests])
-        rows.append(f"| {method} | " + ", ".join(f"{lr:g}: {fmt(val[lr])}" for lr in lrs) + f" | {best:g} | "
-                    f"{scores.mean():.1f} +- {scores.std(unbiased=False) if len(scores) > 1 else 0:.1f} | "
-                    + ", ".join(fmt(t) for t in tests) + " |")
+        best, runs = choose_lr(args, split, method, lrs, (test_x, test_y), seed=seeds[0], **own)
+        tests = [runs[best]["test"]] + [trial(args, split, (test_x, test_y), method=method, lr=best, seed=seed, **own)["test"]
+                                        for seed in seeds[1:]]     # more seeds at the chosen lr, scored on test
+        rows.append(f"| {method} | " + ", ".join(f"{lr:g}: {fmt(runs[lr]['validation'])}" for lr in lrs)
+                    + f" | {best:g} | {spread(tests)} | " + ", ".join(fmt(t) for t in tests) + " |")
         print("\n".join(rows), flush=True)
         head_lr = head_lr or best                         # the first row is 'head'
         nora_lr = nora_lr or (best if method == "nora" else None)   # NoRA++ keeps NoRA's lr from row 'nora'
@@ -661,14 +572,14 @@ def stability(args, data):
     train_x, train_y, _, _ = data
     split = split_validation(train_x, train_y, args.val_fraction)
     if args.head_lr:
-        head_lr, head = args.head_lr, train_or_diverge(args, split, method="head", lr=args.head_lr)[0]
+        head_lr, head = args.head_lr, trial(args, split, method="head", lr=args.head_lr)["validation"]
     else:
-        head_lr, val, _ = choose_lr(args, split, "head", STUDY["head"], args.seed)
-        head = val[head_lr]
+        head_lr, runs = choose_lr(args, split, "head", STUDY["head"])
+        head = runs[head_lr]["validation"]
     lrs, rows = STABILITY["lrs"], []
     grid = [("nora", groups, rank) for rank in STABILITY["ranks"] for groups in STABILITY["groups"]]
     for method, groups, rank in grid + [("nora-monomial", 8, 2), ("nora-monomial", 64, 3)]:   # + the paper's basis
-        accs = [train_or_diverge(args, split, method=method, lr=lr, head_lr=head_lr, groups=groups, rank=rank)[0]
+        accs = [trial(args, split, method=method, lr=lr, head_lr=head_lr, groups=groups, rank=rank)["validation"]
                 for lr in lrs]
         name = "NoRA" if method == "nora" else "NoRA, paper's monomial basis,"
         rows.append(f"| {name} G = {groups}, r = {rank} | " + " | ".join(
@@ -680,6 +591,175 @@ the head trains at lr {head_lr:g} in every run. Head-only training at that lr: {
 **collapse** marks a run more than {COLLAPSE} points below head-only. {describe(args)}
 
 | | """ + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n" + "|---" * (len(lrs) + 1) + "|\n" + "\n".join(rows))
+
+
+# --- the frontier: accuracy against trainable parameters (the paper's claim) --------------------
+
+# Each family's lr is chosen on validation at one size ('choose'), checked at its smallest and
+# largest ('check': the chosen lr and its neighbours), and then every size runs at it over --seeds
+# seeds, scored on test. The head trains at the head family's lr in every other family, and
+# NoRA++'s NoRA part at the nora family's. Sizes are changes to the flags.
+FRONTIER = {
+    "head": dict(method="head", lrs=(3e-3, 1e-2, 3e-2, 1e-1), choose={}, check=[], sizes=[{}]),
+    "lora": dict(method="lora", lrs=(3e-4, 1e-3, 3e-3), choose=dict(lora_rank=8), check=[dict(lora_rank=1)],
+                 sizes=[dict(lora_rank=r) for r in (1, 2, 4, 8)]),
+    "nora": dict(method="nora", lrs=(3e-3, 1e-2, 3e-2), choose=dict(groups=8, rank=2),
+                 check=[dict(groups=8, rank=1), dict(groups=64, rank=4)],
+                 sizes=[dict(groups=g, rank=r) for g in (8, 16, 32, 64) for r in (1, 2, 4)]),
+    "nora-group": dict(method="nora-group", lrs=(3e-3, 1e-2, 3e-2), choose=dict(groups=8, rank=2),
+                       check=[dict(groups=64, rank=2)], sizes=[dict(groups=8, rank=2), dict(groups=64, rank=2)]),
+    "vpt": dict(method="vpt", lrs=(1e-3, 5e-3, 2e-2), choose={}, check=[], sizes=[{}]),
+    "nora++": dict(method="nora++", lrs=(3e-4, 1e-3, 3e-3), choose={}, check=[], sizes=[{}]),
+    "full": dict(method="full", lrs=(3e-6, 1e-5, 3e-5), choose={}, check=[], sizes=[{}]),
+}
+
+
+def frontier(args, data, train_now=True):
+    """Every FRONTIER family and size at its family's lr over seeds: a table, and with --plot an SVG
+    of test accuracy against trainable backbone parameters. Runs go to --out as they finish and are
+    read back from there, so an interrupted table resumes, and ``train_now=False`` (--plot without
+    --table) redraws from --out alone. The work is ordered so that an early stop leaves the most:
+    every family's lr first, then seed 0 at every size (the checked ends first), the lr checks, and
+    the other seeds."""
+    families = [f for f in FRONTIER if not args.rows or f in args.rows]
+    split, test = (None, None) if data is None else (split_validation(data[0], data[1], args.val_fraction), data[2:])
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    lr = {}
+
+    def run(f, x, seed, size):
+        own = dict(head_lr=lr.get("head") if f != "head" else None, nora_lr=lr.get("nora") if f == "nora++" else None)
+        return trial(args, split, test, train_now, method=FRONTIER[f]["method"], lr=x, seed=seed, **own, **size)
+
+    for f in families:                                 # 1. each family's lr, at its 'choose' size
+        runs = {x: run(f, x, seeds[0], FRONTIER[f]["choose"]) for x in FRONTIER[f]["lrs"]}
+        if None in runs.values():                      # (not trained yet; the later families need this lr)
+            break
+        lr[f] = max(runs, key=lambda x: -1 if runs[x]["validation"] is None else runs[x]["validation"])
+    chosen = [f for f in families if f in lr]
+    for f in chosen:                                   # 2. seed 0 at every size
+        for size in FRONTIER[f]["check"] + FRONTIER[f]["sizes"]:
+            run(f, lr[f], seeds[0], size)
+    checks = {}
+    for f in chosen:                                   # 3. the chosen lr's neighbours where it is checked
+        lrs = FRONTIER[f]["lrs"]
+        i = lrs.index(lr[f])
+        for size in FRONTIER[f]["check"]:
+            checks[f, size_name(size)] = {x: run(f, x, seeds[0], size) for x in lrs[max(0, i - 1):i + 2]}
+    points = {f: [(size, [run(f, lr[f], s, size) for s in seeds]) for size in FRONTIER[f]["sizes"]]
+              for f in chosen}                         # 4. the other seeds
+    write_frontier(args, families, lr, checks, points, seeds)
+
+
+# The paper's points (ViT-Tiny on CIFAR, 50 epochs), printed under the table.
+PAPER_FRONTIER = """The paper's (ViT-Tiny, CIFAR, 50 epochs; no head-only row, so no gap closed can be computed):
+
+| paper | trainable backbone params | CIFAR-10 (%) | CIFAR-100 (%) |
+|---|---|---|---|
+| NoRA, G = 8, r = 2 (Tables 1, 6) | 2.1K | 90.88 | 77.46 |
+| NoRA, G = 8 to 64, r = 3 (Fig. 2) | ~13K to ~28K | ~92.2 to ~93.1 | ~77.6 to ~79.6 |
+| LoRA (Tables 1, 6) | 37K | 91.05 | 77.68 |
+| full fine-tuning (Table 1) | 5.5M | 90.71 | 77.19 |"""
+
+
+def frontier_gap(points):
+    """The goal's reading: how much of the head-to-LoRA (r = 8) gap each NoRA size closes, and with
+    what fraction of LoRA's backbone parameters."""
+    def mean(f, size):
+        recs = [r for z, rs in points.get(f, []) if z == size for r in rs if r is not None]
+        return (sum(0.0 if r["test"] is None else r["test"] for r in recs) / len(recs), len(recs), recs[0]["backbone"]) if recs else None
+    head, lora = mean("head", {}), mean("lora", dict(lora_rank=8))
+    if not (head and lora):
+        return "Gap closed: needs the head and LoRA r = 8 rows."
+    lines = [f"Gap closed: head {head[0]:.1f} ({head[1]} seeds), LoRA r = 8 {lora[0]:.1f} ({lora[1]} seeds, {lora[2]:,} backbone params).\n",
+             "| NoRA size | backbone params, % of LoRA r = 8's | gap closed | seeds |", "|---|---|---|---|"]
+    for f in ("nora", "nora-group"):
+        for size, _ in points.get(f, []):
+            m = mean(f, size)
+            if m:
+                lines.append(f"| {f} {size_name(size)} | {100 * m[2] / lora[2]:.1f}% | "
+                             f"{100 * (m[0] - head[0]) / (lora[0] - head[0]):.0f}% | {m[1]} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(path, curves, head):
+    """Test accuracy (mean, bars: +- sd over seeds) against trainable backbone parameters on a log
+    axis, one colour per family; head-only (no backbone parameters) as a dashed line."""
+    curves = [(name, c) for name, c in curves if name != "head" and c]
+    pts = [p for _, c in curves for p in c]
+    if not pts:
+        print(f"--plot {path}: no finished runs in the results yet; nothing drawn")
+        return
+    W, H, ox, oy, pw, ph = 640, 400, 60, 20, 430, 330
+    x0, x1 = math.log10(min(p[0] for p in pts)) - 0.2, math.log10(max(p[0] for p in pts)) + 0.2
+    ys = [p[1] - p[2] for p in pts] + [p[1] + p[2] for p in pts] + ([head] if head is not None else [])
+    y0, y1 = math.floor(min(ys) / 5) * 5, math.ceil(max(ys) / 5) * 5
+    sx = lambda v: ox + (math.log10(v) - x0) / (x1 - x0) * pw
+    sy = lambda v: oy + ph - (v - y0) / max(y1 - y0, 1e-9) * ph
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="100%" height="100%" fill="white"/><rect x="{ox}" y="{oy}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+           f'<text x="{ox + pw / 2}" y="{H - 8}" text-anchor="middle">trainable backbone parameters (log scale)</text>',
+           f'<text x="14" y="{oy + ph / 2}" transform="rotate(-90 14 {oy + ph / 2})" text-anchor="middle">test accuracy (%)</text>']
+    for e in range(math.ceil(x0), math.floor(x1) + 1):
+        out.append(f'<text x="{sx(10 ** e):.1f}" y="{oy + ph + 14}" text-anchor="middle">1e{e}</text>')
+    for v in range(y0, y1 + 1, 5):
+        out.append(f'<text x="{ox - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v}</text>')
+    if head is not None:
+        out.append(f'<line x1="{ox}" x2="{ox + pw}" y1="{sy(head):.1f}" y2="{sy(head):.1f}" stroke="#888" stroke-dasharray="4 3"/>')
+        out.append(f'<text x="{ox + pw + 8}" y="{sy(head) + 4:.1f}" fill="#888">head only</text>')
+    for k, (name, c) in enumerate(curves):
+        colour = f"hsl({k * 360 // 7}, 70%, 40%)"
+        out.append(f'<text x="{ox + pw + 8}" y="{oy + 12 + 14 * k}" fill="{colour}">{name}</text>')
+        for x, m, sd in sorted(c):
+            out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(m - sd):.1f}" y2="{sy(m + sd):.1f}" stroke="{colour}"/>'
+                       f'<circle cx="{sx(x):.1f}" cy="{sy(m):.1f}" r="3" fill="{colour}"/>')
+    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
+    print(f"wrote {path}: {len(pts)} points")
+
+
+def size_name(size):
+    return ", ".join(f"{k.replace('lora_rank', 'r').replace('groups', 'G').replace('rank', 'r')} = {v}"
+                     for k, v in size.items())
+
+
+def write_frontier(args, families, lr, checks, points, seeds):
+    rows, curves = [], []
+    head = [r["test"] for r in points.get("head", [({}, [])])[0][1] if r is not None]
+    for f in families:
+        if f not in lr:
+            rows.append(f"| {f} | - | lr not chosen yet | | | |")
+            continue
+        curve = []
+        for size, recs in points[f]:
+            done = [r for r in recs if r is not None]
+            tests = [r["test"] for r in done]
+            count = done[0].get("backbone") if done and done[0].get("backbone") is not None else None
+            rows.append(f"| {f} {size_name(size)} | {'-' if count is None else f'{count:,}'} | {lr[f]:g} | "
+                        + (f"{spread(tests)} | " + ", ".join(fmt(t) for t in tests) if done else "not run yet |")
+                        + f" | {len(done)} of {len(seeds)} |")
+            if done and count is not None:
+                a = torch.tensor([0.0 if t is None else t for t in tests])
+                curve.append((count, a.mean().item(), a.std(unbiased=False).item() if len(a) > 1 else 0.0))
+        curves.append((f, curve))
+    gap = frontier_gap(points)
+    check_rows = [f"| {f} {name} | " + ", ".join(f"{x:g}: {'-' if r is None else fmt(r['validation'])}" for x, r in runs.items())
+                  + f" | {lr[f]:g} |" for (f, name), runs in checks.items()]
+    write_table(args, "frontier", f"""
+Test accuracy against trainable backbone parameters (the head's parameters not counted, as in the paper),
+every family at its own lr: chosen on a validation split at one size (seed {seeds[0]}), checked at the
+family's smallest and largest size (second table), then every size over seeds {seeds} (mean +- population
+sd of the test accuracy). {describe(args)}
+
+| family and size | trainable backbone params | lr | test accuracy (%) | per seed | seeds run |
+|---|---|---|---|---|---|
+""" + "\n".join(rows) + """
+
+The lr check (validation accuracy, seed 0) at the sizes where the family's lr was not chosen:
+
+| family and size | validation accuracy (%) at each lr | family's lr |
+|---|---|---|
+""" + "\n".join(check_rows) + "\n\n" + gap + "\n\n" + PAPER_FRONTIER)
+    if args.plot:
+        plot_frontier(args.plot, curves, sum(head) / len(head) if head else None)
 
 
 def describe(args):
@@ -925,9 +1005,146 @@ def efficiency(dev, reps, batch_size, amp):
     print(f"\nwrote {md}")
 
 
-def check_output_paths(p, save, out, plot):
+# --- baselines for the paper's tables -----------------------------------------------------------
+#
+# The comparisons of Tables 1, 3, 4 and 5 on the same frozen ViT, each as small as it can be:
+# DoRA and QLoRA on the LoRA targets, VPT prompts, bottleneck adapters, other learnable
+# activations, and the coefficient-tuning variants NoRA is compared with. `prepare` (the model
+# section) puts any of them, or NoRA, on a model by name.
+
+class DoRALinear(nora.LoRALinear):
+    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
+    trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
+    the norm is treated as a constant in backward. For (out, in) weights only (nn.Linear)."""
+
+    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
+        if fan_in_fan_out:
+            raise ValueError("DoRALinear: only for layers with an (out, in) weight, such as nn.Linear")
+        super().__init__(base, rank, alpha, row_ranges)
+        self.magnitude = nn.Parameter(base.weight.detach()[self.rows()].norm(dim=1))
+
+    def rows(self):
+        return torch.cat([torch.arange(a, b, device=self.lora_A.device) for a, b in self.row_ranges])
+
+    @property
+    def weight(self):
+        if self.merged:
+            return self.base.weight
+        rows, w = self.rows(), super().weight              # W0 + B A on the adapted rows
+        v = w[rows]
+        return w.index_copy(0, rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.base.bias)
+
+    def unmerge(self):
+        raise NotImplementedError("DoRA's merge rescales rows; it is not undone")
+
+
+# The 16 levels of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
+                           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear stored in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and
+    a 4-bit index into NF4_LEVELS, two indices per byte. The weight is dequantised at every forward.
+    (QLoRA also quantises the absmax values, "double quantisation"; we keep them in float32.)"""
+
+    def __init__(self, linear, block_size=64):
+        super().__init__()
+        w = linear.weight.detach().float()
+        if w.numel() % block_size:
+            raise ValueError(f"NF4Linear: {w.numel()} weights do not split into blocks of {block_size}")
+        blocks = w.reshape(-1, block_size)
+        absmax = blocks.abs().amax(1, keepdim=True).clamp_min(1e-12)
+        levels = NF4_LEVELS.to(w.device)
+        codes = ((blocks / absmax).unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
+        self.register_buffer("codes", codes[:, 0::2] << 4 | codes[:, 1::2])
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("levels", levels, persistent=False)   # on the layer's device: no copy per forward
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.shape = w.shape
+
+    @property
+    def weight(self):
+        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
+        return (self.levels[codes] * self.absmax).view(self.shape)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class PromptTokens(nn.Module):
+    """VPT-shallow (Jia et al. 2022): learnable tokens inserted after the class token, before the first block."""
+
+    def __init__(self, num_tokens, dim):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
+
+    def forward(self, x):
+        return torch.cat([x[:, :1], self.prompts.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter after a block (Houlsby et al. 2019): x + up(GELU(down(x))), up zero-initialised."""
+
+    def __init__(self, dim, bottleneck=48):
+        super().__init__()
+        self.down, self.act, self.up = nn.Linear(dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return x + self.up(self.act(self.down(x)))
+
+
+class DeltaRational(nn.Module):
+    """Frozen base coefficients plus a directly trained, zero-initialised update of the first
+    ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
+    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0)."""
+
+    def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
+        super().__init__()
+        base = nora.GroupRational(groups, init)
+        self.register_buffer("numerator", base.numerator.detach())
+        self.register_buffer("denominator", base.denominator.detach())
+        self.delta_num = nn.Parameter(torch.zeros(groups, num_terms))
+        self.delta_den = nn.Parameter(torch.zeros(groups, den_terms))
+
+    def forward(self, x):
+        pad = lambda d, full: F.pad(d, (0, full.shape[1] - d.shape[1]))
+        return nora.rational(x, self.numerator + pad(self.delta_num, self.numerator),
+                             self.denominator + pad(self.delta_den, self.denominator))
+
+
+class LearnableELU(nn.Module):
+    """ELU with a learnable alpha (Table 3)."""
+
+    def __init__(self, alpha=1.0):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(alpha))
+
+    def forward(self, x):
+        return torch.where(x > 0, x, self.alpha * torch.expm1(x.clamp_max(0)))
+
+
+class AReLU(nn.Module):
+    """AReLU (Chen et al. 2020): (1 + sigmoid(beta)) x for x >= 0, clamp(alpha, 0.01, 0.99) x below (Table 3)."""
+
+    def __init__(self, alpha=0.9, beta=2.0):
+        super().__init__()
+        self.alpha, self.beta = nn.Parameter(torch.tensor(alpha)), nn.Parameter(torch.tensor(beta))
+
+    def forward(self, x):
+        return torch.where(x >= 0, (1 + torch.sigmoid(self.beta)) * x, self.alpha.clamp(0.01, 0.99) * x)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def check_output_paths(p, save, out, plot, frontier_plot):
     """Fail before training, not after it, if a result could not be written."""
-    for flag, path in (("--save", save), ("--out", out), ("--plot-activations", plot)):
+    for flag, path in (("--save", save), ("--out", out), ("--plot-activations", plot), ("--plot", frontier_plot)):
         if path is None:
             continue
         path = Path(path)
@@ -949,13 +1166,16 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help="folder holding (or to receive) the CIFAR python-format folder")
     p.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is not in --data-root")
     p.add_argument("--method", choices=METHODS)
-    p.add_argument("--table", choices=[*TABLES, "study", "stability", "efficiency"],
-                   help="run every row of a paper table, or the lr study / stability grid (README)")
+    p.add_argument("--table", choices=[*TABLES, "study", "stability", "frontier", "efficiency"],
+                   help="run every row of a paper table, or the lr study / stability grid / frontier (README)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="--table study/stability: validation split")
-    p.add_argument("--seeds", type=int, default=3, help="--table study: seeds at each method's chosen lr")
-    p.add_argument("--rows", type=lambda v: v.split(","), help="--table study: only these rows, e.g. nora,nora++")
+    p.add_argument("--seeds", type=int, default=3, help="--table study/frontier: seeds at each chosen lr")
+    p.add_argument("--rows", type=lambda v: v.split(","),
+                   help="--table study/frontier: only these rows (families), e.g. head,lora,nora")
+    p.add_argument("--plot", help="--table frontier: draw it into this .svg; without --table, from --out's runs alone")
     p.add_argument("--scale", choices=SCALES, help="preset for the options below (default: paper)")
     p.add_argument("--groups", type=int)
+    p.add_argument("--lora-rank", type=int, help="LoRA's rank (default 8; alpha = 2 x rank)")
     p.add_argument("--rank", type=int)
     p.add_argument("--alpha", type=float, help="NoRA alpha (default 2 * rank)")
     p.add_argument("--basis-scale", type=float,
@@ -996,7 +1216,7 @@ def parse_args(argv=None):
     for k, v in SCALES[args.scale].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for k in ("epochs", "batch_size", "log_every", "groups", "rank", "img_size", "repeats", "bench_batch", "seeds"):
+    for k in ("epochs", "batch_size", "log_every", "groups", "rank", "lora_rank", "img_size", "repeats", "bench_batch", "seeds"):
         if getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     for k in ("steps", "depth", "alpha", "lr", "head_lr", "nora_lr", "basis_scale"):
@@ -1008,18 +1228,21 @@ def parse_args(argv=None):
                 "--plot-activations or --method")
     if args.eval_adapter and not Path(args.eval_adapter).is_file():
         p.error(f"--eval-adapter: no file at {args.eval_adapter}")
-    if args.rows and (args.table != "study" or set(args.rows) - set(STUDY)):
-        p.error(f"--rows goes with --table study and names rows of {list(STUDY)}, got {args.rows}")
+    rows = {"study": STUDY, "frontier": FRONTIER}.get(args.table or ("frontier" if args.plot else None), {})
+    if args.rows and (not rows or set(args.rows) - set(rows)):
+        p.error(f"--rows goes with --table study or frontier and names their rows ({list(rows) or list(STUDY)}), got {args.rows}")
     if args.rows and "head" not in args.rows and not args.head_lr:
         p.error("--rows without 'head' needs --head-lr: every other row trains the head at the head row's lr")
     if args.rows and "nora++" in args.rows and "nora" not in args.rows and not args.nora_lr:
         p.error("--rows with nora++ but not nora needs --nora-lr: nora++ trains NoRA at the nora row's lr")
-    check_output_paths(p, args.save, args.out, args.plot_activations)
+    if args.plot and args.table not in (None, "frontier"):
+        p.error("--plot draws the frontier: use it with --table frontier or alone")
+    check_output_paths(p, args.save, args.out, args.plot_activations, args.plot)
     args.device = torch.device(args.device)
     args.amp = getattr(torch, args.amp_dtype) if args.device.type == "cuda" and not args.no_amp else None
     args.mean, args.std = nora.PRETRAINED[args.model]["mean"], nora.PRETRAINED[args.model]["std"]
     args.process, args.world = 0, 1                     # this process's rank and the count (start_processes)
-    if args.table and args.out is None:
+    if (args.table or args.plot) and args.out is None:
         args.out = "results.json"
     return args
 
@@ -1086,10 +1309,13 @@ def main(argv=None):
 def _main(args):
     if args.table == "efficiency":
         return efficiency(args.device, args.repeats, args.bench_batch, args.amp)
+    if args.plot and not args.table:                    # redraw the frontier from --out: no data, no training
+        return frontier(args, None, train_now=False)
     if args.eval_adapter:                               # the saved run's settings pick the data too
         saved = load_saved_run(args.eval_adapter)
         for k in SAVED_SETTINGS:
             setattr(args, k, saved["args"][k])
+        args.lora_rank = saved["args"].get("lora_rank", 8)              # (not saved before --lora-rank)
         args.weights = args.weights or saved["args"].get("weights")    # the checkpoint it was trained on
     train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_root, not args.no_download)
     tr = balanced_subset(train_y, args.train_subset, args.seed)
@@ -1097,8 +1323,8 @@ def _main(args):
     data = (train_x[tr], train_y[tr], test_x[te], test_y[te])
     if args.eval_adapter:
         return evaluate_adapter(args, data, saved["state"])
-    if args.table in ("study", "stability"):
-        return {"study": study, "stability": stability}[args.table](args, data)
+    if args.table in ("study", "stability", "frontier"):
+        return {"study": study, "stability": stability, "frontier": frontier}[args.table](args, data)
     return table(args, data) if args.table else run(args, data)
 
 
