@@ -431,7 +431,7 @@ class GroupRational(nn.Module):
 # of each (Eq. 7):
 #       phi'(x) = (P + dP)(x) / (Q + dQ)(x)
 # The paper's Eq. 8 gives each group g its own product A_g B_g with A_g in R^{d x r} and
-# B_g in R^{r x 1}, i.e. a free d-vector per group ("group" form below). The released code
+# B_g in R^{r x 1}, i.e. a free d-vector per group ("per_group" form below). The released code
 # instead factorises the whole G x d update matrix ("shared" form, our default):
 #       dP = B_P @ A_P * alpha / r,     A_P in R^{r x (m+1)} shared,  B_P in R^{G x r} per group
 # so dP, as a G x (m+1) matrix, has rank <= r: the groups move along r shared directions in
@@ -473,7 +473,7 @@ class NoRA(nn.Module):
             the released code's alpha = 6 at r = 3).
         init: base coefficients, as for :class:`GroupRational`.
         form: 'shared' (released code, dP = B @ A with A shared by all groups) or
-            'group' (paper text, dP_g = A_g B_g per group).
+            'per_group' (paper text, dP_g = A_g B_g, free in each group).
         basis_scale: s; the update is learned in the basis (x/s)^i (1: the paper's monomials).
         channel_dim: the input dimension that holds the channels (-1, or 1 for an (N, C, H, W)
             feature map); None: the last, refusing inputs of 4 or more dimensions, whose channel
@@ -482,8 +482,8 @@ class NoRA(nn.Module):
 
     def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
         super().__init__()
-        if form not in ("shared", "group"):
-            raise ValueError(f"NoRA: form must be 'shared' or 'group', got {form!r}")
+        if form not in ("shared", "per_group"):
+            raise ValueError(f"NoRA: form must be 'shared' or 'per_group', got {form!r}")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"NoRA: rank must be a positive integer, got {rank!r}")
         if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
@@ -572,7 +572,7 @@ class NoRA(nn.Module):
             setattr(self, name, getattr(self, name).repeat_interleave(k, 0))
         for name in ("A_P", "B_P", "A_Q", "B_Q"):
             p = getattr(self, name)
-            if name.startswith("B") or self.form == "group":
+            if name.startswith("B") or self.form == "per_group":
                 setattr(self, name, nn.Parameter(p.repeat_interleave(k, 0), requires_grad=p.requires_grad))
 
     def extra_repr(self):

@@ -174,7 +174,7 @@ def test_group_rational_init_and_errors():
         nora.GroupRational(4, (torch.zeros(3, 6), torch.zeros(3, 4)))
 
 
-@pytest.mark.parametrize("form", ["shared", "group"])
+@pytest.mark.parametrize("form", ["shared", "per_group"])
 def test_nora_at_init_equals_its_base_rational_exactly(form):
     torch.manual_seed(0)
     x = torch.randn(2, 7, 64) * 3
@@ -186,7 +186,7 @@ def test_nora_parameter_counts_match_the_formulas():
     # shared (released code): r (6 + 4) + 2 G r;  group (paper text): G (6 r + r) + G (4 r + r)
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert count(nora.NoRA(8, 2)) == 2 * 10 + 2 * 8 * 2 == 52
-    assert count(nora.NoRA(8, 3, form="group")) == 8 * (6 * 3 + 3) + 8 * (4 * 3 + 3) == 288
+    assert count(nora.NoRA(8, 3, form="per_group")) == 8 * (6 * 3 + 3) + 8 * (4 * 3 + 3) == 288
 
 
 def test_table5_adapts_one_side_only():
@@ -218,7 +218,7 @@ def train_steps(model, steps=5, lr=1e-2, x=None, classes=10, seed=0):
     return losses
 
 
-@pytest.mark.parametrize("form", ["shared", "group"])
+@pytest.mark.parametrize("form", ["shared", "per_group"])
 def test_nora_merge_and_grow_leave_outputs_unchanged_after_training(form):
     torch.manual_seed(0)
     m = nora.NoRA(4, 2, form=form)
@@ -526,14 +526,14 @@ def test_nora_alone_moves_the_backbone_function():
 
 
 def test_adapter_state_dict_round_trips_onto_a_fresh_model(tmp_path):
-    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, form="group"), rank=2)
+    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, form="per_group"), rank=2)
     nora.mark_trainable(model, "head")
     train_steps(model, steps=3)
     state = nora.adapter_state_dict(model)
     assert all(k.startswith("head.") or "mlp.act." in k or "lora_" in k or k.endswith("qkv._extra_state")
                for k in state)
     torch.save(state, tmp_path / "adapter.pt")
-    fresh = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, form="group"), rank=2)
+    fresh = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, form="per_group"), rank=2)
     nora.load_adapter(fresh, torch.load(tmp_path / "adapter.pt"))
     x = images(3, seed=7)
     with torch.no_grad():
@@ -722,7 +722,7 @@ def test_adapter_state_dict_survives_freezing_and_records_settings(tmp_path):
     x = images(2)
     with torch.no_grad():
         torch.testing.assert_close(nora.load_adapter(fresh, loaded)(x), model(x), atol=0, rtol=0)
-    for other in (dict(alpha=1.0), dict(form="group"), dict(basis_scale=2.0)):
+    for other in (dict(alpha=1.0), dict(form="per_group"), dict(basis_scale=2.0)):
         with pytest.raises(ValueError, match="other settings"):
             nora.load_adapter(nora.add_nora(tiny_vit(), groups=8, rank=2, **other), loaded)
     with pytest.raises(ValueError, match="file has no"):               # a head-only file for a NoRA model
@@ -893,7 +893,7 @@ def test_train_vit_main_leaves_the_callers_torch_settings_alone(cifar_root):
     assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
 
 
-@pytest.mark.parametrize("form", ["shared", "group"])
+@pytest.mark.parametrize("form", ["shared", "per_group"])
 def test_scaled_basis_is_the_monomial_update_with_rescaled_columns(form):
     """NoRA(basis_scale=s) must be exactly the paper's NoRA whose update of coefficient i is
     divided by s^i: same step-0 function, and merge folds it into plain coefficients."""

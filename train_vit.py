@@ -197,7 +197,7 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
     elif method.startswith("nora"):
         if method == "nora-monomial":
             nora_kwargs["basis_scale"] = 1.0
-        nora.add_nora(model, groups, rank, alpha=alpha, form="group" if method == "nora-group" else "shared", **nora_kwargs)
+        nora.add_nora(model, groups, rank, alpha=alpha, form="per_group" if method == "nora-group" else "shared", **nora_kwargs)
         if method in ("nora-num", "nora-den"):            # Table 5: adapt one side of the rational only
             fixed = "Q" if method == "nora-num" else "P"
             for m in (m for m in model.modules() if isinstance(m, nora.NoRA)):
