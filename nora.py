@@ -454,15 +454,6 @@ class GroupRational(nn.Module):
 # `basis_scale=1` is the paper's form.
 # -----------------------------------------------------------------------------
 
-def _check_settings(module, names, saved):
-    """Refuse a state dict saved with other settings (a tensor from get_extra_state) than ``module``'s."""
-    mine = module.get_extra_state()
-    if not (isinstance(saved, torch.Tensor) and saved.shape == mine.shape and torch.allclose(saved.cpu().double(), mine)):
-        saved = saved.tolist() if isinstance(saved, torch.Tensor) else saved
-        raise ValueError(f"{type(module).__name__}: the saved adapter was trained with other settings ({names}: "
-                         f"saved {saved}, this model {mine.tolist()}); build the model with the saved settings")
-
-
 class NoRA(nn.Module):
     """Rational activation with frozen base coefficients and a trainable low-rank update.
 
@@ -578,6 +569,15 @@ class NoRA(nn.Module):
     def extra_repr(self):
         return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"form={self.form}, basis_scale={self.basis_scale:g}, channel_dim={self.channel_dim}")
+
+def _check_settings(module, names, saved):
+    """Refuse a state dict saved with other settings (a tensor from get_extra_state) than ``module``'s."""
+    mine = module.get_extra_state()
+    if not (isinstance(saved, torch.Tensor) and saved.shape == mine.shape and torch.allclose(saved.cpu().double(), mine)):
+        saved = saved.tolist() if isinstance(saved, torch.Tensor) else saved
+        raise ValueError(f"{type(module).__name__}: the saved adapter was trained with other settings ({names}: "
+                         f"saved {saved}, this model {mine.tolist()}); build the model with the saved settings")
+
 
 # -----------------------------------------------------------------------------
 # 5. LoRA, for NoRA++ (Eqs. 2, 3)

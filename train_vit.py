@@ -605,7 +605,7 @@ FRONTIER = {
                  sizes=[dict(lora_rank=r) for r in (1, 2, 4, 8)]),
     "nora": dict(method="nora", lrs=(3e-3, 1e-2, 3e-2), choose=dict(groups=8, rank=2),
                  check=[dict(groups=8, rank=1), dict(groups=64, rank=4)],
-                 sizes=[dict(groups=g, rank=r) for g in (8, 16, 32, 64) for r in (1, 2, 4)]),
+                 sizes=[dict(groups=g, rank=r) for r in (2, 1, 4) for g in (8, 16, 32, 64)]),   # (run order)
     "nora-group": dict(method="nora-group", lrs=(3e-3, 1e-2, 3e-2), choose=dict(groups=8, rank=2),
                        check=[dict(groups=64, rank=2)], sizes=[dict(groups=8, rank=2), dict(groups=64, rank=2)]),
     "vpt": dict(method="vpt", lrs=(1e-3, 5e-3, 2e-2), choose={}, check=[], sizes=[{}]),
@@ -636,17 +636,19 @@ def frontier(args, data, train_now=True):
             break
         lr[f] = max(runs, key=lambda x: -1 if runs[x]["validation"] is None else runs[x]["validation"])
     chosen = [f for f in families if f in lr]
-    for f in chosen:                                   # 2. seed 0 at every size
-        for size in FRONTIER[f]["check"] + FRONTIER[f]["sizes"]:
-            run(f, lr[f], seeds[0], size)
+    for key in ("check", "sizes"):                     # 2. seed 0 at every size, the checked ends first
+        for f in chosen:
+            for size in FRONTIER[f][key]:
+                run(f, lr[f], seeds[0], size)
     checks = {}
     for f in chosen:                                   # 3. the chosen lr's neighbours where it is checked
         lrs = FRONTIER[f]["lrs"]
         i = lrs.index(lr[f])
         for size in FRONTIER[f]["check"]:
             checks[f, size_name(size)] = {x: run(f, x, seeds[0], size) for x in lrs[max(0, i - 1):i + 2]}
-    points = {f: [(size, [run(f, lr[f], s, size) for s in seeds]) for size in FRONTIER[f]["sizes"]]
-              for f in chosen}                         # 4. the other seeds
+    points = {f: [(size, [run(f, lr[f], s, size) for s in seeds]) for size in sorted(FRONTIER[f]["sizes"], key=lambda z:
+                                                                                    tuple(z.values()))]
+              for f in chosen}                         # 4. the other seeds (the table lists sizes in order)
     write_frontier(args, families, lr, checks, points, seeds)
 
 
