@@ -291,7 +291,9 @@ def train(args, data, eval_name="test"):
     lr, head_lr, own_lr = learning_rates(args, steps)
     opt = torch.optim.AdamW(nora.param_groups(model, lr, head_lr, own_lr), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    scaler = torch.amp.GradScaler(enabled=args.amp == torch.float16 and args.device.type == "cuda")
+    # float16 AMP's loss scale starts at 2^10, not torch's 2^16: the fresh head's first steps at its own lr
+    # (loss ~7) overflow float16 gradients at 2^16 and skip 3 steps on the real ViT-S (README, "On a GPU")
+    scaler = torch.amp.GradScaler(init_scale=2.0 ** 10, enabled=args.amp == torch.float16 and args.device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
     train_x, train_y = train_x.to(args.device), train_y.to(args.device)   # CIFAR's uint8 fits on any GPU
     prep = input_pipeline(args)
