@@ -632,17 +632,29 @@ def frontier(args, data, train_now=True):
         own = dict(head_lr=lr.get("head") if f != "head" else None, nora_lr=lr.get("nora") if f == "nora++" else None)
         return trial(args, split, test, train_now, method=FRONTIER[f]["method"], lr=x, seed=seed, **own, **size)
 
+    grids = {}
     for f in families:                                 # 1. each family's lr, at its 'choose' size
-        runs = {x: run(f, x, seeds[0], FRONTIER[f]["choose"]) for x in FRONTIER[f]["lrs"]}
-        if None in runs.values():                      # (not trained yet; the later families need this lr)
-            break
-        lr[f] = max(runs, key=lambda x: -1 if runs[x]["validation"] is None else runs[x]["validation"])
+        lrs = list(FRONTIER[f]["lrs"])
+        while True:
+            grids[f] = {x: run(f, x, seeds[0], FRONTIER[f]["choose"]) for x in lrs}
+            if None in grids[f].values():              # (not trained yet)
+                break
+            best = max(lrs, key=lambda x: -1 if grids[f][x]["validation"] is None else grids[f][x]["validation"])
+            if best not in (lrs[0], lrs[-1]) or len(lrs) == len(FRONTIER[f]["lrs"]) + 2:
+                lr[f] = best                           # inside the grid, or the grid grew twice
+                break
+            if best == lrs[0]:
+                lrs.insert(0, next_lr(best, up=False))
+            else:
+                lrs.append(next_lr(best, up=True))
+        if f not in lr:
+            break                                      # the later families need this family's lr (the head's)
     chosen = [f for f in families if f in lr]
     for key in ("check", "sizes"):                     # 2. seed 0 at every size, the checked ends first
         for f in chosen:
             for size in FRONTIER[f][key]:
                 run(f, lr[f], seeds[0], size)
-    checks = {}
+    checks = {(f, size_name(FRONTIER[f]["choose"]) + " (chosen here)"): grids[f] for f in chosen}
     for f in chosen:                                   # 3. the chosen lr's neighbours where it is checked
         lrs = FRONTIER[f]["lrs"]
         i = lrs.index(lr[f])
@@ -720,6 +732,14 @@ def plot_frontier(path, curves, head):
     print(f"wrote {path}: {len(pts)} points")
 
 
+def next_lr(x, up):
+    """The next lr beyond ``x`` on the 1, 3, 10, 30 ladder: where the best lr is at the edge of the
+    grid, the frontier tries one step further rather than take an edge as the best."""
+    k = math.floor(math.log10(x) + 1e-9)
+    m = x / 10 ** k
+    return float(f"{(3 if m < 2 else 10) * 10 ** k if up else (1 if m >= 2 else 0.3) * 10 ** k:.1g}")
+
+
 def size_name(size):
     return ", ".join(f"{k.replace('lora_rank', 'r').replace('groups', 'G').replace('rank', 'r')} = {v}"
                      for k, v in size.items())
@@ -757,7 +777,9 @@ sd of the test accuracy). {describe(args)}
 |---|---|---|---|---|---|
 """ + "\n".join(rows) + """
 
-The lr check (validation accuracy, seed 0) at the sizes where the family's lr was not chosen:
+Validation accuracy (seed 0) at each lr where the family's lr was chosen, and the check at its
+smallest and largest sizes. A best lr at the edge of the grid makes the grid grow by a step
+(1, 3, 10, 30 ladder), at most twice:
 
 | family and size | validation accuracy (%) at each lr | family's lr |
 |---|---|---|
