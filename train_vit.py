@@ -656,7 +656,7 @@ def frontier(args, data, train_now=True):
                 run(f, lr[f], seeds[0], size)
     checks = {(f, size_name(FRONTIER[f]["choose"]) + " (chosen here)"): grids[f] for f in chosen}
     for f in chosen:                                   # 3. the chosen lr's neighbours where it is checked
-        lrs = FRONTIER[f]["lrs"]
+        lrs = sorted(grids[f])                         # the grid as it grew
         i = lrs.index(lr[f])
         for size in FRONTIER[f]["check"]:
             checks[f, size_name(size)] = {x: run(f, x, seeds[0], size) for x in lrs[max(0, i - 1):i + 2]}
