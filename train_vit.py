@@ -15,6 +15,7 @@ stability grid; the frontier; efficiency), the baselines of the paper's tables, 
 import argparse
 import contextlib
 import functools
+import inspect
 import json
 import math
 import os
@@ -66,6 +67,7 @@ METHOD_LR = {"vpt": 5e-3, "dora": 5e-4}          # paper C.1; every other method
 # chose on validation (README): the paper's one lr of 1e-3 leaves a fresh head and NoRA's update
 # in the (x/3)^i basis moving too slowly to beat a tuned linear probe in short runs.
 HEAD_LR = 1e-2                  # the head's: chosen at 80 steps, 3e-2 at 400 (2.7 validation points better)
+BASIS_SCALE = inspect.signature(nora.NoRA).parameters["basis_scale"].default    # nora.NoRA's s (3)
 
 
 def nora_lr(steps):
@@ -82,7 +84,7 @@ def learning_rates(args, steps):
     lr = args.lr if args.lr is not None else METHOD_LR.get(args.method, 1e-3)
     own = args.lr is None
     head = args.head_lr or (HEAD_LR if own else lr)
-    ours = args.method != "nora-monomial" and args.basis_scale in (None, nora.NoRA().basis_scale)
+    ours = args.method != "nora-monomial" and args.basis_scale in (None, BASIS_SCALE)
     return lr, head, args.nora_lr or (nora_lr(steps) if own and ours else lr)
 
 # The paper's numbers, printed beside ours.
@@ -372,11 +374,19 @@ def record(args, result):
           f"({result['percent']:.3f}%) accuracy={result['accuracy']:.2f}% time={result['seconds']:.0f}s"
           + ("" if result.get("drift") is None else f" max|phi-GELU| on [-8,8]={result['drift']:.3g}, "
              f"b_n<0 in {result['layers_b_n_below_zero']} layers"))
-    if args.out and args.process == 0:                  # torchrun: one record, from the first process
-        path = Path(args.out)
-        records = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(records + [rec], indent=1))
+    append_record(args, rec)
     return rec
+
+
+def read_records(path):
+    """The records in the --out file ``path`` (a JSON list), or none if there is no such file."""
+    return json.loads(Path(path).read_text()) if path and Path(path).exists() else []
+
+
+def append_record(args, rec):
+    """Add ``rec`` to --out, if given; under torchrun only the first process writes."""
+    if args.out and args.process == 0:
+        Path(args.out).write_text(json.dumps(read_records(args.out) + [rec], indent=1))
 
 
 SAVED_SETTINGS = ("method", "groups", "rank", "alpha", "basis_scale", "grow_from", "model", "img_size", "depth",
@@ -481,10 +491,14 @@ def fmt(accuracy):
     return "diverged" if accuracy is None else f"{accuracy:.1f}"
 
 
-def spread(accuracies):
-    """'mean +- population sd' over seeds (a diverged run counts as 0)."""
+def mean_sd(accuracies):
+    """(mean, population sd) over seeds; a diverged run (None) counts as 0."""
     a = torch.tensor([0.0 if t is None else t for t in accuracies])
-    return f"{a.mean():.1f} +- {a.std(unbiased=False) if len(a) > 1 else 0:.1f}"
+    return a.mean().item(), a.std(unbiased=False).item() if len(a) > 1 else 0.0
+
+
+def spread(accuracies):
+    return "{:.1f} +- {:.1f}".format(*mean_sd(accuracies))
 
 
 def split_validation(x, y, fraction):
@@ -507,8 +521,7 @@ def trial(args, split, test=None, train_now=True, **changes):
     is read back; one that is not is trained, or with ``train_now=False`` returned as None."""
     run_args = argparse.Namespace(**{**vars(args), **changes})
     key = json.loads(json.dumps({k: getattr(run_args, k) for k in RUN_SETTINGS}))   # as JSON has it: tuples as lists
-    path = Path(args.out) if args.out else None
-    for rec in json.loads(path.read_text()) if path and path.exists() else []:
+    for rec in read_records(args.out):
         if "validation" in rec and {k: rec.get(k) for k in RUN_SETTINGS} == key and (test is None or rec["test"] is not None
                                                                                      or rec["validation"] is None):
             return rec
@@ -524,14 +537,16 @@ def trial(args, split, test=None, train_now=True, **changes):
     rec = {**key, **result, "table": args.table}
     print(f"RESULT {run_args.method} lr {run_args.lr:g} seed {run_args.seed}: validation {fmt(rec['validation'])}"
           + ("" if test is None else f", test {fmt(rec['test'])}"), flush=True)
-    if path and args.process == 0:
-        path.write_text(json.dumps((json.loads(path.read_text()) if path.exists() else []) + [rec], indent=1))
+    append_record(args, rec)
     return rec
 
 
-def choose_lr(args, split, method, lrs, test=None, **changes):
-    """``method`` at each lr, scored on validation: (best lr, {lr: record})."""
-    runs = {lr: trial(args, split, test, method=method, lr=lr, **changes) for lr in lrs}
+def choose_lr(args, split, method, lrs, test=None, train_now=True, **changes):
+    """``method`` at each lr, scored on validation: (best lr, {lr: record}); the best is None where a
+    run is missing (``train_now=False``)."""
+    runs = {lr: trial(args, split, test, train_now, method=method, lr=lr, **changes) for lr in lrs}
+    if None in runs.values():
+        return None, runs
     return max(lrs, key=lambda lr: -1 if runs[lr]["validation"] is None else runs[lr]["validation"]), runs
 
 
@@ -626,20 +641,21 @@ def frontier(args, data, train_now=True):
     families = [f for f in FRONTIER if not args.rows or f in args.rows]
     split, test = (None, None) if data is None else (split_validation(data[0], data[1], args.val_fraction), data[2:])
     seeds = list(range(args.seed, args.seed + args.seeds))
-    lr = {}
+    lr, grids = {}, {}
+
+    def own(f):                                        # the head's lr, and NoRA++'s NoRA part's
+        return dict(head_lr=lr.get("head") if f != "head" else None, nora_lr=lr.get("nora") if f == "nora++" else None)
 
     def run(f, x, seed, size):
-        own = dict(head_lr=lr.get("head") if f != "head" else None, nora_lr=lr.get("nora") if f == "nora++" else None)
-        return trial(args, split, test, train_now, method=FRONTIER[f]["method"], lr=x, seed=seed, **own, **size)
+        return trial(args, split, test, train_now, method=FRONTIER[f]["method"], lr=x, seed=seed, **own(f), **size)
 
-    grids = {}
     for f in families:                                 # 1. each family's lr, at its 'choose' size
         lrs = list(FRONTIER[f]["lrs"])
         while True:
-            grids[f] = {x: run(f, x, seeds[0], FRONTIER[f]["choose"]) for x in lrs}
-            if None in grids[f].values():              # (not trained yet)
+            best, grids[f] = choose_lr(args, split, FRONTIER[f]["method"], lrs, test, train_now, seed=seeds[0],
+                                       **own(f), **FRONTIER[f]["choose"])
+            if best is None:                           # (not trained yet)
                 break
-            best = max(lrs, key=lambda x: -1 if grids[f][x]["validation"] is None else grids[f][x]["validation"])
             if best not in (lrs[0], lrs[-1]) or len(lrs) == len(FRONTIER[f]["lrs"]) + 2:
                 lr[f] = best                           # inside the grid, or the grid grew twice
                 break
@@ -660,9 +676,9 @@ def frontier(args, data, train_now=True):
         i = lrs.index(lr[f])
         for size in FRONTIER[f]["check"]:
             checks[f, size_name(size)] = {x: run(f, x, seeds[0], size) for x in lrs[max(0, i - 1):i + 2]}
-    points = {f: [(size, [run(f, lr[f], s, size) for s in seeds]) for size in sorted(FRONTIER[f]["sizes"], key=lambda z:
-                                                                                    tuple(z.values()))]
-              for f in chosen}                         # 4. the other seeds (the table lists sizes in order)
+    in_order = lambda sizes: sorted(sizes, key=lambda z: tuple(z.values()))      # the table lists sizes in order
+    points = {f: [(size, [run(f, lr[f], s, size) for s in seeds]) for size in in_order(FRONTIER[f]["sizes"])]
+              for f in chosen}                         # 4. the other seeds
     write_frontier(args, families, lr, checks, points, seeds)
 
 
@@ -677,23 +693,18 @@ PAPER_FRONTIER = """The paper's (ViT-Tiny, CIFAR, 50 epochs; no head-only row, s
 | full fine-tuning (Table 1) | 5.5M | 90.71 | 77.19 |"""
 
 
-def frontier_gap(points):
+def frontier_gap(summary):
     """The goal's reading: how much of the head-to-LoRA (r = 8) gap each NoRA size closes, and with
-    what fraction of LoRA's backbone parameters."""
-    def mean(f, size):
-        recs = [r for z, rs in points.get(f, []) if z == size for r in rs if r is not None]
-        return (sum(0.0 if r["test"] is None else r["test"] for r in recs) / len(recs), len(recs), recs[0]["backbone"]) if recs else None
-    head, lora = mean("head", {}), mean("lora", dict(lora_rank=8))
+    what fraction of LoRA's backbone parameters. ``summary``: {(family, size name): (mean, sd,
+    seeds, backbone parameters)}."""
+    head, lora = summary.get(("head", "")), summary.get(("lora", "r = 8"))
     if not (head and lora):
         return "Gap closed: needs the head and LoRA r = 8 rows."
-    lines = [f"Gap closed: head {head[0]:.1f} ({head[1]} seeds), LoRA r = 8 {lora[0]:.1f} ({lora[1]} seeds, {lora[2]:,} backbone params).\n",
+    lines = [f"Gap closed: head {head[0]:.1f} ({head[2]} seeds), LoRA r = 8 {lora[0]:.1f} ({lora[2]} seeds, {lora[3]:,} backbone params).\n",
              "| NoRA size | backbone params, % of LoRA r = 8's | gap closed | seeds |", "|---|---|---|---|"]
-    for f in ("nora", "nora-group"):
-        for size, _ in points.get(f, []):
-            m = mean(f, size)
-            if m:
-                lines.append(f"| {f} {size_name(size)} | {100 * m[2] / lora[2]:.1f}% | "
-                             f"{100 * (m[0] - head[0]) / (lora[0] - head[0]):.0f}% | {m[1]} |")
+    for (f, name), (m, _, n, count) in summary.items():
+        if f in ("nora", "nora-group"):
+            lines.append(f"| {f} {name} | {100 * count / lora[3]:.1f}% | {100 * (m - head[0]) / (lora[0] - head[0]):.0f}% | {n} |")
     return "\n".join(lines)
 
 
@@ -746,25 +757,21 @@ def size_name(size):
 
 
 def write_frontier(args, families, lr, checks, points, seeds):
-    rows, curves = [], []
-    head = [r["test"] for r in points.get("head", [({}, [])])[0][1] if r is not None]
+    rows, summary = [], {}                             # summary: (family, size) -> (mean, sd, seeds, backbone)
     for f in families:
         if f not in lr:
             rows.append(f"| {f} | - | lr not chosen yet | | | |")
             continue
-        curve = []
         for size, recs in points[f]:
             done = [r for r in recs if r is not None]
             tests = [r["test"] for r in done]
-            count = done[0].get("backbone") if done and done[0].get("backbone") is not None else None
+            count = done[0].get("backbone") if done else None
             rows.append(f"| {f} {size_name(size)} | {'-' if count is None else f'{count:,}'} | {lr[f]:g} | "
                         + (f"{spread(tests)} | " + ", ".join(fmt(t) for t in tests) if done else "not run yet |")
                         + f" | {len(done)} of {len(seeds)} |")
-            if done and count is not None:
-                a = torch.tensor([0.0 if t is None else t for t in tests])
-                curve.append((count, a.mean().item(), a.std(unbiased=False).item() if len(a) > 1 else 0.0))
-        curves.append((f, curve))
-    gap = frontier_gap(points)
+            if count is not None:
+                summary[f, size_name(size)] = (*mean_sd(tests), len(done), count)
+    gap = frontier_gap(summary)
     check_rows = [f"| {f} {name} | " + ", ".join(f"{x:g}: {'-' if r is None else fmt(r['validation'])}" for x, r in runs.items())
                   + f" | {lr[f]:g} |" for (f, name), runs in checks.items()]
     write_table(args, "frontier", f"""
@@ -785,13 +792,14 @@ smallest and largest sizes. A best lr at the edge of the grid makes the grid gro
 |---|---|---|
 """ + "\n".join(check_rows) + "\n\n" + gap + "\n\n" + PAPER_FRONTIER)
     if args.plot:
-        plot_frontier(args.plot, curves, sum(head) / len(head) if head else None)
+        curves = [(f, [(count, m, sd) for (g, _), (m, sd, _, count) in summary.items() if g == f]) for f in families]
+        plot_frontier(args.plot, curves, summary.get(("head", ""), (None,))[0])
 
 
 def describe(args):
     steps = f"{args.steps} steps" if args.steps else f"{args.epochs} epochs"
     return (f"{args.img_size} px, {steps}, batch {args.batch_size}, weights {Path(str(args.weights or args.model)).name}, "
-            f"NoRA basis_scale {args.basis_scale or nora.NoRA().basis_scale:g}.")
+            f"NoRA basis_scale {args.basis_scale or BASIS_SCALE:g}.")
 
 
 def write_table(args, name, text):
@@ -799,7 +807,7 @@ def write_table(args, name, text):
     md = Path(f"table-{name}-{args.dataset}-{args.scale}.md")
     if args.process == 0:
         md.write_text(text.lstrip() + "\n")
-    print(f"\nwrote {md}" + (f" and appended every run to {args.out}" if args.out else ""))
+    print(f"\nwrote {md}" + (f"; every run's record is in {args.out}" if args.out else ""))
 
 
 # --- efficiency (paper Table 6, extended) ------------------------------------------------------
