@@ -45,8 +45,10 @@ import torch.nn.functional as F
 # out b_0, so Q(x) = 1 + |S(x)| with S(x) = b_1 x + ... + b_n x^n and Q(0) = 1.
 #
 # "Group-wise": the C channels (the last dimension, or `dim`: 1 for an (N, C, H, W) feature map)
-# are cut into G contiguous groups that each share one rational, so the coefficients are a
-# (G, m+1) numerator and a (G, n) denominator matrix, whatever the size of x.
+# are cut into G contiguous groups that each share one rational, so the coefficients are two
+# matrices, whatever the size of x: `numerator` (G, m+1) holds a_0 .. a_m of each group and
+# `denominator` (G, n) holds b_1 .. b_n. In this file those two names always mean coefficient
+# matrices, never the values P(x), Q(x).
 #
 # `rational_reference` is Eq. 6 as written, autograd doing the rest; `rational` computes the same
 # function (the tests check it against the reference, gradients included) and is what every
@@ -473,14 +475,7 @@ class NoRA(nn.Module):
 
     def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
         super().__init__()
-        if form not in ("shared", "per_group"):
-            raise ValueError(f"NoRA: form must be 'shared' or 'per_group', got {form!r}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"NoRA: rank must be a positive integer, got {rank!r}")
-        if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"NoRA: alpha must be a positive number (or None for 2 * rank), got {alpha!r}")
-        if not (math.isfinite(basis_scale) and basis_scale > 0):
-            raise ValueError(f"NoRA: basis_scale must be a positive number, got {basis_scale!r}")
+        _check_arguments(form, rank, alpha, basis_scale)
         num, den = _init_coefficients(init, groups)
         self.register_buffer("numerator", num)
         self.register_buffer("denominator", den)
@@ -569,6 +564,19 @@ class NoRA(nn.Module):
     def extra_repr(self):
         return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"form={self.form}, basis_scale={self.basis_scale:g}, channel_dim={self.channel_dim}")
+
+# NoRA's checks, kept out of the class so that it reads like the method.
+
+def _check_arguments(form, rank, alpha, basis_scale):
+    if form not in ("shared", "per_group"):
+        raise ValueError(f"NoRA: form must be 'shared' or 'per_group', got {form!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"NoRA: rank must be a positive integer, got {rank!r}")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"NoRA: alpha must be a positive number (or None for 2 * rank), got {alpha!r}")
+    if not (math.isfinite(basis_scale) and basis_scale > 0):
+        raise ValueError(f"NoRA: basis_scale must be a positive number, got {basis_scale!r}")
+
 
 def _check_settings(module, names, saved):
     """Refuse a state dict saved with other settings (a tensor from get_extra_state) than ``module``'s."""

@@ -1020,26 +1020,30 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     argv = ["--data-root", str(cifar_root), "--table", "frontier", "--seeds", "2", "--val-fraction", "0.25",
             "--plot", "f.svg", *TINY_RUN]
     # validation (10 images) prefers the head at 1e-2, the top of its grid, then 3e-2 one step beyond,
-    # the new top, below 1e-1 two steps beyond; LoRA and NoRA at 1e-2, inside theirs. The test set
-    # (20 images) scores every run 50.
-    score = {1e-3: 10.0, 1e-2: 30.0, 3e-2: 40.0, 1e-1: 5.0}
+    # the new top, below 1e-1 two steps beyond; LoRA and NoRA at 1e-2, inside theirs, with their head
+    # at 1e-2, a step below the head family's: that row wins at the bottom of the head lrs, so 3e-3 is
+    # tried too, and loses. The test set (20 images) scores every run 50.
+    score, head_bonus = {1e-3: 10.0, 1e-2: 30.0, 3e-2: 40.0, 1e-1: 5.0}, {1e-2: 5.0, 3e-3: 2.0}
     trained, real_train = [], train_vit.train
     monkeypatch.setattr(train_vit, "train", lambda args, *a, **k: trained.append(args) or real_train(args, *a, **k))
-    monkeypatch.setattr(train_vit, "evaluate", lambda m, x, *a: score[trained[-1].lr] if len(x) == 10 else 50.0)
+    monkeypatch.setattr(train_vit, "evaluate", lambda m, x, *a: (score[trained[-1].lr] + head_bonus.get(trained[-1].head_lr, 0))
+                        if len(x) == 10 else 50.0)
     train_vit.main(argv)
-    # head: 2 lrs, 3e-2 and 1e-1 (the grid grew twice), seed 1; lora: 3 lrs at r = 2, r = 1 at 1e-2,
-    # r = 1 at its two neighbours (the check), seed 1 of both sizes; nora: the same
-    assert len(trained) == 5 + 8 + 8
-    assert [a.lr for a in trained[:4]] == [1e-3, 1e-2, 3e-2, 1e-1] and trained[4].head_lr == 3e-2
+    # head: 2 lrs, 3e-2 and 1e-1 (the grid grew twice), seed 1; lora: 3 lrs x 3 head lrs at r = 2,
+    # r = 1 at 1e-2, r = 1 at its two neighbours (the check), seed 1 of both sizes; nora: the same
+    assert len(trained) == 5 + 14 + 14
+    assert [a.lr for a in trained[:4]] == [1e-3, 1e-2, 3e-2, 1e-1] and trained[4].head_lr == 1e-2
     assert {a.head_lr for a in trained if a.method == "head"} == {None}
-    assert len({a.head_lr for a in trained if a.method != "head"}) == 1      # the head family's lr, everywhere
+    assert {a.head_lr for a in trained if a.method != "head"} == {3e-3, 1e-2, 3e-2}
+    assert {a.head_lr for a in trained[4 + 9 + 9:] if a.method != "head"} == {1e-2}    # after the choice: the chosen
     records = json.loads((tmp_path / "results.json").read_text())
-    assert len(records) == 21 and all(r["validation"] is not None and r["test"] is not None for r in records)
+    assert len(records) == 33 and all(r["validation"] is not None and r["test"] is not None for r in records)
     assert {r["backbone"] for r in records if r["method"] == "nora" and r["rank"] == 1} == {(8 * 1 + 6 + 8 * 1 + 4) * 1}
     text = (tmp_path / "table-frontier-cifar10-paper.md").read_text()
-    assert "| nora G = 8, r = 1 | 26 | 0.01 | 50.0 +- 0.0 | 50.0, 50.0 | 2 of 2 |" in text
+    assert "| nora G = 8, r = 1 | 26 | 0.01, head 0.01 | 50.0 +- 0.0 | 50.0, 50.0 | 2 of 2 |" in text
     assert "| head  (chosen here) | 0.001: 10.0, 0.01: 30.0, 0.03: 40.0, 0.1: 5.0 | 0.03 |" in text
-    assert "| nora G = 8, r = 1 | 0.001: 10.0, 0.01: 30.0, 0.1: 5.0 | 0.01 |" in text and "Gap closed" in text
+    assert "| nora G = 8, r = 2 (chosen here), head at 0.003 | 0.001: 12.0, 0.01: 32.0, 0.1: 7.0 | 0.01, head 0.01 |" in text
+    assert "| nora G = 8, r = 1 | 0.001: 15.0, 0.01: 35.0, 0.1: 10.0 | 0.01, head 0.01 |" in text and "Gap closed" in text
     svg = (tmp_path / "f.svg").read_text()
     assert svg.count("<circle") == 4 and "head only" in svg
     # interrupted: the last run is missing; only it trains again, and the table is the same

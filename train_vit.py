@@ -541,13 +541,21 @@ def trial(args, split, test=None, train_now=True, **changes):
     return rec
 
 
+def score(rec):
+    """A run's validation accuracy, a run whose loss stopped being finite counting as worst."""
+    return -1 if rec["validation"] is None else rec["validation"]
+
+
+def best_lr(runs):
+    """The lr of {lr: record} with the best validation accuracy; on a tie, the first."""
+    return max(runs, key=lambda lr: score(runs[lr]))
+
+
 def choose_lr(args, split, method, lrs, test=None, train_now=True, **changes):
     """``method`` at each lr, scored on validation: (best lr, {lr: record}); the best is None where a
     run is missing (``train_now=False``)."""
     runs = {lr: trial(args, split, test, train_now, method=method, lr=lr, **changes) for lr in lrs}
-    if None in runs.values():
-        return None, runs
-    return max(lrs, key=lambda lr: -1 if runs[lr]["validation"] is None else runs[lr]["validation"]), runs
+    return (None if None in runs.values() else best_lr(runs)), runs
 
 
 def study(args, data):
@@ -614,8 +622,10 @@ the head trains at lr {head_lr:g} in every run. Head-only training at that lr: {
 
 # Each family's lr is chosen on validation at one size ('choose'), checked at its smallest and
 # largest ('check': the chosen lr and its neighbours), and then every size runs at it over --seeds
-# seeds, scored on test. The head trains at the head family's lr in every other family, and
-# NoRA++'s NoRA part at the nora family's. Sizes are changes to the flags.
+# seeds, scored on test. The head's lr is chosen with it: a head trained on features that move wants
+# a lower lr than on frozen ones (LoRA r = 8 lost 6 test points with its head at the head-only lr), so
+# each family tries its head at the head family's lr and one step below, and a step further down
+# while the lowest wins. NoRA++'s NoRA part trains at the nora family's lr. Sizes are changes to flags.
 FRONTIER = {
     "head": dict(method="head", lrs=(3e-3, 1e-2, 3e-2, 1e-1), choose={}, check=[], sizes=[{}]),
     "lora": dict(method="lora", lrs=(3e-4, 1e-3, 3e-3), choose=dict(lora_rank=8), check=[dict(lora_rank=1)],
@@ -632,54 +642,65 @@ FRONTIER = {
 
 
 def frontier(args, data, train_now=True):
-    """Every FRONTIER family and size at its family's lr over seeds: a table, and with --plot an SVG
+    """Every FRONTIER family and size at its family's lrs over seeds: a table, and with --plot an SVG
     of test accuracy against trainable backbone parameters. Runs go to --out as they finish and are
     read back from there, so an interrupted table resumes, and ``train_now=False`` (--plot without
     --table) redraws from --out alone. The work is ordered so that an early stop leaves the most:
-    every family's lr first, then seed 0 at every size (the checked ends first), the lr checks, and
+    every family's lrs first, then seed 0 at every size (the checked ends first), the lr checks, and
     the other seeds."""
     families = [f for f in FRONTIER if not args.rows or f in args.rows]
     split, test = (None, None) if data is None else (split_validation(data[0], data[1], args.val_fraction), data[2:])
     seeds = list(range(args.seed, args.seed + args.seeds))
-    lr, grids = {}, {}
+    lr, head_lr, grids = {}, {}, {}                    # family -> its lr, its head's lr; (family, head lr) -> runs
 
-    def own(f):                                        # the head's lr, and NoRA++'s NoRA part's
-        return dict(head_lr=lr.get("head") if f != "head" else None, nora_lr=lr.get("nora") if f == "nora++" else None)
+    def run(f, x, seed, size, h=None):                 # h: the head's lr, the family's unless given
+        return trial(args, split, test, train_now, method=FRONTIER[f]["method"], lr=x, seed=seed, head_lr=h or head_lr.get(f),
+                     nora_lr=lr.get("nora") if f == "nora++" else None, **size)
 
-    def run(f, x, seed, size):
-        return trial(args, split, test, train_now, method=FRONTIER[f]["method"], lr=x, seed=seed, **own(f), **size)
-
-    for f in families:                                 # 1. each family's lr, at its 'choose' size
+    def grown(f, h):
+        """The family's best lr with its head at ``h``: its grid, grown by a step (1, 3, 10, 30
+        ladder) where the best is at an edge, at most twice; None where a run is missing."""
         lrs = list(FRONTIER[f]["lrs"])
         while True:
-            best, grids[f] = choose_lr(args, split, FRONTIER[f]["method"], lrs, test, train_now, seed=seeds[0],
-                                       **own(f), **FRONTIER[f]["choose"])
-            if best is None:                           # (not trained yet)
-                break
+            grids[f, h] = {x: run(f, x, seeds[0], FRONTIER[f]["choose"], h) for x in lrs}
+            if None in grids[f, h].values():
+                return None
+            best = best_lr(grids[f, h])
             if best not in (lrs[0], lrs[-1]) or len(lrs) == len(FRONTIER[f]["lrs"]) + 2:
-                lr[f] = best                           # inside the grid, or the grid grew twice
-                break
-            if best == lrs[0]:
-                lrs.insert(0, next_lr(best, up=False))
-            else:
-                lrs.append(next_lr(best, up=True))
-        if f not in lr:
-            break                                      # the later families need this family's lr (the head's)
+                return best
+            lrs.insert(0, next_lr(best, up=False)) if best == lrs[0] else lrs.append(next_lr(best, up=True))
+
+    for f in families:                                 # 1. each family's lr and its head's, at its 'choose' size
+        top = lambda h: score(grids[f, h][best[h]])   # validation at the best lr with the head at h
+        if f == "head":
+            heads, best = [None], {None: grown(f, None)}
+        else:                                          # the head family's lr and a step below, lower while it wins
+            heads, best = [next_lr(lr["head"], up=False), lr["head"]], {}
+            while True:
+                best.update({h: grown(f, h) for h in heads if h not in best})
+                if None in best.values() or max(heads, key=top) != heads[0] or len(heads) == 4:
+                    break
+                heads.insert(0, next_lr(heads[0], up=False))
+        if None in best.values():
+            break                                      # (not trained yet) the later families need the head's lr
+        head_lr[f] = max(heads, key=top)
+        lr[f] = best[head_lr[f]]
     chosen = [f for f in families if f in lr]
     for key in ("check", "sizes"):                     # 2. seed 0 at every size, the checked ends first
         for f in chosen:
             for size in FRONTIER[f][key]:
                 run(f, lr[f], seeds[0], size)
-    checks = {(f, size_name(FRONTIER[f]["choose"]) + " (chosen here)"): grids[f] for f in chosen}
+    checks = {(f, size_name(FRONTIER[f]["choose"]) + (" (chosen here)" if h is None else f" (chosen here), head at {h:g}")): runs
+              for (f, h), runs in grids.items() if f in chosen}
     for f in chosen:                                   # 3. the chosen lr's neighbours where it is checked
-        lrs = sorted(grids[f])                         # the grid as it grew
+        lrs = sorted(grids[f, head_lr[f]])             # the grid as it grew
         i = lrs.index(lr[f])
         for size in FRONTIER[f]["check"]:
             checks[f, size_name(size)] = {x: run(f, x, seeds[0], size) for x in lrs[max(0, i - 1):i + 2]}
     in_order = lambda sizes: sorted(sizes, key=lambda z: tuple(z.values()))      # the table lists sizes in order
     points = {f: [(size, [run(f, lr[f], s, size) for s in seeds]) for size in in_order(FRONTIER[f]["sizes"])]
               for f in chosen}                         # 4. the other seeds
-    write_frontier(args, families, lr, checks, points, seeds)
+    write_frontier(args, families, lr, head_lr, checks, points, seeds)
 
 
 # The paper's points (ViT-Tiny on CIFAR, 50 epochs), printed under the table.
@@ -756,8 +777,9 @@ def size_name(size):
                      for k, v in size.items())
 
 
-def write_frontier(args, families, lr, checks, points, seeds):
+def write_frontier(args, families, lr, head_lr, checks, points, seeds):
     rows, summary = [], {}                             # summary: (family, size) -> (mean, sd, seeds, backbone)
+    lrs = lambda f: f"{lr[f]:g}" + ("" if head_lr[f] is None else f", head {head_lr[f]:g}")
     for f in families:
         if f not in lr:
             rows.append(f"| {f} | - | lr not chosen yet | | | |")
@@ -766,29 +788,30 @@ def write_frontier(args, families, lr, checks, points, seeds):
             done = [r for r in recs if r is not None]
             tests = [r["test"] for r in done]
             count = done[0].get("backbone") if done else None
-            rows.append(f"| {f} {size_name(size)} | {'-' if count is None else f'{count:,}'} | {lr[f]:g} | "
+            rows.append(f"| {f} {size_name(size)} | {'-' if count is None else f'{count:,}'} | {lrs(f)} | "
                         + (f"{spread(tests)} | " + ", ".join(fmt(t) for t in tests) if done else "not run yet |")
                         + f" | {len(done)} of {len(seeds)} |")
             if count is not None:
                 summary[f, size_name(size)] = (*mean_sd(tests), len(done), count)
     gap = frontier_gap(summary)
     check_rows = [f"| {f} {name} | " + ", ".join(f"{x:g}: {'-' if r is None else fmt(r['validation'])}" for x, r in runs.items())
-                  + f" | {lr[f]:g} |" for (f, name), runs in checks.items()]
+                  + f" | {lrs(f)} |" for (f, name), runs in checks.items()]
     write_table(args, "frontier", f"""
 Test accuracy against trainable backbone parameters (the head's parameters not counted, as in the paper),
-every family at its own lr: chosen on a validation split at one size (seed {seeds[0]}), checked at the
-family's smallest and largest size (second table), then every size over seeds {seeds} (mean +- population
-sd of the test accuracy). {describe(args)}
+every family at its own lr and its own head lr: chosen on a validation split at one size (seed {seeds[0]}),
+checked at the family's smallest and largest size (second table), then every size over seeds {seeds}
+(mean +- population sd of the test accuracy). {describe(args)}
 
-| family and size | trainable backbone params | lr | test accuracy (%) | per seed | seeds run |
+| family and size | trainable backbone params | lr, head's lr | test accuracy (%) | per seed | seeds run |
 |---|---|---|---|---|---|
 """ + "\n".join(rows) + """
 
-Validation accuracy (seed 0) at each lr where the family's lr was chosen, and the check at its
+Validation accuracy (seed 0) at each lr where the family's lrs were chosen (the head at the head family's
+lr and a step below it, a further step down while the lowest wins, at most twice), and the check at its
 smallest and largest sizes. A best lr at the edge of the grid makes the grid grow by a step
 (1, 3, 10, 30 ladder), at most twice:
 
-| family and size | validation accuracy (%) at each lr | family's lr |
+| family and size | validation accuracy (%) at each lr | family's lrs |
 |---|---|---|
 """ + "\n".join(check_rows) + "\n\n" + gap + "\n\n" + PAPER_FRONTIER)
     if args.plot:
