@@ -1041,8 +1041,8 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     assert {r["backbone"] for r in records if r["method"] == "nora" and r["rank"] == 1} == {(8 * 1 + 6 + 8 * 1 + 4) * 1}
     text = (tmp_path / "table-frontier-cifar10-paper.md").read_text()
     assert "| nora G = 8, r = 1 | 26 | 0.01, head 0.01 | 50.0 +- 0.0 | 50.0, 50.0 | 2 of 2 |" in text
-    assert "| head  (chosen here) | 0.001: 10.0, 0.01: 30.0, 0.03: 40.0, 0.1: 5.0 | 0.03 |" in text
-    assert "| nora G = 8, r = 2 (chosen here), head at 0.003 | 0.001: 12.0, 0.01: 32.0, 0.1: 7.0 | 0.01, head 0.01 |" in text
+    assert "| head (chosen here) | 0.001: 10.0, 0.01: 30.0, 0.03: 40.0, 0.1: 5.0 | 0.03 |" in text
+    assert "| nora G = 8, r = 2 (chosen here) with the head at 0.003 | 0.001: 12.0, 0.01: 32.0, 0.1: 7.0 | 0.01, head 0.01 |" in text
     assert "| nora G = 8, r = 1 | 0.001: 15.0, 0.01: 35.0, 0.1: 10.0 | 0.01, head 0.01 |" in text and "Gap closed" in text
     svg = (tmp_path / "f.svg").read_text()
     assert svg.count("<circle") == 4 and "head only" in svg

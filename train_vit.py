@@ -690,8 +690,9 @@ def frontier(args, data, train_now=True):
         for f in chosen:
             for size in FRONTIER[f][key]:
                 run(f, lr[f], seeds[0], size)
-    checks = {(f, size_name(FRONTIER[f]["choose"]) + (" (chosen here)" if h is None else f" (chosen here), head at {h:g}")): runs
-              for (f, h), runs in grids.items() if f in chosen}
+    checks = {(f, " ".join(filter(None, [size_name(FRONTIER[f]["choose"]), "(chosen here)", h and f"with the head at {h:g}"]))):
+              runs for (f, h), runs in sorted(grids.items(), key=lambda fh: (families.index(fh[0][0]), -(fh[0][1] or 0)))
+              if f in chosen}                          # (the head's lrs from the top down)
     for f in chosen:                                   # 3. the chosen lr's neighbours where it is checked
         lrs = sorted(grids[f, head_lr[f]])             # the grid as it grew
         i = lrs.index(lr[f])
