@@ -789,7 +789,7 @@ def write_frontier(args, families, lr, head_lr, checks, points, seeds):
             done = [r for r in recs if r is not None]
             tests = [r["test"] for r in done]
             count = done[0].get("backbone") if done else None
-            rows.append(f"| {f} {size_name(size)} | {'-' if count is None else f'{count:,}'} | {lrs(f)} | "
+            rows.append(f"| {f + ' ' + size_name(size) if size else f} | {'-' if count is None else f'{count:,}'} | {lrs(f)} | "
                         + (f"{spread(tests)} | " + ", ".join(fmt(t) for t in tests) if done else "not run yet |")
                         + f" | {len(done)} of {len(seeds)} |")
             if count is not None:
