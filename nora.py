@@ -565,7 +565,9 @@ class NoRA(nn.Module):
         return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"form={self.form}, basis_scale={self.basis_scale:g}, channel_dim={self.channel_dim}")
 
-# NoRA's checks, kept out of the class so that it reads like the method.
+
+# Checks, kept out of the classes so that they read like the method: NoRA's arguments, and the
+# settings saved with an adapter (NoRA's and LoRALinear's extra state).
 
 def _check_arguments(form, rank, alpha, basis_scale):
     if form not in ("shared", "per_group"):

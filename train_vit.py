@@ -671,7 +671,7 @@ def frontier(args, data, train_now=True):
             lrs.insert(0, next_lr(best, up=False)) if best == lrs[0] else lrs.append(next_lr(best, up=True))
 
     for f in families:                                 # 1. each family's lr and its head's, at its 'choose' size
-        top = lambda h: score(grids[f, h][best[h]])   # validation at the best lr with the head at h
+        top = lambda h: max(map(score, grids[f, h].values()))   # best validation with the head at h
         if f == "head":
             heads, best = [None], {None: grown(f, None)}
         else:                                          # the head family's lr and a step below, lower while it wins
