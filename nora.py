@@ -1005,7 +1005,7 @@ def param_groups(model, lr, head_lr=None, nora_lr=None, head=("head",)):
     ``head_lr``, those of NoRA modules at ``nora_lr``, all other trainable ones (LoRA, ...) at
     ``lr`` (either left None: ``lr``). A fresh linear head wants a larger step than a low-rank
     update of a pretrained model, and NoRA's update in the (x/3)^i basis a larger one than
-    LoRA's (README: the lr study)."""
+    LoRA's (README, "Results": head 1e-2, NoRA 3e-2, LoRA 1e-3 on its dev task)."""
     own = _adapter_parameters(model, NoRA)
     groups = {"head": [], "nora": [], "rest": []}
     for n, p in model.named_parameters():

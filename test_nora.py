@@ -981,14 +981,13 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
     assert [(r["lr"], r["head_lr"]) for r in records] == [(1e-2, None)] + [(1e-2, 1e-2)] * 3
 
 
-def test_train_vit_default_learning_rates_follow_the_study_and_any_lr_flag_overrides_them():
+def test_train_vit_default_learning_rates_are_the_validation_choices_and_any_lr_flag_overrides_them():
     import train_vit
-    lrs = lambda *argv, steps=400: train_vit.learning_rates(train_vit.parse_args(list(argv)), steps)
-    assert lrs() == (1e-3, train_vit.HEAD_LR, 1e-2)                      # NoRA 1e-2 at 400 steps (the study)
-    assert lrs(steps=80)[2] == 3e-2 and lrs(steps=10)[2] == 3e-2         # 3e-2 at 80 steps, never above
-    assert abs(lrs(steps=2000)[2] - 1e-2 / 3) < 1e-12                     # 3x lower per 5x more steps
+    lrs = lambda *argv: train_vit.learning_rates(train_vit.parse_args(list(argv)))
+    assert lrs() == (1e-3, train_vit.HEAD_LR, train_vit.NORA_LR) == (1e-3, 1e-2, 3e-2)   # README, "Results"
     assert lrs("--method", "lora")[:2] == (1e-3, train_vit.HEAD_LR)       # LoRA keeps the paper's 1e-3
     assert lrs("--method", "nora-monomial") == (1e-3, train_vit.HEAD_LR, 1e-3)   # the paper's basis: its lr
+    assert lrs("--method", "nora", "--basis-scale", "1")[2] == 1e-3       # so does NoRA(basis_scale=1)
     assert lrs("--lr", "3e-2") == (3e-2, 3e-2, 3e-2)                      # --lr: everything at it (the paper)
     assert lrs("--lr", "3e-2", "--head-lr", "0.1", "--nora-lr", "1e-3") == (3e-2, 0.1, 1e-3)
 
