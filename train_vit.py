@@ -706,6 +706,7 @@ PAPER_FRONTIER = """The paper's (ViT-Tiny, CIFAR, 50 epochs; no head-only row, s
 |---|---|---|---|
 | NoRA, G = 8, r = 2 (Tables 1, 6) | 2.1K | 90.88 | 77.46 |
 | NoRA, G = 8 to 64, r = 3 (Fig. 2) | ~13K to ~28K | ~92.2 to ~93.1 | ~77.6 to ~79.6 |
+| NoRA, r = 1 to 4 (Fig. 3) | - | - | rises up to r = 3, flat beyond (no numbers in the text) |
 | LoRA (Tables 1, 6) | 37K | 91.05 | 77.68 |
 | full fine-tuning (Table 1) | 5.5M | 90.71 | 77.19 |"""
 
