@@ -619,8 +619,10 @@ the head trains at lr {head_lr:g} in every run. Head-only training at that lr: {
 # largest ('check': the chosen lr and its neighbours), and then every size runs at it over --seeds
 # seeds, scored on test. The head's lr is chosen with it: a head trained on features that move wants
 # a lower lr than on frozen ones (LoRA r = 8 lost 6 test points with its head at the head-only lr), so
-# each family tries its head at the head family's lr and one step below, and a step further down
-# while the lowest wins. NoRA++'s NoRA part trains at the nora family's lr. Sizes are changes to flags.
+# LoRA and NoRA try their head at the head family's lr and one step below, and a step further down
+# while the lowest wins; both went down to 0.01, the lowest that search allows, so the other families
+# train their head at that lr ('head_lr': one grid, not four, which kept them within 2 cores' reach).
+# NoRA++'s NoRA part trains at the nora family's lr. Sizes are changes to flags.
 FRONTIER = {
     "head": dict(method="head", lrs=(3e-3, 1e-2, 3e-2, 1e-1), choose={}, check=[], sizes=[{}]),
     "lora": dict(method="lora", lrs=(3e-4, 1e-3, 3e-3), choose=dict(lora_rank=8), check=[dict(lora_rank=1)],
@@ -628,11 +630,12 @@ FRONTIER = {
     "nora": dict(method="nora", lrs=(3e-3, 1e-2, 3e-2), choose=dict(groups=8, rank=2),
                  check=[dict(groups=8, rank=1), dict(groups=64, rank=4)],
                  sizes=[dict(groups=g, rank=r) for r in (2, 1, 4) for g in (8, 16, 32, 64)]),   # (run order)
+    "full": dict(method="full", lrs=(3e-6, 1e-5, 3e-5), choose={}, check=[], sizes=[{}], head_lr=HEAD_LR),
+    "nora++": dict(method="nora++", lrs=(3e-4, 1e-3, 3e-3), choose={}, check=[], sizes=[{}], head_lr=HEAD_LR),
+    "vpt": dict(method="vpt", lrs=(1e-3, 5e-3, 2e-2), choose={}, check=[], sizes=[{}], head_lr=HEAD_LR),
     "nora-group": dict(method="nora-group", lrs=(3e-3, 1e-2, 3e-2), choose=dict(groups=8, rank=2),
-                       check=[dict(groups=64, rank=2)], sizes=[dict(groups=8, rank=2), dict(groups=64, rank=2)]),
-    "vpt": dict(method="vpt", lrs=(1e-3, 5e-3, 2e-2), choose={}, check=[], sizes=[{}]),
-    "nora++": dict(method="nora++", lrs=(3e-4, 1e-3, 3e-3), choose={}, check=[], sizes=[{}]),
-    "full": dict(method="full", lrs=(3e-6, 1e-5, 3e-5), choose={}, check=[], sizes=[{}]),
+                       check=[dict(groups=64, rank=2)], sizes=[dict(groups=8, rank=2), dict(groups=64, rank=2)],
+                       head_lr=HEAD_LR),
 }
 
 
@@ -670,10 +673,11 @@ def frontier(args, data, train_now=True):
         if f == "head":
             heads, best = [None], {None: grown(f, None)}
         else:                                          # the head family's lr and a step below, lower while it wins
-            heads, best = [next_lr(lr["head"], up=False), lr["head"]], {}
+            fixed = FRONTIER[f].get("head_lr")
+            heads, best = [fixed] if fixed else [next_lr(lr["head"], up=False), lr["head"]], {}
             while True:
                 best.update({h: grown(f, h) for h in heads if h not in best})
-                if None in best.values() or max(heads, key=top) != heads[0] or len(heads) == 4:
+                if fixed or None in best.values() or max(heads, key=top) != heads[0] or len(heads) == 4:
                     break
                 heads.insert(0, next_lr(heads[0], up=False))
         if None in best.values():
