@@ -1015,13 +1015,15 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
         "lora": dict(method="lora", lrs=(1e-3, 1e-2, 1e-1), choose=dict(lora_rank=2), check=[dict(lora_rank=1)],
                      sizes=[dict(lora_rank=1), dict(lora_rank=2)]),
         "nora": dict(method="nora", lrs=(1e-3, 1e-2, 1e-1), choose=dict(groups=8, rank=2), check=[dict(groups=8, rank=1)],
-                     sizes=[dict(groups=8, rank=1), dict(groups=8, rank=2)])})
+                     sizes=[dict(groups=8, rank=1), dict(groups=8, rank=2)]),
+        "full": dict(method="full", lrs=(1e-3, 1e-2, 1e-1), choose={}, check=[], sizes=[{}], head_lr=3e-3)})
     argv = ["--data-root", str(cifar_root), "--table", "frontier", "--seeds", "2", "--val-fraction", "0.25",
             "--plot", "f.svg", *TINY_RUN]
     # validation (10 images) prefers the head at 1e-2, the top of its grid, then 3e-2 one step beyond,
     # the new top, below 1e-1 two steps beyond; LoRA and NoRA at 1e-2, inside theirs, with their head
     # at 1e-2, a step below the head family's: that row wins at the bottom of the head lrs, so 3e-3 is
-    # tried too, and loses. The test set (20 images) scores every run 50.
+    # tried too, and loses. Full fine-tuning's head is fixed at 3e-3: one grid. The test set (20
+    # images) scores every run 50.
     score, head_bonus = {1e-3: 10.0, 1e-2: 30.0, 3e-2: 40.0, 1e-1: 5.0}, {1e-2: 5.0, 3e-3: 2.0}
     trained, real_train = [], train_vit.train
     monkeypatch.setattr(train_vit, "train", lambda args, *a, **k: trained.append(args) or real_train(args, *a, **k))
@@ -1029,14 +1031,16 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
                         if len(x) == 10 else 50.0)
     train_vit.main(argv)
     # head: 2 lrs, 3e-2 and 1e-1 (the grid grew twice), seed 1; lora: 3 lrs x 3 head lrs at r = 2,
-    # r = 1 at 1e-2, r = 1 at its two neighbours (the check), seed 1 of both sizes; nora: the same
-    assert len(trained) == 5 + 14 + 14
+    # r = 1 at 1e-2, r = 1 at its two neighbours (the check), seed 1 of both sizes; nora: the same;
+    # full: 3 lrs, seed 1
+    assert len(trained) == 5 + 14 + 14 + 4
     assert [a.lr for a in trained[:4]] == [1e-3, 1e-2, 3e-2, 1e-1] and trained[4].head_lr == 1e-2
     assert {a.head_lr for a in trained if a.method == "head"} == {None}
-    assert {a.head_lr for a in trained if a.method != "head"} == {3e-3, 1e-2, 3e-2}
-    assert {a.head_lr for a in trained[4 + 9 + 9:] if a.method != "head"} == {1e-2}    # after the choice: the chosen
+    assert {a.head_lr for a in trained if a.method in ("lora", "nora")} == {3e-3, 1e-2, 3e-2}
+    assert {a.head_lr for a in trained[4 + 9 + 9:] if a.method in ("lora", "nora")} == {1e-2}   # after the choice: the chosen
+    assert [(a.lr, a.head_lr) for a in trained if a.method == "full"] == [(1e-3, 3e-3), (1e-2, 3e-3), (1e-1, 3e-3), (1e-2, 3e-3)]
     records = json.loads((tmp_path / "results.json").read_text())
-    assert len(records) == 33 and all(r["validation"] is not None and r["test"] is not None for r in records)
+    assert len(records) == 37 and all(r["validation"] is not None and r["test"] is not None for r in records)
     assert {r["backbone"] for r in records if r["method"] == "nora" and r["rank"] == 1} == {(8 * 1 + 6 + 8 * 1 + 4) * 1}
     text = (tmp_path / "table-frontier-cifar10-paper.md").read_text()
     assert "| nora G = 8, r = 1 | 26 | 0.01, head 0.01 | 50.0 +- 0.0 | 50.0, 50.0 | 2 of 2 |" in text
@@ -1044,7 +1048,8 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     assert "| nora G = 8, r = 2 (chosen here) with the head at 0.003 | 0.001: 12.0, 0.01: 32.0, 0.1: 7.0 | 0.01, head 0.01 |" in text
     assert "| nora G = 8, r = 1 | 0.001: 15.0, 0.01: 35.0, 0.1: 10.0 | 0.01, head 0.01 |" in text and "Gap closed" in text
     svg = (tmp_path / "f.svg").read_text()
-    assert svg.count("<circle") == 4 and "head only" in svg
+    assert "| full (chosen here) with the head at 0.003 | 0.001: 12.0, 0.01: 32.0, 0.1: 7.0 | 0.01, head 0.003 |" in text
+    assert svg.count("<circle") == 5 and "head only" in svg
     # interrupted: the last run is missing; only it trains again, and the table is the same
     (tmp_path / "results.json").write_text(json.dumps(records[:-1]))
     trained.clear()
