@@ -15,6 +15,7 @@ the paper's monomial basis and in NoRA's (x/3)^i:
     python fit_gelu.py --model vit_small_patch14_dinov2.lvd142m --weights dinov2_vits14.safetensors --img-size 56
 """
 import argparse
+import colorsys
 import json
 from pathlib import Path
 
@@ -33,6 +34,13 @@ def error_table(fn, num, den, ranges=(3, 6, 8, 10, 12, 16)):
         err = (nora.rational(x[None], num[None], den[None])[0] - fn(x)).abs()
         rows.append((f"[-{r}, {r}]", err.max().item(), err.mean().item()))
     return rows
+
+
+def hue(degrees):
+    """A strong colour ``degrees`` round the colour wheel, as '#rrggbb' (not CSS hsl(), which some
+    SVG renderers draw black)."""
+    r, g, b = colorsys.hls_to_rgb(degrees / 360, 0.42, 0.7)
+    return f"#{round(255 * r):02x}{round(255 * g):02x}{round(255 * b):02x}"
 
 
 def write_svg(path, panels, columns=4, width=240, height=170):

@@ -32,7 +32,7 @@ import torch.utils._python_dispatch
 import torch.utils._pytree
 
 import nora
-from fit_gelu import write_svg
+from fit_gelu import hue, write_svg
 
 # --- defaults: the paper's protocol (appendix C). Each is also a flag: lr -> --lr, head_lr -> --head-lr.
 DEFAULTS = dict(
@@ -425,7 +425,7 @@ def plot_activations(model, path, x_range=8.0):
     for name, m in model.named_modules():
         if isinstance(m, (nora.NoRA, nora.GroupRational)):
             y = group_curves(m, x)
-            colours = [f"hsl({300 * g // y.shape[1]}, 70%, 45%)" for g in range(y.shape[1])]
+            colours = [hue(300 * g / y.shape[1]) for g in range(y.shape[1])]
             layer = name.replace(".mlp.act", "")
             panels.append((layer, [(x, F.gelu(x), "#888", True)] + [(x, y[:, g], c, False) for g, c in enumerate(colours)]))
             panels.append((f"{layer}: minus GELU", [(x, y[:, g] - F.gelu(x), c, False) for g, c in enumerate(colours)]))
@@ -756,7 +756,7 @@ def plot_frontier(path, curves, head):
         out.append(f'<line x1="{ox}" x2="{ox + pw}" y1="{sy(head):.1f}" y2="{sy(head):.1f}" stroke="#888" stroke-dasharray="4 3"/>')
         out.append(f'<text x="{ox + pw + 8}" y="{sy(head) + 4:.1f}" fill="#888">head only</text>')
     for k, (name, c) in enumerate(curves):
-        colour = f"hsl({k * 360 // 7}, 70%, 40%)"
+        colour = hue(k * 360 / 7)
         out.append(f'<text x="{ox + pw + 8}" y="{oy + 12 + 14 * k}" fill="{colour}">{name}</text>')
         for x, m, sd in sorted(c):
             out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(m - sd):.1f}" y2="{sy(m + sd):.1f}" stroke="{colour}"/>'
