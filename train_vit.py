@@ -670,14 +670,14 @@ def frontier(args, data, train_now=True):
 
     for f in families:                                 # 1. each family's lr and its head's, at its 'choose' size
         top = lambda h: max(map(score, grids[f, h].values()))   # best validation with the head at h
-        if f == "head":
-            heads, best = [None], {None: grown(f, None)}
+        if f == "head" or "head_lr" in FRONTIER[f]:    # the head family (its lr is its head's) or a head lr given: one grid
+            heads = [FRONTIER[f].get("head_lr")]
+            best = {heads[0]: grown(f, heads[0])}
         else:                                          # the head family's lr and a step below, lower while it wins
-            fixed = FRONTIER[f].get("head_lr")
-            heads, best = [fixed] if fixed else [next_lr(lr["head"], up=False), lr["head"]], {}
+            heads, best = [next_lr(lr["head"], up=False), lr["head"]], {}
             while True:
                 best.update({h: grown(f, h) for h in heads if h not in best})
-                if fixed or None in best.values() or max(heads, key=top) != heads[0] or len(heads) == 4:
+                if None in best.values() or max(heads, key=top) != heads[0] or len(heads) == 4:
                     break
                 heads.insert(0, next_lr(heads[0], up=False))
         if None in best.values():
