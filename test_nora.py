@@ -1017,7 +1017,7 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
         "nora": dict(method="nora", lrs=(1e-3, 1e-2, 1e-1), choose=dict(groups=8, rank=2), check=[dict(groups=8, rank=1)],
                      sizes=[dict(groups=8, rank=1), dict(groups=8, rank=2)]),
         "full": dict(method="full", lrs=(1e-3, 1e-2, 1e-1), choose={}, check=[], sizes=[{}], head_lr=3e-3)})
-    argv = ["--data-root", str(cifar_root), "--table", "frontier", "--seeds", "2", "--val-fraction", "0.25",
+    argv = ["--data-root", str(cifar_root), "--table", "frontier", "--seeds", "3", "--val-fraction", "0.25",
             "--plot", "f.svg", *TINY_RUN]
     # validation (10 images) prefers the head at 1e-2, the top of its grid, then 3e-2 one step beyond,
     # the new top, below 1e-1 two steps beyond; LoRA and NoRA at 1e-2, inside theirs, with their head
@@ -1030,20 +1030,21 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     monkeypatch.setattr(train_vit, "evaluate", lambda m, x, *a: (score[trained[-1].lr] + head_bonus.get(trained[-1].head_lr, 0))
                         if len(x) == 10 else 50.0)
     train_vit.main(argv)
-    # head: 2 lrs, 3e-2 and 1e-1 (the grid grew twice), seed 1; lora: 3 lrs x 3 head lrs at r = 2,
-    # r = 1 at 1e-2, r = 1 at its two neighbours (the check), seed 1 of both sizes; nora: the same;
-    # full: 3 lrs, seed 1
-    assert len(trained) == 5 + 14 + 14 + 4
+    # head: 2 lrs, 3e-2 and 1e-1 (the grid grew twice), seeds 1 and 2; lora: 3 lrs x 3 head lrs at
+    # r = 2, r = 1 at 1e-2, r = 1 at its two neighbours (the check), seeds 1 and 2 of both sizes; nora:
+    # the same; full: 3 lrs, seeds 1 and 2. Seed 1 runs at every point before seed 2 does.
+    assert len(trained) == 6 + 16 + 16 + 5
+    assert [a.seed for a in trained[-12:]] == [1] * 6 + [2] * 6
     assert [a.lr for a in trained[:4]] == [1e-3, 1e-2, 3e-2, 1e-1] and trained[4].head_lr == 1e-2
     assert {a.head_lr for a in trained if a.method == "head"} == {None}
     assert {a.head_lr for a in trained if a.method in ("lora", "nora")} == {3e-3, 1e-2, 3e-2}
     assert {a.head_lr for a in trained[4 + 9 + 9:] if a.method in ("lora", "nora")} == {1e-2}   # after the choice: the chosen
-    assert [(a.lr, a.head_lr) for a in trained if a.method == "full"] == [(1e-3, 3e-3), (1e-2, 3e-3), (1e-1, 3e-3), (1e-2, 3e-3)]
+    assert [(a.lr, a.head_lr) for a in trained if a.method == "full"] == [(1e-3, 3e-3), (1e-2, 3e-3), (1e-1, 3e-3), (1e-2, 3e-3), (1e-2, 3e-3)]
     records = json.loads((tmp_path / "results.json").read_text())
-    assert len(records) == 37 and all(r["validation"] is not None and r["test"] is not None for r in records)
+    assert len(records) == 43 and all(r["validation"] is not None and r["test"] is not None for r in records)
     assert {r["backbone"] for r in records if r["method"] == "nora" and r["rank"] == 1} == {(8 * 1 + 6 + 8 * 1 + 4) * 1}
     text = (tmp_path / "table-frontier-cifar10-paper.md").read_text()
-    assert "| nora G = 8, r = 1 | 26 | 0.01, head 0.01 | 50.0 +- 0.0 | 50.0, 50.0 | 2 of 2 |" in text
+    assert "| nora G = 8, r = 1 | 26 | 0.01, head 0.01 | 50.0 +- 0.0 | 50.0, 50.0, 50.0 | 3 of 3 |" in text
     assert "| head (chosen here) | 0.001: 10.0, 0.01: 30.0, 0.03: 40.0, 0.1: 5.0 | 0.03 |" in text
     assert "| nora G = 8, r = 2 (chosen here) with the head at 0.003 | 0.001: 12.0, 0.01: 32.0, 0.1: 7.0 | 0.01, head 0.01 |" in text
     assert "| nora G = 8, r = 1 | 0.001: 15.0, 0.01: 35.0, 0.1: 10.0 | 0.01, head 0.01 |" in text and "Gap closed" in text
@@ -1057,7 +1058,7 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     assert len(trained) == 1 and (tmp_path / "table-frontier-cifar10-paper.md").read_text() == text
     # --plot alone: no data (the folder is gone), no training, the same figure
     trained.clear()
-    train_vit.main(["--data-root", str(tmp_path / "gone"), "--plot", "g.svg", "--seeds", "2", "--val-fraction", "0.25",
+    train_vit.main(["--data-root", str(tmp_path / "gone"), "--plot", "g.svg", "--seeds", "3", "--val-fraction", "0.25",
                     *TINY_RUN])
     assert not trained and (tmp_path / "g.svg").read_text() == svg
 

@@ -645,7 +645,7 @@ def frontier(args, data, train_now=True):
     read back from there, so an interrupted table resumes, and ``train_now=False`` (--plot without
     --table) redraws from --out alone. The work is ordered so that an early stop leaves the most:
     every family's lrs first, then seed 0 at every size (the checked ends first), the lr checks, and
-    the other seeds."""
+    the other seeds, one seed at every point before the next."""
     families = [f for f in FRONTIER if not args.rows or f in args.rows]
     split, test = (None, None) if data is None else (split_validation(data[0], data[1], args.val_fraction), data[2:])
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -697,9 +697,13 @@ def frontier(args, data, train_now=True):
         i = lrs.index(lr[f])
         for size in FRONTIER[f]["check"]:
             checks[f, size_name(size)] = {x: run(f, x, seeds[0], size) for x in lrs[max(0, i - 1):i + 2]}
+    for s in seeds[1:]:                                # 4. the other seeds: each at every point before the next
+        for f in chosen:
+            for size in FRONTIER[f]["sizes"]:
+                run(f, lr[f], s, size)
     in_order = lambda sizes: sorted(sizes, key=lambda z: tuple(z.values()))      # the table lists sizes in order
     points = {f: [(size, [run(f, lr[f], s, size) for s in seeds]) for size in in_order(FRONTIER[f]["sizes"])]
-              for f in chosen}                         # 4. the other seeds
+              for f in chosen}                         # (read back)
     write_frontier(args, families, lr, head_lr, checks, points, seeds)
 
 
