@@ -1022,18 +1022,23 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     # validation (10 images) prefers the head at 1e-2, the top of its grid, then 3e-2 one step beyond,
     # the new top, below 1e-1 two steps beyond; LoRA and NoRA at 1e-2, inside theirs, with their head
     # at 1e-2, a step below the head family's: that row wins at the bottom of the head lrs, so 3e-3 is
-    # tried too, and loses. Full fine-tuning's head is fixed at 3e-3: one grid. The test set (20
-    # images) scores every run 50.
-    score, head_bonus = {1e-3: 10.0, 1e-2: 30.0, 3e-2: 40.0, 1e-1: 5.0}, {1e-2: 5.0, 3e-3: 2.0}
+    # tried too, and loses. LoRA's check at r = 1 prefers 1e-1, the top of the family's lr and its
+    # neighbours, so it tries 3e-1 too, which loses: r = 1 runs its seeds at 1e-1. Full fine-tuning's
+    # head is fixed at 3e-3: one grid. The test set (20 images) scores every run 50.
+    score, head_bonus = {1e-3: 10.0, 1e-2: 30.0, 3e-2: 40.0, 1e-1: 5.0, 3e-1: 0.0}, {1e-2: 5.0, 3e-3: 2.0}
     trained, real_train = [], train_vit.train
     monkeypatch.setattr(train_vit, "train", lambda args, *a, **k: trained.append(args) or real_train(args, *a, **k))
-    monkeypatch.setattr(train_vit, "evaluate", lambda m, x, *a: (score[trained[-1].lr] + head_bonus.get(trained[-1].head_lr, 0))
-                        if len(x) == 10 else 50.0)
+
+    def validation(a):
+        return score[a.lr] + head_bonus.get(a.head_lr, 0) + 50 * (a.method == "lora" and a.lora_rank == 1 and a.lr == 1e-1)
+    monkeypatch.setattr(train_vit, "evaluate", lambda m, x, *a: validation(trained[-1]) if len(x) == 10 else 50.0)
     train_vit.main(argv)
     # head: 2 lrs, 3e-2 and 1e-1 (the grid grew twice), seeds 1 and 2; lora: 3 lrs x 3 head lrs at
-    # r = 2, r = 1 at 1e-2, r = 1 at its two neighbours (the check), seeds 1 and 2 of both sizes; nora:
-    # the same; full: 3 lrs, seeds 1 and 2. Seed 1 runs at every point before seed 2 does.
-    assert len(trained) == 6 + 16 + 16 + 5
+    # r = 2, r = 1 at 1e-2, r = 1 at its two neighbours and one step beyond (the check), seeds 1 and
+    # 2 of both sizes; nora: the same but the step beyond; full: 3 lrs, seeds 1 and 2. Seed 1 runs at
+    # every point before seed 2 does.
+    assert len(trained) == 6 + 17 + 16 + 5
+    assert [a.lr for a in trained if a.method == "lora" and a.lora_rank == 1] == [1e-2, 1e-3, 1e-1, 3e-1, 1e-1, 1e-1]
     assert [a.seed for a in trained[-12:]] == [1] * 6 + [2] * 6
     assert [a.lr for a in trained[:4]] == [1e-3, 1e-2, 3e-2, 1e-1] and trained[4].head_lr == 1e-2
     assert {a.head_lr for a in trained if a.method == "head"} == {None}
@@ -1041,10 +1046,12 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     assert {a.head_lr for a in trained[4 + 9 + 9:] if a.method in ("lora", "nora")} == {1e-2}   # after the choice: the chosen
     assert [(a.lr, a.head_lr) for a in trained if a.method == "full"] == [(1e-3, 3e-3), (1e-2, 3e-3), (1e-1, 3e-3), (1e-2, 3e-3), (1e-2, 3e-3)]
     records = json.loads((tmp_path / "results.json").read_text())
-    assert len(records) == 43 and all(r["validation"] is not None and r["test"] is not None for r in records)
+    assert len(records) == 44 and all(r["validation"] is not None and r["test"] is not None for r in records)
     assert {r["backbone"] for r in records if r["method"] == "nora" and r["rank"] == 1} == {(8 * 1 + 6 + 8 * 1 + 4) * 1}
     text = (tmp_path / "table-frontier-cifar10-paper.md").read_text()
     assert "| nora G = 8, r = 1 | 26 | 0.01, head 0.01 | 50.0 +- 0.0 | 50.0, 50.0, 50.0 | 3 of 3 |" in text
+    assert "| lora r = 1 | 768 | 0.1, head 0.01 | 50.0 +- 0.0 | 50.0, 50.0, 50.0 | 3 of 3 |" in text
+    assert "| lora r = 1 | 0.001: 15.0, 0.01: 35.0, 0.1: 60.0, 0.3: 5.0 | 0.1, head 0.01 |" in text
     assert "| head (chosen here) | 0.001: 10.0, 0.01: 30.0, 0.03: 40.0, 0.1: 5.0 | 0.03 |" in text
     assert "| nora G = 8, r = 2 (chosen here) with the head at 0.003 | 0.001: 12.0, 0.01: 32.0, 0.1: 7.0 | 0.01, head 0.01 |" in text
     assert "| nora G = 8, r = 1 | 0.001: 15.0, 0.01: 35.0, 0.1: 10.0 | 0.01, head 0.01 |" in text and "Gap closed" in text

@@ -615,13 +615,15 @@ the head trains at lr {head_lr:g} in every run. Head-only training at that lr: {
 
 # --- the frontier: accuracy against trainable parameters (the paper's claim) --------------------
 
-# Each family's lr is chosen on validation at one size ('choose'), checked at its smallest and
-# largest ('check': the chosen lr and its neighbours), and then every size runs at it over --seeds
-# seeds, scored on test. The head's lr is chosen with it: a head trained on features that move wants
-# a lower lr than on frozen ones (LoRA r = 8 lost 6 test points with its head at the head-only lr), so
-# LoRA and NoRA try their head at the head family's lr and one step below, and a step further down
-# while the lowest wins; both went down to 0.01, the lowest that search allows, so the other families
-# train their head at that lr ('head_lr': one grid, not four, which kept them within 2 cores' reach).
+# Each family's lr is chosen on validation at one size ('choose') and checked at its smallest and
+# largest ('check': the chosen lr and its neighbours, grown at an edge like the choice); a checked
+# size runs at the lr its check chose, every other size at the family's, over --seeds seeds, scored
+# on test (every size choosing its own would be three times the runs). The head's lr is chosen with
+# it: a head trained on features that move wants a lower lr than on frozen ones (LoRA r = 8 lost 6
+# test points with its head at the head-only lr), so LoRA and NoRA try their head at the head
+# family's lr and one step below, and a step further down while the lowest wins; both went down to
+# 0.01, the lowest that search allows, so the other families train their head at that lr
+# ('head_lr': one grid, not four, which kept them within 2 cores' reach).
 # NoRA++'s NoRA part trains at the nora family's lr. Sizes are changes to flags.
 FRONTIER = {
     "head": dict(method="head", lrs=(3e-3, 1e-2, 3e-2, 1e-1), choose={}, check=[], sizes=[{}]),
@@ -640,10 +642,10 @@ FRONTIER = {
 
 
 def frontier(args, data, train_now=True):
-    """Every FRONTIER family and size at its family's lrs over seeds: a table, and with --plot an SVG
-    of test accuracy against trainable backbone parameters. Runs go to --out as they finish and are
-    read back from there, so an interrupted table resumes, and ``train_now=False`` (--plot without
-    --table) redraws from --out alone. The work is ordered so that an early stop leaves the most:
+    """Every FRONTIER family and size at its validation-chosen lrs over seeds: a table, and with
+    --plot an SVG of test accuracy against trainable backbone parameters. Runs go to --out as they
+    finish and are read back from there, so an interrupted table resumes, and ``train_now=False``
+    (--plot without --table) redraws from --out alone. The work is ordered so that an early stop leaves the most:
     every family's lrs first, then seed 0 at every size (the checked ends first), the lr checks, and
     the other seeds, one seed at every point before the next."""
     families = [f for f in FRONTIER if not args.rows or f in args.rows]
@@ -655,28 +657,33 @@ def frontier(args, data, train_now=True):
         return trial(args, split, test, train_now, method=FRONTIER[f]["method"], lr=x, seed=seed, head_lr=h or head_lr.get(f),
                      nora_lr=lr.get("nora") if f == "nora++" else None, **size)
 
-    def grown(f, h):
-        """The family's best lr with its head at ``h``: its grid, grown by a step (1, 3, 10, 30
-        ladder) where the best is at an edge, at most twice; None where a run is missing."""
-        lrs = list(FRONTIER[f]["lrs"])
+    def grown(f, lrs, size, h=None):
+        """({lr: run} at seed 0, the best lr) of family ``f`` at ``size`` with its head at ``h``: the
+        grid ``lrs``, grown by a step (1, 3, 10, 30 ladder) where the best is at an edge, at most
+        twice; the best is None where a run is missing."""
+        lrs, start = list(lrs), len(lrs)
         while True:
-            grids[f, h] = {x: run(f, x, seeds[0], FRONTIER[f]["choose"], h) for x in lrs}
-            if None in grids[f, h].values():
-                return None
-            best = best_lr(grids[f, h])
-            if best not in (lrs[0], lrs[-1]) or len(lrs) == len(FRONTIER[f]["lrs"]) + 2:
-                return best
+            runs = {x: run(f, x, seeds[0], size, h) for x in lrs}
+            if None in runs.values():
+                return runs, None
+            best = best_lr(runs)
+            if best not in (lrs[0], lrs[-1]) or len(lrs) == start + 2:
+                return runs, best
             lrs.insert(0, next_lr(best, up=False)) if best == lrs[0] else lrs.append(next_lr(best, up=True))
+
+    def choose(f, h):                                  # the family's lr at its 'choose' size with its head at h
+        grids[f, h], best = grown(f, FRONTIER[f]["lrs"], FRONTIER[f]["choose"], h)
+        return best
 
     for f in families:                                 # 1. each family's lr and its head's, at its 'choose' size
         top = lambda h: max(map(score, grids[f, h].values()))   # best validation with the head at h
         if f == "head" or "head_lr" in FRONTIER[f]:    # the head family (its lr is its head's) or a head lr given: one grid
             heads = [FRONTIER[f].get("head_lr")]
-            best = {heads[0]: grown(f, heads[0])}
+            best = {heads[0]: choose(f, heads[0])}
         else:                                          # the head family's lr and a step below, lower while it wins
             heads, best = [next_lr(lr["head"], up=False), lr["head"]], {}
             while True:
-                best.update({h: grown(f, h) for h in heads if h not in best})
+                best.update({h: choose(f, h) for h in heads if h not in best})
                 if None in best.values() or max(heads, key=top) != heads[0] or len(heads) == 4:
                     break
                 heads.insert(0, next_lr(heads[0], up=False))
@@ -692,19 +699,21 @@ def frontier(args, data, train_now=True):
     checks = {(f, " ".join(filter(None, [size_name(FRONTIER[f]["choose"]), "(chosen here)", h and f"with the head at {h:g}"]))):
               runs for (f, h), runs in sorted(grids.items(), key=lambda fh: (families.index(fh[0][0]), -(fh[0][1] or 0)))
               if f in chosen}                          # (the head's lrs from the top down)
-    for f in chosen:                                   # 3. the chosen lr's neighbours where it is checked
-        lrs = sorted(grids[f, head_lr[f]])             # the grid as it grew
+    point_lr = {}                                      # (family, size) -> its lr where a check chose it
+    for f in chosen:                                   # 3. the checked sizes choose their own lr, starting from
+        lrs = sorted(grids[f, head_lr[f]])             # the family's and its neighbours on the grid as it grew
         i = lrs.index(lr[f])
         for size in FRONTIER[f]["check"]:
-            checks[f, size_name(size)] = {x: run(f, x, seeds[0], size) for x in lrs[max(0, i - 1):i + 2]}
+            checks[f, size_name(size)], point_lr[f, size_name(size)] = grown(f, lrs[max(0, i - 1):i + 2], size)
+    lr_of = lambda f, size: point_lr.get((f, size_name(size)), lr[f])
     for s in seeds[1:]:                                # 4. the other seeds: each at every point before the next
         for f in chosen:
             for size in FRONTIER[f]["sizes"]:
-                run(f, lr[f], s, size)
+                run(f, lr_of(f, size), s, size)
     in_order = lambda sizes: sorted(sizes, key=lambda z: tuple(z.values()))      # the table lists sizes in order
-    points = {f: [(size, [run(f, lr[f], s, size) for s in seeds]) for size in in_order(FRONTIER[f]["sizes"])]
+    points = {f: [(size, lr_of(f, size), [run(f, lr_of(f, size), s, size) for s in seeds]) for size in in_order(FRONTIER[f]["sizes"])]
               for f in chosen}                         # (read back)
-    write_frontier(args, families, lr, head_lr, checks, points, seeds)
+    write_frontier(args, families, lr, head_lr, point_lr, checks, points, seeds)
 
 
 # The paper's points (ViT-Tiny on CIFAR, 50 epochs), printed under the table.
@@ -782,30 +791,30 @@ def size_name(size):
                      for k, v in size.items())
 
 
-def write_frontier(args, families, lr, head_lr, checks, points, seeds):
+def write_frontier(args, families, lr, head_lr, point_lr, checks, points, seeds):
     rows, summary = [], {}                             # summary: (family, size) -> (mean, sd, seeds, backbone)
-    lrs = lambda f: f"{lr[f]:g}" + ("" if head_lr[f] is None else f", head {head_lr[f]:g}")
+    lrs = lambda f, x: ("-" if x is None else f"{x:g}") + ("" if head_lr[f] is None else f", head {head_lr[f]:g}")
     for f in families:
         if f not in lr:
             rows.append(f"| {f} | - | lr not chosen yet | | | |")
             continue
-        for size, recs in points[f]:
+        for size, x, recs in points[f]:
             done = [r for r in recs if r is not None]
             tests = [r["test"] for r in done]
             count = done[0].get("backbone") if done else None
-            rows.append(f"| {f + ' ' + size_name(size) if size else f} | {'-' if count is None else f'{count:,}'} | {lrs(f)} | "
+            rows.append(f"| {f + ' ' + size_name(size) if size else f} | {'-' if count is None else f'{count:,}'} | {lrs(f, x)} | "
                         + (f"{spread(tests)} | " + ", ".join(fmt(t) for t in tests) if done else "not run yet |")
                         + f" | {len(done)} of {len(seeds)} |")
             if count is not None:
                 summary[f, size_name(size)] = (*mean_sd(tests), len(done), count)
     gap = frontier_gap(summary)
     check_rows = [f"| {f} {name} | " + ", ".join(f"{x:g}: {'-' if r is None else fmt(r['validation'])}" for x, r in runs.items())
-                  + f" | {lrs(f)} |" for (f, name), runs in checks.items()]
+                  + f" | {lrs(f, point_lr.get((f, name), lr[f]))} |" for (f, name), runs in checks.items()]
     write_table(args, "frontier", f"""
 Test accuracy against trainable backbone parameters (the head's parameters not counted, as in the paper),
 every family at its own lr and its own head lr: chosen on a validation split at one size (seed {seeds[0]}),
-checked at the family's smallest and largest size (second table), then every size over seeds {seeds}
-(mean +- population sd of the test accuracy). {describe(args)}
+checked at the family's smallest and largest size (second table), where a size that prefers another lr
+runs at its own; then every size over seeds {seeds} (mean +- population sd of the test accuracy). {describe(args)}
 
 | family and size | trainable backbone params | lr, head's lr | test accuracy (%) | per seed | seeds run |
 |---|---|---|---|---|---|
@@ -816,7 +825,7 @@ lr and a step below it, a further step down while the lowest wins, at most twice
 smallest and largest sizes. A best lr at the edge of the grid makes the grid grow by a step
 (1, 3, 10, 30 ladder), at most twice:
 
-| family and size | validation accuracy (%) at each lr | family's lrs |
+| family and size | validation accuracy (%) at each lr | lr chosen, head's lr |
 |---|---|---|
 """ + "\n".join(check_rows) + "\n\n" + gap + "\n\n" + PAPER_FRONTIER)
     if args.plot:
