@@ -745,7 +745,8 @@ def frontier_gap(summary):
 
 def plot_frontier(path, curves, head):
     """Test accuracy (mean, bars: +- sd over seeds) against trainable backbone parameters on a log
-    axis, one colour per family; head-only (no backbone parameters) as a dashed line."""
+    axis, one colour per family, a line through each family's frontier (the sizes that beat every
+    smaller one); head-only (no backbone parameters) as a dashed line."""
     curves = [(name, c) for name, c in curves if name != "head" and c]
     pts = [p for _, c in curves for p in c]
     if not pts:
@@ -771,6 +772,13 @@ def plot_frontier(path, curves, head):
     for k, (name, c) in enumerate(curves):
         colour = hue(k * 360 / 7)
         out.append(f'<text x="{ox + pw + 8}" y="{oy + 12 + 14 * k}" fill="{colour}">{name}</text>')
+        front = []                                     # the family's frontier: the sizes that beat every smaller one
+        for p in sorted(c):
+            if not front or p[1] > front[-1][1]:
+                front.append(p)
+        if len(front) > 1:
+            out.append(f'<polyline points="{" ".join(f"{sx(x):.1f},{sy(m):.1f}" for x, m, _ in front)}" fill="none" '
+                       f'stroke="{colour}" stroke-opacity="0.5"/>')
         for x, m, sd in sorted(c):
             out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(m - sd):.1f}" y2="{sy(m + sd):.1f}" stroke="{colour}"/>'
                        f'<circle cx="{sx(x):.1f}" cy="{sy(m):.1f}" r="3" fill="{colour}"/>')
