@@ -1,6 +1,7 @@
 """Tests for nora.py (and the scripts). No network, no downloaded files: every checkpoint, data
 folder and server a test needs, it makes itself. Run: python -m pytest -q test_nora.py"""
 import http.server
+import re
 import threading
 
 import numpy as np
@@ -1004,6 +1005,19 @@ def test_sweeps_choose_on_validation_never_on_test(cifar_root, tmp_path, monkeyp
     train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--seeds", "1", "--val-fraction", "0.25", *TINY_RUN])
     text = (tmp_path / "table-study-cifar10-paper.md").read_text()
     assert "| head | 0.001: 50.0, 0.01: 70.0, 0.1: 60.0 | 0.01 | 20.0 +- 0.0 |" in text
+
+
+def test_frontier_plot_draws_each_familys_frontier_through_the_sizes_that_beat_every_smaller_one(tmp_path):
+    import train_vit
+    # (backbone params, mean, sd): the 100-parameter size is worse than the 10-parameter one, so the
+    # line skips it; a family with one point has no line
+    train_vit.plot_frontier(tmp_path / "f.svg", [("nora", [(1000, 85.0, 1.0), (10, 80.0, 1.0), (100, 79.0, 1.0)]),
+                                                 ("vpt", [(50, 70.0, 0.0)])], head=60.0)
+    svg = (tmp_path / "f.svg").read_text()
+    (line,) = re.findall(r'<polyline points="([^"]*)"', svg)
+    xs = [float(p.split(",")[0]) for p in line.split()]
+    circles = sorted(float(x) for x in re.findall(r'<circle cx="([^"]*)"', svg))
+    assert len(circles) == 4 and xs == [circles[0], circles[3]]      # 10 and 1000 parameters, in order
 
 
 def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_root, tmp_path, monkeypatch):
