@@ -645,9 +645,9 @@ def frontier(args, data, train_now=True):
     """Every FRONTIER family and size at its validation-chosen lrs over seeds: a table, and with
     --plot an SVG of test accuracy against trainable backbone parameters. Runs go to --out as they
     finish and are read back from there, so an interrupted table resumes, and ``train_now=False``
-    (--plot without --table) redraws from --out alone. The work is ordered so that an early stop leaves the most:
-    every family's lrs first, then seed 0 at every size (the checked ends first), the lr checks, and
-    the other seeds, one seed at every point before the next."""
+    (--plot without --table) redraws from --out alone. The work is ordered so that an early stop
+    leaves the most: every family's lrs first, then seed 0 at every size (the checked ends first),
+    the lr checks, and the other seeds, one seed at every point before the next."""
     families = [f for f in FRONTIER if not args.rows or f in args.rows]
     split, test = (None, None) if data is None else (split_validation(data[0], data[1], args.val_fraction), data[2:])
     seeds = list(range(args.seed, args.seed + args.seeds))
