@@ -2,24 +2,23 @@
 NoRA: Nonlinear Rational Adapter, in one file.
 
 "Don't Forget the Nonlinearity: Unlocking Activation Functions in Efficient Fine-Tuning"
-(arXiv 2509.13240). NoRA fine-tunes a frozen pretrained network by replacing each fixed
-activation (GELU in a ViT's MLP) with a group-wise rational function P(x)/Q(x), initialised to
-match GELU, and training only a low-rank update of its coefficients (plus the task head).
-NoRA++ adds LoRA on the weights.
+(arXiv 2509.13240). LoRA adapts the weights of a frozen pretrained network; NoRA adapts its
+activations. Each fixed activation (GELU in a ViT's MLP) becomes a group-wise rational function
+P(x)/Q(x) that starts equal to it, and only a low-rank update of the rational's coefficients
+trains (plus the task head). NoRA++ adds LoRA on the weights.
 
-Read it top to bottom: each section builds on the ones before it (the fenced "Kernels and
-speed" part of section 1 changes no result and may be skipped). Sections 1-6 are all you need
-for your own model; section 7 only builds and loads the ViT the scripts use.
-  1. The rational function P(x)/Q(x)              paper Eqs. 1, 5, 6
-  2. Fitting the coefficients to GELU (and others)  paper Appendix B
-  3. GroupRational: a learnable group rational       paper Sec. 3 (after Group-KAN)
-  4. NoRA: low-rank updates of the coefficients      paper Eqs. 7, 8
-  5. LoRA, for NoRA++                                 paper Eqs. 2, 3
-  6. Putting adapters on any model
-  7. A small ViT with timm's names, and its weights
-
-The baselines of the paper's tables (DoRA, QLoRA, VPT, adapters, other activations) live in
-train_vit.py, the comparison harness.
+Part one is the method; read it top to bottom, each section building on the last:
+  1. The rational function P(x)/Q(x)                paper Eqs. 1, 5, 6
+  2. Fitting its coefficients to GELU (and others)    paper Appendix B
+  3. GroupRational: learnable coefficients            paper Sec. 3 (after Group-KAN)
+  4. NoRA: a low-rank update of the coefficients      paper Eqs. 7, 8
+  5. LoRA, for NoRA++                                  paper Eqs. 2, 3
+  6. Putting adapters on a model
+The appendices hold the machinery; none of it changes what the method computes:
+  A. Kernels and speed
+  B. Reading other people's models
+  C. Checks
+  D. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
 """
 import hashlib
 import json
@@ -36,6 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# =============================================================================
+# Part one: the method
+# =============================================================================
+
 # -----------------------------------------------------------------------------
 # 1. The rational function (Eqs. 1, 5, 6)
 #
@@ -50,15 +53,14 @@ import torch.nn.functional as F
 # `denominator` (G, n) holds b_1 .. b_n. In this file those two names always mean coefficient
 # matrices, never the values P(x), Q(x).
 #
-# `rational_reference` is Eq. 6 as written, autograd doing the rest; `rational` computes the same
-# function (the tests check it against the reference, gradients included) and is what every
-# module below calls. How it is made fast is fenced off after it: read on from section 2 on a
-# first reading.
+# `rational_reference` is Eq. 6 as written, autograd doing the rest. `rational` computes the same
+# function (the tests check it against the reference, gradients included) with kernels that keep
+# only x for backward (Appendix A), and is what every module below calls.
 # -----------------------------------------------------------------------------
 
 def rational_reference(x, numerator, denominator):
-    """Eq. 6 as written: sum_i a_i x^i / (1 + |sum_j b_j x^j|) per group. Slow and memory-hungry,
-    but plainly right: the tests check `rational` against it, and double backward uses it."""
+    """Eq. 6 as written: sum_i a_i x^i / (1 + |sum_j b_j x^j|) per group, over the last dimension.
+    Slow and memory-hungry, but plainly right: the tests check `rational` against it."""
     xg = x.reshape(*x.shape[:-1], numerator.shape[0], -1)                     # (..., G, C/G)
     P = sum(numerator[:, i, None] * xg ** i for i in range(numerator.shape[1]))
     S = sum(denominator[:, j, None] * xg ** (j + 1) for j in range(denominator.shape[1]))
@@ -83,20 +85,8 @@ def rational(x, numerator, denominator, dim=-1):
     result is cast back, so it is safe to call under autocast. Beyond |x| ~ 1e7 (float32) the
     powers overflow and the result is inf or NaN; a fitted rational means nothing that far out.
     """
-    if not x.is_floating_point():
-        raise TypeError(f"rational: expected a floating-point input, got {x.dtype} (convert with x.float())")
-    if numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]:
-        raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G; "
-                         f"got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
-    if numerator.device != x.device or denominator.device != x.device:
-        raise ValueError(f"rational: the input is on {x.device} but the coefficients on {numerator.device}; "
-                         f"move the module to the input's device (model.to(device))")
-    if x.dim() == 0 or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"rational: no channel dimension {dim} in a {tuple(x.shape)} input")
-    G, C = numerator.shape[0], x.shape[dim]
-    if C % G:
-        raise ValueError(f"rational: {C} channels (dimension {dim} of a {tuple(x.shape)} input) cannot be split "
-                         f"into {G} equal groups; {_divisors_hint(C)}")
+    _check_rational_inputs(x, numerator, denominator, dim)
+    C = x.shape[dim]
     if x.numel() == 0:
         return x.clone()
     x = x.movedim(dim, -1)                                # the kernels take channels last
@@ -108,12 +98,567 @@ def rational(x, numerator, denominator, dim=-1):
         y = _RationalFunction.apply(x.reshape(-1, C), numerator, denominator)
     return y.view(x.shape).movedim(-1, dim)
 
+# -----------------------------------------------------------------------------
+# 2. Fitting the coefficients (Appendix B)
+#
+# Rationals approximate smooth activations fast (Eq. 33), but only on a bounded range K with no
+# pole (Eq. 31). Our Q >= 1 has no pole, so the question is where to be accurate: where the
+# pretrained model's pre-activations are, or swapping GELU for its rational changes the model.
+# A (5, 4) rational grows linearly at both ends, so it cannot follow GELU's flat left tail far
+# out, and it cannot be close everywhere at once. A pretrained ViT's GELU inputs lie mostly near
+# 0 with a long negative tail, so the fit weights each point by `preactivation_weight`.
+#
+# Fitting P/Q to f is nonlinear least squares; the Sanathanan-Koerner iteration turns it into a
+# sequence of linear ones: with weights w = 1/Q_prev, solve
+#       min || w (P(x) - f(x) S(x) - f(x)) ||      (since f = P/(1+S)  <=>  P - f S = f)
+# and repeat, each row also times sqrt(weight(x)) for the weighted fit. For GELU, SiLU and ReLU
+# the fits come out even in the denominator (b1 = b3 = 0, to 1e-15) with S >= 0, so the |.| of
+# Eq. 6 changes nothing on the range. Deterministic: float64, fixed grid.
+# -----------------------------------------------------------------------------
 
-def _divisors_hint(C):
-    return f"use a group count that divides {C}, e.g. one of {[d for d in range(1, min(C, 64) + 1) if C % d == 0]}"
+def preactivation_weight(x):
+    """Where a pretrained ViT's GELU inputs lie, roughly: a normal density of sd 1.5 around 0 (a real
+    ViT-S's fc1 outputs have sd 1.2 and a long negative tail), plus a floor of 1e-3 that keeps the
+    fit close on the whole range."""
+    return torch.exp(-0.5 * (x / 1.5) ** 2) + 1e-3
 
 
-# ---- Kernels and speed (skip on a first reading) -------------------------------------------------
+def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=preactivation_weight,
+                 points=4001, iters=30):
+    """Weighted least-squares fit of Eq. 6's P(x)/(1+|S(x)|) to ``fn`` on ``x_range``: it minimises
+    the sum of weight(x) (P/Q - fn)^2 over a grid (``weight=None``: unweighted).
+
+    Returns (numerator (num_degree+1,), denominator (den_degree,)) as float64 tensors.
+    """
+    if num_degree < 1 or den_degree < 2 or iters < 1 or points < num_degree + den_degree + 1:
+        raise ValueError(f"fit_rational: need num_degree >= 1, den_degree >= 2, iters >= 1 and more points than "
+                         f"coefficients; got {num_degree}, {den_degree}, {iters}, {points}")
+    x = torch.linspace(*x_range, points, dtype=torch.float64)
+    f = fn(x)
+    if not torch.isfinite(f).all():
+        raise ValueError(f"fit_rational: the function is not finite everywhere on {x_range}; fit on a range where it is")
+    V = x[:, None] ** torch.arange(num_degree + 1)       # columns x^0 .. x^m
+    W = x[:, None] ** torch.arange(1, den_degree + 1)    # columns x^1 .. x^n
+    root_weight = torch.ones_like(x) if weight is None else weight(x).sqrt()
+    w = root_weight
+    for _ in range(iters):
+        A = torch.cat([V, -f[:, None] * W], dim=1) * w[:, None]
+        coeffs = torch.linalg.lstsq(A, (f * w)[:, None], driver="gelsd").solution[:, 0]
+        w = root_weight / (1 + (W @ coeffs[num_degree + 1:]).abs())
+    return coeffs[:num_degree + 1], coeffs[num_degree + 1:]
+
+
+# Fitted with `python fit_gelu.py --all` (fit_rational's defaults). Max |error| on [-8, 8]: GELU
+# 0.017 (0.0019 at 0), SiLU 0.0047, ReLU 0.147 (at x = +-7.7; 0.076 at the kink). Off [-12, 12]
+# they drift linearly, e.g. GELU(-20) -> -1.2. Do not use Group-KAN's published GELU numbers:
+# they were fitted on [-3, 3] and are off by 6 on [-6, 6].
+GELU_COEFFS = (
+    [-1.8690075278e-03, 5.0000000000e-01, 4.1246663722e-01, 1.1754117820e-01, 1.3490307895e-02, 5.3023071430e-04],
+    [-1.5473733406e-15, 2.3508235640e-01, -6.9388939039e-16, 1.0604614286e-03],
+)
+GELU_TANH_COEFFS = (                                      # GPT-2's and timm's GELU(approximate="tanh")
+    [-1.8253831139e-03, 5.0000000000e-01, 4.1201017689e-01, 1.1712026385e-01, 1.3400099959e-02, 5.2509415938e-04],
+    [-9.2981178312e-16, 2.3424052770e-01, -2.7755575616e-16, 1.0501883188e-03],
+)
+SILU_COEFFS = (
+    [3.2086047892e-04, 5.0000000000e-01, 2.4891300041e-01, 4.9768211387e-02, 4.5530710553e-03, 1.5544573297e-04],
+    [3.5943470422e-15, 9.9536422773e-02, -8.3266726847e-17, 3.1089146595e-04],
+)
+RELU_COEFFS = (
+    [7.5748955773e-02, 5.0000000000e-01, 7.4908237679e-01, 3.9031466707e-01, 7.5170790659e-02, 4.2601999123e-03],
+    [-5.1347814889e-15, 7.8062933414e-01, 2.8033131372e-15, 8.5203998245e-03],
+)
+COEFFS = {"gelu": GELU_COEFFS, "gelu_tanh": GELU_TANH_COEFFS, "silu": SILU_COEFFS, "swish": SILU_COEFFS,
+          "relu": RELU_COEFFS}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu}
+
+# -----------------------------------------------------------------------------
+# 3. GroupRational: a learnable group-wise rational activation (Sec. 3)
+#
+# One rational per channel is expensive and one for the whole layer is too rigid; following
+# Group-KAN, all channels of a group share one rational. This is the "rational tuning" baseline
+# of Table 4: every coefficient is a free parameter, G (m+1+n) of them per layer.
+# -----------------------------------------------------------------------------
+
+class GroupRational(nn.Module):
+    """Group-wise rational activation with learnable coefficients.
+
+    Args:
+        groups: number of contiguous channel groups G (must divide the channel count).
+        init: a name in ``COEFFS`` ('gelu', 'gelu_tanh', 'silu', 'relu') or a (numerator,
+            denominator) pair of 1-D tensors (shared by all groups) or 2-D (G, .) tensors.
+        channel_dim: the input dimension that holds the channels (1 for an (N, C, H, W) map).
+    """
+
+    def __init__(self, groups=8, init="gelu", channel_dim=-1):
+        super().__init__()
+        num, den = _init_coefficients(init, groups)
+        self.numerator = nn.Parameter(num)
+        self.denominator = nn.Parameter(den)
+        self.channel_dim = channel_dim
+
+    def forward(self, x):
+        return rational(x, self.numerator, self.denominator, dim=self.channel_dim)
+
+    def extra_repr(self):
+        return f"groups={self.numerator.shape[0]}, degrees=({self.numerator.shape[1] - 1}, {self.denominator.shape[1]})"
+
+
+def _init_coefficients(init, groups):
+    """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair."""
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    if isinstance(init, str):
+        if init not in COEFFS:
+            raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
+                             f"or pass (numerator, denominator) tensors, e.g. from fit_rational()")
+        init = COEFFS[init]
+    num, den = (torch.as_tensor(c, dtype=torch.float32, device="cpu") for c in init)   # checked here, moved later
+    num = num.expand(groups, -1) if num.dim() == 1 else num
+    den = den.expand(groups, -1) if den.dim() == 1 else den
+    if num.shape[0] != groups or den.shape[0] != groups:
+        raise ValueError(f"coefficients have {num.shape[0]} and {den.shape[0]} rows, expected {groups} groups")
+    if not (torch.isfinite(num).all() and torch.isfinite(den).all()):
+        raise ValueError("rational coefficients contain NaN or inf; refit them with fit_rational()")
+    return num.clone(), den.clone()
+
+# -----------------------------------------------------------------------------
+# 4. NoRA: low-rank updates of the rational coefficients (Eqs. 7, 8)
+#
+# LoRA changes what a frozen layer's weights compute; NoRA changes the nonlinearity between them.
+# Every MLP of a ViT applies GELU to hundreds of channels, so reshaping that curve per group of
+# channels (steeper here, a different knee there) changes what every block computes, for a few
+# dozen numbers per layer.
+#
+# NoRA freezes the base coefficients P_g, Q_g of each group (the GELU fit of section 2) and learns
+# a low-rank perturbation of each (Eq. 7):
+#       phi'(x) = (P + dP)(x) / (Q + dQ)(x)
+# With Eq. 6's safe denominator we add dQ to Q's coefficients inside the |.| (b -> b + db), so
+# Q stays >= 1 however training moves them. The update of the G x (m+1) numerator matrix is
+#       dP = B_P @ A_P * alpha / r,   A_P in R^{r x (m+1)} shared by all groups,  B_P in R^{G x r}
+# and dQ likewise with A_Q in R^{r x n}: the groups move along r shared directions in coefficient
+# space ("shared" form, the released code's; our default). That is r (m+1+n) + 2 G r numbers per
+# layer: 52 at G = 8, r = 2, against 80 for tuning the coefficients directly (GroupRational), and
+# more groups cost only 2 r numbers each. The paper's Eq. 8 instead gives each group its own
+# A_g in R^{d x r} and B_g in R^{r x 1}, a free d-vector per group ("per_group" form: 192 numbers
+# at G = 8, r = 2). As in LoRA, A starts as small noise (Sec. 3: A ~ N(0, 0.02)) and B at zero,
+# so at step 0 phi' is exactly the base rational and training starts from the pretrained model.
+# One departure from the paper, the basis (x/s)^i in which the update is learned, is explained
+# after the class.
+# -----------------------------------------------------------------------------
+
+class NoRA(nn.Module):
+    """Rational activation with frozen base coefficients and a trainable low-rank update.
+
+    Args:
+        groups: number of channel groups G.
+        rank: rank r of the update.
+        alpha: scale; the update is multiplied by alpha / rank (default alpha = 2 * rank,
+            the released code's alpha = 6 at r = 3).
+        init: base coefficients, as for :class:`GroupRational`.
+        form: 'shared' (released code, dP = B @ A with A shared by all groups) or
+            'per_group' (paper text, dP_g = A_g B_g, free in each group).
+        basis_scale: s; the update is learned in the basis (x/s)^i (1: the paper's monomials).
+        channel_dim: the input dimension that holds the channels (-1, or 1 for an (N, C, H, W)
+            feature map); None: the last, refusing inputs of 4 or more dimensions, whose channel
+            axis cannot be told from the shape (:func:`add_nora` sets it from the layers next to it).
+    """
+
+    def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
+        super().__init__()
+        _check_arguments(form, rank, alpha, basis_scale)
+        num, den = _init_coefficients(init, groups)
+        self.register_buffer("numerator", num)            # frozen base coefficients P_g, Q_g
+        self.register_buffer("denominator", den)
+        self.rank, self.form = rank, form
+        self.scaling = (alpha if alpha is not None else 2 * rank) / rank
+        self.basis_scale, self.channel_dim = basis_scale, channel_dim
+        self.where = "NoRA"                               # add_nora puts the module's path here, for errors
+        A_shape = (lambda d: (rank, d)) if form == "shared" else (lambda d: (groups, d, rank))
+        self.A_P = nn.Parameter(torch.randn(A_shape(num.shape[1])) * 0.02)    # numerator update, Eq. 8
+        self.B_P = nn.Parameter(torch.zeros(groups, rank))
+        self.A_Q = nn.Parameter(torch.randn(A_shape(den.shape[1])) * 0.02)    # denominator update
+        self.B_Q = nn.Parameter(torch.zeros(groups, rank))
+
+    def _delta(self, A, B, first_power):
+        """The update B A * alpha / r (Eq. 8) in the basis (x/s)^i: its column for x^i is divided by s^i."""
+        dtype = torch.promote_types(A.dtype, torch.float32)              # float32 at least, float64 stays
+        A, B = A.to(dtype), B.to(dtype)
+        if self.form == "shared":
+            delta = B @ A                                                 # (G, r) @ (r, d)
+        else:
+            delta = torch.einsum("gdr,gr->gd", A, B)                      # A_g (d, r) @ B_g (r,)
+        powers = torch.arange(first_power, first_power + delta.shape[1], device=delta.device)
+        return delta * self.scaling * self.basis_scale ** -powers
+
+    def coefficients(self):
+        """The adapted coefficients (P + dP, Q + dQ) of Eq. 7, each (G, .). At least float32, even under
+        autocast: the gradient of each entry sums over all the activations of a group (millions),
+        which can overflow float16."""
+        with torch.autocast(self.A_P.device.type, enabled=False):
+            return (self.numerator + self._delta(self.A_P, self.B_P, 0),
+                    self.denominator + self._delta(self.A_Q, self.B_Q, 1))
+
+    def forward(self, x):
+        dim = self.channel_dim
+        if dim is None and x.dim() >= 4:
+            raise ValueError(f"{self.where}: cannot tell which axis of a {tuple(x.shape)} input holds the channels; "
+                             f"pass channel_dim=1 (N, C, H, W) or channel_dim=-1 (channels last) to add_nora")
+        try:
+            return rational(x, *self.coefficients(), dim=-1 if dim is None else dim)
+        except ValueError as e:
+            raise ValueError(f"{self.where}: {e}") from None
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into the base coefficients, so inference costs one plain rational."""
+        num, den = self.coefficients()
+        if not (torch.isfinite(num).all() and torch.isfinite(den).all()):
+            raise ValueError("NoRA.merge: the adapted coefficients contain NaN or inf; training diverged "
+                             "(lower the learning rate or the NoRA alpha)")
+        self.numerator.copy_(num)
+        self.denominator.copy_(den)
+        self.B_P.zero_()
+        self.B_Q.zero_()
+
+    @torch.no_grad()
+    def grow(self, groups):
+        """Split every group into groups / G copies of itself (paper Sec. 4.2), leaving the function unchanged.
+
+        Channel c moves from group c // (C/G) to group c // (C/groups); each old group's run
+        of channels becomes groups/G consecutive new groups, so every tensor indexed by group is
+        repeated in place with repeat_interleave. The trainable tensors are replaced, so grow
+        before building the optimizer.
+        """
+        old = self.numerator.shape[0]
+        if not isinstance(groups, int) or groups < 1 or groups % old:
+            raise ValueError(f"NoRA.grow: new group count {groups} must be a multiple of {old}")
+        k = groups // old
+        for name in ("numerator", "denominator"):
+            setattr(self, name, getattr(self, name).repeat_interleave(k, 0))
+        for name in ("A_P", "B_P", "A_Q", "B_Q"):
+            p = getattr(self, name)
+            if name.startswith("B") or self.form == "per_group":
+                setattr(self, name, nn.Parameter(p.repeat_interleave(k, 0), requires_grad=p.requires_grad))
+
+    # Settings that change the function but no tensor's shape (rank and form do change shapes),
+    # saved in the state dict so that a mismatch is caught on load. A tensor, not a dict, because
+    # safetensors, ONNX export and HF's save_pretrained accept nothing but tensors in a state dict.
+    def get_extra_state(self):
+        return torch.tensor([self.scaling, self.basis_scale], dtype=torch.float64)
+
+    def set_extra_state(self, state):
+        if isinstance(state, dict):                       # saved by an older nora.py
+            state = torch.tensor([state["scaling"], state["basis_scale"]], dtype=torch.float64)
+        _check_settings(self, "scaling, basis_scale", state)
+
+    def extra_repr(self):
+        return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
+                f"form={self.form}, basis_scale={self.basis_scale:g}, channel_dim={self.channel_dim}")
+
+# Why the update is learned in the basis (x/s)^i, s = 3 (our departure from the paper). `_delta`
+# divides column i of B A by s^i, so NoRA learns
+#       dP(x) = sum_i dp_i (x/s)^i,  i.e. da_i = dp_i / s^i    (and db_j = dq_j / s^j)
+# the same family of functions (merge folds it into plain coefficients), but well conditioned.
+# GELU's tails are set by tiny leading coefficients, phi(x) ~ (a_5 / |b_4|) x with a_5 = 5.3e-4
+# and b_4 = 1.1e-3, yet over a real ViT's pre-activations the output is 290 times more sensitive
+# to a_5 than to a_1 (`fit_gelu.py --model` prints these sensitivities). Adam moves every entry of
+# A and B by about the same step, so every dp_i moves by about the same amount, and in monomials
+# (da_i = dp_i) the first steps change a_5 and b_4 by more than their own size. Dividing dp_i by
+# s^i evens that out: s^5 = 243 at s = 3 undoes about the 290x. `basis_scale=1` is the paper's form.
+
+# -----------------------------------------------------------------------------
+# 5. LoRA, for NoRA++ (Eqs. 2, 3)
+#
+# LoRA learns W = W0 + B A * alpha / r with A (r x k) random and B (d x r) zero (Eq. 2) and
+# computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
+# linear; LoRA on "q and v" (paper C.1) is then two updates on two ranges of rows of that one
+# weight, so `row_ranges` lists the (start, stop) ranges of output rows to adapt, each with its
+# own A and B. `fan_in_fan_out` (loralib's name) says the base stores its weight (in, out), as
+# GPT-2's Conv1D does, rather than nn.Linear's (out, in).
+# -----------------------------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """A frozen linear ``base`` plus a LoRA update on all its output rows, or on the (start, stop)
+    ranges of rows in ``row_ranges``. ``fan_in_fan_out``: the base's weight is (in, out) and it
+    computes x @ weight (HF's Conv1D), not x @ weight.T."""
+
+    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1 or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"LoRALinear: rank must be a positive integer and alpha a positive number, "
+                             f"got rank {rank!r}, alpha {alpha!r}")
+        w = base.weight
+        out_features, in_features = w.T.shape if fan_in_fan_out else w.shape
+        ranges = row_ranges or [(0, out_features)]
+        width = ranges[0][1] - ranges[0][0]
+        if any(stop - start != width for start, stop in ranges) or max(stop for _, stop in ranges) > out_features:
+            raise ValueError(f"LoRALinear: row ranges {ranges} must have equal widths within {out_features} rows")
+        self.base, self.rank, self.scaling, self.merged = base, rank, alpha / rank, False
+        self.row_ranges, self.fan_in_fan_out = [(start, stop) for start, stop in ranges], fan_in_fan_out
+        self.lora_A = nn.Parameter(torch.empty(len(ranges), rank, in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(len(ranges), width, rank, device=w.device, dtype=w.dtype))
+        for A in self.lora_A:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as in microsoft/LoRA
+
+    def delta_weight(self):
+        """B A * alpha / r for each row range: (ranges, width, in_features)."""
+        return self.lora_B @ self.lora_A * self.scaling
+
+    def _add_to_rows(self, t, delta, dim):
+        """``t`` with delta[i] added to the i-th range of rows along ``dim``, in place."""
+        for (start, stop), d in zip(self.row_ranges, delta):
+            t.narrow(dim, start, stop - start).add_(d)
+        return t
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        # one A (r, in) and B (rows, r) per row range; letters: g range, r rank, i input, o output row
+        h = torch.einsum("...i,gri->g...r", x, self.lora_A)                # A x
+        d = torch.einsum("g...r,gor->g...o", h, self.lora_B)               # B (A x)
+        return self._add_to_rows(y, d * self.scaling, dim=-1)
+
+    def _add_to_weight(self, w, delta):
+        """``w``, in the base's layout ((out, in), or (in, out) if fan_in_fan_out), plus ``delta`` on its
+        adapted rows, in place."""
+        return self._add_to_rows(w, delta.mT if self.fan_in_fan_out else delta, dim=int(self.fan_in_fan_out))
+
+    @property
+    def weight(self):
+        """The adapted weight W0 + B A * alpha / r, in the base's layout: for code that reads a layer's
+        weight instead of calling it (nn.MultiheadAttention's out_proj, torchvision Swin's qkv)."""
+        w = self.base.weight
+        return w if self.merged else self._add_to_weight(w.clone(), self.delta_weight())
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
+
+    @torch.no_grad()
+    def merge(self):
+        if not isinstance(self.base.weight, nn.Parameter):   # e.g. a quantised weight rebuilt at each call
+            raise TypeError(f"LoRALinear.merge: the base {type(self.base).__name__} has no stored weight to "
+                            f"merge into (a quantised layer?); keep the model unmerged")
+        if not self.merged:
+            self.base.weight.copy_(self.weight)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self._add_to_weight(self.base.weight, -self.delta_weight())
+            self.merged = False
+
+    def get_extra_state(self):                            # as NoRA's: settings that no shape shows
+        return torch.tensor([self.scaling, self.fan_in_fan_out, *(i for r in self.row_ranges for i in r)],
+                            dtype=torch.float64)
+
+    def set_extra_state(self, state):
+        if self.merged:
+            raise ValueError("LoRALinear: cannot load an adapter into a merged layer; unmerge() it first "
+                             "(or load into a freshly built model)")
+        if isinstance(state, dict):                       # saved by an older nora.py
+            state = torch.tensor([state["scaling"], False, *(i for r in state["row_ranges"] for i in r)],
+                                 dtype=torch.float64)
+        _check_settings(self, "scaling, fan_in_fan_out, row ranges", state)
+
+    def extra_repr(self):
+        return (f"rank={self.rank}, scaling={self.scaling:g}, row_ranges={self.row_ranges}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+
+# -----------------------------------------------------------------------------
+# 6. Putting adapters on a model
+#
+# NoRA needs nothing from the model but its activation modules: `add_nora` swaps each one for a
+# NoRA module and freezes everything else, so it works the same on our ViT, timm's, torchvision's
+# or a Hugging Face model. Three things must be right, and none may depend on the user
+# remembering them (Appendix B finds them from the model itself):
+#   - which function each activation computes, so the base rational starts equal to it;
+#   - which axis of its input holds the channels that the groups cut: the last one after a linear
+#     layer, dim 1 in a convolutional stage's (N, C, H, W) maps;
+#   - for LoRA, how each layer stores its weight: (out, in) for nn.Linear, (in, out) for Conv1D.
+# Every check runs before the first module is replaced, so a refused call leaves the model as it
+# was. The adapter file holds everything training changes: adapters, head, BatchNorm statistics.
+# -----------------------------------------------------------------------------
+
+ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable (LoRAWeight too)
+
+
+def freeze(model):
+    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
+    own = _adapter_parameters(model)
+    for p in model.parameters():
+        if id(p) not in own:
+            p.requires_grad_(False)
+    return model
+
+
+def replace_modules(model, target, make):
+    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count.
+    Every replacement is built before the first is put in, so a failure leaves the model as it was."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if target(child)]
+    made = [make(child) for _, _, child in found]
+    for (parent, name, _), new in zip(found, made):
+        setattr(parent, name, new)
+    return len(found)
+
+
+def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, channel_dim="auto", **nora_kwargs):
+    """Replace each activation module in ``model`` with a :class:`NoRA` module whose base rational
+    equals it; then, if every parameter of the model was trainable, freeze all but the adapters.
+
+    Args:
+        target: which modules to replace: names in ACTIVATIONS (every parameter-free module that
+            computes one of those functions, whatever its class: torch's, timm's or HF's), or an
+            activation class or tuple of classes. Default: both kinds of GELU.
+        init: the base rational (a name in COEFFS or a fit_rational() pair); None: the fit of
+            the function each module computes (see activation_name).
+        channel_dim: the input dimension that holds the channels; "auto": read off the layers
+            next to each activation (see _channel_layout), None where they tell nothing.
+        nora_kwargs: alpha, form, basis_scale (see NoRA).
+
+    A model where some parameters are already frozen keeps the caller's choices. Train the task
+    head with :func:`mark_trainable`.
+    """
+    found = _find_activations(model, target, init, groups)    # {id: (path, function, channel dim)}, all checked
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+
+    def make(m):
+        path, function, dim = found[id(m)]
+        module = NoRA(groups, rank, init=init or function, channel_dim=dim if channel_dim == "auto" else channel_dim,
+                      **nora_kwargs).to(device)
+        module.where = path
+        return module
+
+    fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
+    replace_modules(model, lambda m: id(m) in found, make)     # builds all first: errors change nothing
+    if fresh:
+        freeze(model)
+    return model
+
+
+def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", fused_qkv=("qkv", "c_attn"),
+             layer=LoRALinear):
+    """Put LoRA on each linear layer of ``model`` whose name ends with one of ``targets``, and
+    freeze the rest of a fresh model (as :func:`add_nora` does).
+
+    A target whose name ends with one of ``fused_qkv`` is a fused projection whose outputs are
+    q | k | v (timm's `qkv`, GPT-2's `c_attn`): only the parts named in ``qkv_parts`` (default q
+    and v, as in the paper's C.1 and the LoRA paper) are adapted. Such a target also adapts the
+    `in_proj_weight` of every torch nn.MultiheadAttention (torchvision's ViT), through
+    :class:`LoRAWeight`. Any module with a 2-D ``weight`` that it applies linearly counts as
+    linear, stored (out, in) or (in, out) (HF's Conv1D); ``layer`` is the adapter class
+    (LoRALinear or a subclass of it).
+    """
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not qkv_parts or set(qkv_parts) - set("qkv"):
+        raise ValueError(f"add_lora: qkv_parts={qkv_parts!r} must name some of 'q', 'k', 'v', e.g. 'qv'")
+    linears = _find_linears(model, targets, fused_qkv, qkv_parts)    # {id: (row ranges, fan_in_fan_out)}
+    attention = _find_attention(model, targets, fused_qkv)            # nn.MultiheadAttention modules
+    if not linears and not attention:
+        raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
+    weights = [LoRAWeight(m.in_proj_weight, rank, alpha, _qkv_rows(len(m.in_proj_weight), qkv_parts)) for m in attention]
+    fresh = all(p.requires_grad for p in model.parameters())
+    replace_modules(model, lambda m: id(m) in linears,                 # builds all first: errors change nothing
+                    lambda m: layer(m, rank=rank, alpha=alpha, row_ranges=linears[id(m)][0],
+                                    fan_in_fan_out=linears[id(m)][1]))
+    for m, lora in zip(attention, weights):
+        torch.nn.utils.parametrize.register_parametrization(m, "in_proj_weight", lora)
+    if fresh:
+        freeze(model)
+    return model
+
+
+def mark_trainable(model, *prefixes):
+    """Make the parameters whose names start with any of ``prefixes`` trainable (e.g. 'head')."""
+    prefixes = tuple(p for group in prefixes for p in ([group] if isinstance(group, str) else group))
+    if not prefixes:
+        raise ValueError("mark_trainable: name at least one parameter prefix, e.g. mark_trainable(model, 'head')")
+    hits = [p.requires_grad_(True) for name, p in model.named_parameters() if name.startswith(prefixes)]
+    if not hits:
+        raise ValueError(f"mark_trainable: no parameter name starts with {prefixes}")
+    return model
+
+
+def merge(model):
+    """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
+    inference costs what the base model costs (NoRA: one rational per activation)."""
+    _remove_lora_parametrizations(model)                  # LoRAWeight: the weight keeps W0 + B A, plainly
+    for m in model.modules():
+        if isinstance(m, ADAPTERS):
+            m.merge()
+    return model
+
+
+def adapter_state_dict(model, extra=("head",)):
+    """All that a fine-tune changes in the pretrained model, to be loaded back with :func:`load_adapter`:
+    every adapter's tensors and settings (chosen by module type, so freezing the model first loses
+    nothing), the parameters whose names start with ``extra`` (the task head), any other parameter
+    that trains, and the running statistics of BatchNorm layers, which training updates even though
+    their weights are frozen."""
+    state = model.state_dict()
+    keep = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, ADAPTERS)
+            for k in m.state_dict() if not k.startswith("base.")}
+    keep |= _running_statistics(model)
+    keep |= {name for name, p in model.named_parameters() if p.requires_grad or name.startswith(tuple(extra))}
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if k in keep}
+
+
+def load_adapter(model, state):
+    """Load an :func:`adapter_state_dict` into a model prepared with the same add_nora/add_lora calls
+    (the settings that change the function, such as alpha, are checked)."""
+    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
+        raise ValueError("load_adapter: the model's LoRA is merged; load into a freshly built model")
+    missing = sorted(set(adapter_state_dict(model, extra=())) - set(state))
+    own = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and not k.endswith("_extra_state") and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"load_adapter: the saved adapter was trained with other settings (groups, rank, form or "
+                         f"targets; saved vs this model: {', '.join(bad[:3])}); build the model with the saved settings")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or missing:
+        raise ValueError(f"load_adapter: the model has no {result.unexpected_keys[:5]} and the file has no "
+                         f"{missing[:5]}; build the model with the same add_nora / add_lora settings (groups, "
+                         f"rank, targets) before loading, and pass a file made by adapter_state_dict")
+    return model
+
+
+def param_groups(model, lr, head_lr=None, nora_lr=None, head=("head",)):
+    """AdamW parameter groups: the trainable parameters whose names start with ``head`` at
+    ``head_lr``, those of NoRA modules at ``nora_lr``, all other trainable ones (LoRA, ...) at
+    ``lr`` (either left None: ``lr``). A fresh linear head wants a larger step than a low-rank
+    update of a pretrained model, and NoRA's update in the (x/3)^i basis a larger one than
+    LoRA's (train_vit.py's defaults: head 1e-2, NoRA 3e-2, LoRA 1e-3)."""
+    own = _adapter_parameters(model, NoRA)
+    groups = {"head": [], "nora": [], "rest": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups["head" if n.startswith(tuple(head)) else "nora" if id(p) in own else "rest"].append(p)
+    lrs = {"head": head_lr, "nora": nora_lr, "rest": lr}
+    return [dict(params=ps, lr=lr if lrs[k] is None else lrs[k]) for k, ps in groups.items() if ps]
+
+
+def count_parameters(model):
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def parameter_report(model):
+    """'trainable T of N parameters (P%)', for logs."""
+    trainable, total = count_parameters(model)
+    if total == 0:
+        raise ValueError("parameter_report: the model has no parameters")
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
+
+# =============================================================================
+# Appendix A. Kernels and speed
+#
 # Nothing here changes a result. Autograd would keep every power of x for backward, so the
 # kernels evaluate P and Q by Horner's rule, a0 + x(a1 + x(a2 + ...)), with a hand-written
 # backward that keeps only x and recomputes. On a CPU they are fast because x is viewed as (N, C)
@@ -123,11 +668,10 @@ def _divisors_hint(C):
 #
 # `_kernels` holds the kernels `rational` runs: these eager ones by default, torch.compile'd ones
 # after use_compiled_rational(). On a CPU the eager kernels take x in chunks of `chunk` elements,
-# so their 12 forward and 47 backward passes over memory (counted: `--table efficiency`) run from
-# cache rather than memory (2-3x faster on a 2-core CPU; README, "Efficiency"). Compiled kernels
-# fuse the passes into a few loops (1 forward, 4 backward; the float32 casts included), and on a
-# GPU chunks would only cost launches, so both take x whole.
-
+# so their dozen forward and ~50 backward passes over memory run from cache rather than memory.
+# Compiled kernels fuse the passes into a few loops, and on a GPU chunks would only cost
+# launches, so both take x whole.
+# =============================================================================
 
 def _per_channel(coeffs, channels):
     """(G, k) group coefficients -> (k, C): row i holds coefficient i of each channel's group."""
@@ -190,9 +734,8 @@ def _rational_backward(x, numerator, denominator, grad, needs=(True, True, True)
 
 
 class _RationalFunction(torch.autograd.Function):
-    """Autograd glue for the kernels above (`_kernels` and `_chunks` follow it). forward and
-    setup_context are separate, and vmap and jvp are given, so that torch.func (grad, vmap for
-    per-sample gradients, jvp) works through it too."""
+    """Autograd glue for the kernels above. forward and setup_context are separate, and vmap and jvp
+    are given, so that torch.func (grad, vmap for per-sample gradients, jvp) works through it too."""
 
     @staticmethod
     def forward(x, numerator, denominator):
@@ -249,10 +792,10 @@ def _chunks(x):
 def _compile(kernel, device):
     """torch.compile ``kernel`` with the row count dynamic and everything else static: one graph
     per channel count serves every batch size. (All-static shapes recompile for each new batch
-    size and after 8 PyTorch silently runs eager; fully dynamic ones ran 40x slower: README.) The
-    fused backward computes all three gradients: skipping one saves little there, and each
-    `needs` pattern would be another graph. On other devices than ``device`` (a plot's CPU
-    tensors while training on a GPU) the eager kernel runs: compiling for them could fail."""
+    size and after 8 PyTorch silently runs eager; fully dynamic ones ran 40x slower.) The fused
+    backward computes all three gradients: skipping one saves little there, and each `needs`
+    pattern would be another graph. On other devices than ``device`` (a plot's CPU tensors while
+    training on a GPU) the eager kernel runs: compiling for them could fail."""
     compiled = torch.compile(kernel, dynamic=False)
 
     def run(x, numerator, denominator, *grad_and_needs):
@@ -266,8 +809,7 @@ def _compile(kernel, device):
 
 
 def use_compiled_rational(enable=True, device=None):
-    """Run the rational through torch.compile'd kernels: each pass fuses into one loop over memory
-    (a NoRA training step then costs about what a LoRA step does on a 2-core CPU; README).
+    """Run the rational through torch.compile'd kernels: each pass fuses into one loop over memory.
     Compiling takes seconds, so it is opt-in. It warms up on ``device`` (default: CUDA if there
     is one), where it will run: on a GPU that exercises Triton, on a CPU a C++ compiler. Returns
     whether the compiled path is now in use; where compilation fails it warns and stays eager."""
@@ -289,481 +831,21 @@ def use_compiled_rational(enable=True, device=None):
     _kernels.update(forward=forward, backward=backward, chunk=None)
     return True
 
-# ---- end of kernels and speed --------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
-# 2. Fitting the coefficients (Appendix B)
+# =============================================================================
+# Appendix B. Reading other people's models
 #
-# Rationals approximate smooth activations fast (Eq. 33), but only on a bounded range K with no
-# pole (Eq. 31). Our Q >= 1 has no pole, so the question is where to be accurate: where the
-# pretrained model's pre-activations are, or swapping GELU for its rational changes the model.
-# A (5, 4) rational grows linearly at both ends, so it cannot follow GELU's flat left tail far
-# out, and it cannot be close everywhere at once. On a real ViT-S (`fit_gelu.py --model`,
-# README) most fc1 outputs lie near 0 (sd 1.2) with a long negative tail, so the fit weights
-# each point by `preactivation_weight`: swapping it in moves that model's features by 1.5%,
-# against 2.4% for an unweighted fit on [-8, 8], which is closer at +-8 but further in the core.
-#
-# Fitting P/Q to f is nonlinear least squares; the Sanathanan-Koerner iteration turns it into a
-# sequence of linear ones: with weights w = 1/Q_prev, solve
-#       min || w (P(x) - f(x) S(x) - f(x)) ||      (since f = P/(1+S)  <=>  P - f S = f)
-# and repeat, each row also times sqrt(weight(x)) for the weighted fit. For GELU, SiLU and ReLU
-# the fits come out even in the denominator (b1 = b3 = 0, to 1e-15) with S >= 0, so the |.| of
-# Eq. 6 changes nothing on the range. Deterministic: float64, fixed grid.
-# -----------------------------------------------------------------------------
-
-def preactivation_weight(x):
-    """Where a pretrained ViT's GELU inputs lie, roughly: a normal density of sd 1.5 around 0 (the
-    real ViT-S's fc1 outputs have sd 1.2 and a long negative tail; README), plus a floor of 1e-3
-    that keeps the fit close on the whole range."""
-    return torch.exp(-0.5 * (x / 1.5) ** 2) + 1e-3
-
-
-def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=preactivation_weight,
-                 points=4001, iters=30):
-    """Weighted least-squares fit of Eq. 6's P(x)/(1+|S(x)|) to ``fn`` on ``x_range``: it minimises
-    the sum of weight(x) (P/Q - fn)^2 over a grid (``weight=None``: unweighted).
-
-    Returns (numerator (num_degree+1,), denominator (den_degree,)) as float64 tensors.
-    """
-    if num_degree < 1 or den_degree < 2 or iters < 1 or points < num_degree + den_degree + 1:
-        raise ValueError(f"fit_rational: need num_degree >= 1, den_degree >= 2, iters >= 1 and more points than "
-                         f"coefficients; got {num_degree}, {den_degree}, {iters}, {points}")
-    x = torch.linspace(*x_range, points, dtype=torch.float64)
-    f = fn(x)
-    if not torch.isfinite(f).all():
-        raise ValueError(f"fit_rational: the function is not finite everywhere on {x_range}; fit on a range where it is")
-    V = x[:, None] ** torch.arange(num_degree + 1)       # columns x^0 .. x^m
-    W = x[:, None] ** torch.arange(1, den_degree + 1)    # columns x^1 .. x^n
-    root_weight = torch.ones_like(x) if weight is None else weight(x).sqrt()
-    w = root_weight
-    for _ in range(iters):
-        A = torch.cat([V, -f[:, None] * W], dim=1) * w[:, None]
-        coeffs = torch.linalg.lstsq(A, (f * w)[:, None], driver="gelsd").solution[:, 0]
-        w = root_weight / (1 + (W @ coeffs[num_degree + 1:]).abs())
-    return coeffs[:num_degree + 1], coeffs[num_degree + 1:]
-
-
-# Fitted with `python fit_gelu.py --all` (fit_rational's defaults). Max |error| on [-8, 8]: GELU
-# 0.017 (0.0019 at 0), SiLU 0.0047, ReLU 0.15 (at the kink); off [-12, 12] they drift linearly,
-# e.g. GELU(-20) -> -1.2. An unweighted fit on [-8, 8] is closer at +-8 (0.0038) but further in
-# the core, where the inputs are: swapped into the real ViT-S it moves the output by 2.44%
-# against 1.52% for these (README). Do not use the published Group-KAN numbers: they were
-# fitted on [-3, 3] and are off by 6 on [-6, 6] (README, "GELU coefficients").
-GELU_COEFFS = (
-    [-1.8690075278e-03, 5.0000000000e-01, 4.1246663722e-01, 1.1754117820e-01, 1.3490307895e-02, 5.3023071430e-04],
-    [-1.5473733406e-15, 2.3508235640e-01, -6.9388939039e-16, 1.0604614286e-03],
-)
-GELU_TANH_COEFFS = (                                      # GPT-2's and timm's GELU(approximate="tanh")
-    [-1.8253831139e-03, 5.0000000000e-01, 4.1201017689e-01, 1.1712026385e-01, 1.3400099959e-02, 5.2509415938e-04],
-    [-9.2981178312e-16, 2.3424052770e-01, -2.7755575616e-16, 1.0501883188e-03],
-)
-SILU_COEFFS = (
-    [3.2086047892e-04, 5.0000000000e-01, 2.4891300041e-01, 4.9768211387e-02, 4.5530710553e-03, 1.5544573297e-04],
-    [3.5943470422e-15, 9.9536422773e-02, -8.3266726847e-17, 3.1089146595e-04],
-)
-RELU_COEFFS = (
-    [7.5748955773e-02, 5.0000000000e-01, 7.4908237679e-01, 3.9031466707e-01, 7.5170790659e-02, 4.2601999123e-03],
-    [-5.1347814889e-15, 7.8062933414e-01, 2.8033131372e-15, 8.5203998245e-03],
-)
-COEFFS = {"gelu": GELU_COEFFS, "gelu_tanh": GELU_TANH_COEFFS, "silu": SILU_COEFFS, "swish": SILU_COEFFS,
-          "relu": RELU_COEFFS}
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu}
-
-
-def _init_coefficients(init, groups):
-    """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair."""
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive integer, got {groups!r}")
-    if isinstance(init, str):
-        if init not in COEFFS:
-            raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
-                             f"or pass (numerator, denominator) tensors, e.g. from fit_rational()")
-        init = COEFFS[init]
-    num, den = (torch.as_tensor(c, dtype=torch.float32, device="cpu") for c in init)   # checked here, moved later
-    num = num.expand(groups, -1) if num.dim() == 1 else num
-    den = den.expand(groups, -1) if den.dim() == 1 else den
-    if num.shape[0] != groups or den.shape[0] != groups:
-        raise ValueError(f"coefficients have {num.shape[0]} and {den.shape[0]} rows, expected {groups} groups")
-    if not (torch.isfinite(num).all() and torch.isfinite(den).all()):
-        raise ValueError("rational coefficients contain NaN or inf; refit them with fit_rational()")
-    return num.clone(), den.clone()
-
-# -----------------------------------------------------------------------------
-# 3. GroupRational: a learnable group-wise rational activation (Sec. 3)
-#
-# One rational per channel is expensive and one for the whole layer is too rigid; following
-# Group-KAN, all channels of a group share one rational. This is the "rational tuning" baseline
-# of Table 4: every coefficient is a free parameter.
-# -----------------------------------------------------------------------------
-
-class GroupRational(nn.Module):
-    """Group-wise rational activation with learnable coefficients.
-
-    Args:
-        groups: number of contiguous channel groups G (must divide the channel count).
-        init: a name in ``COEFFS`` ('gelu', 'gelu_tanh', 'silu', 'relu') or a (numerator,
-            denominator) pair of 1-D tensors (shared by all groups) or 2-D (G, .) tensors.
-        channel_dim: the input dimension that holds the channels (1 for an (N, C, H, W) map).
-    """
-
-    def __init__(self, groups=8, init="gelu", channel_dim=-1):
-        super().__init__()
-        num, den = _init_coefficients(init, groups)
-        self.numerator = nn.Parameter(num)
-        self.denominator = nn.Parameter(den)
-        self.channel_dim = channel_dim
-
-    def forward(self, x):
-        return rational(x, self.numerator, self.denominator, dim=self.channel_dim)
-
-    def extra_repr(self):
-        return f"groups={self.numerator.shape[0]}, degrees=({self.numerator.shape[1] - 1}, {self.denominator.shape[1]})"
-
-# -----------------------------------------------------------------------------
-# 4. NoRA: low-rank updates of the rational coefficients (Eqs. 7, 8)
-#
-# Why tune an activation at all? LoRA changes what a frozen layer's weights compute; NoRA
-# changes the nonlinearity between them. Every MLP of a ViT applies GELU to thousands of
-# channels, so reshaping that curve per group of channels (steeper here, a different knee there)
-# changes what every block computes, for a few dozen numbers per layer. Swapping GELU for its
-# rational (section 2) changes the model by little (README: 1.5% on a real ViT-S), and NoRA's
-# update starts at zero, so training starts from the pretrained model.
-#
-# NoRA freezes the base coefficients P_g, Q_g of each group and learns a low-rank perturbation
-# of each (Eq. 7):
-#       phi'(x) = (P + dP)(x) / (Q + dQ)(x)
-# The paper's Eq. 8 gives each group g its own product A_g B_g with A_g in R^{d x r} and
-# B_g in R^{r x 1}, i.e. a free d-vector per group ("per_group" form below). The released code
-# instead factorises the whole G x d update matrix ("shared" form, our default):
-#       dP = B_P @ A_P * alpha / r,     A_P in R^{r x (m+1)} shared,  B_P in R^{G x r} per group
-# so dP, as a G x (m+1) matrix, has rank <= r: the groups move along r shared directions in
-# coefficient space. That is r (m+1+n) + 2 G r numbers per layer (52 at G = 8, r = 2). As in
-# LoRA, A starts as small noise (Sec. 3: A ~ N(0, 0.02); the released code's kaiming A, 12x
-# larger, collapsed a real ViT-S) and B at zero, so at step 0 phi' is exactly the base rational.
-# Eq. 7 writes Q + dQ; with Eq. 6's safe denominator we add dQ to Q's coefficients, inside the
-# |.| (b -> b + db), so Q stays >= 1 however training moves them.
-#
-# One departure from the paper: the update is learned in the scaled basis (x/s)^i, s = 3,
-#       dP(x) = sum_i dp_i (x/s)^i,  i.e. da_i = dp_i / s^i    (and db_j = dq_j / s^j)
-# the same family of functions (merge folds it into plain coefficients), but well conditioned.
-# GELU's tails are set by tiny leading coefficients, phi(x) ~ (a_5 / |b_4|) x with a_5 = 5.3e-4
-# and b_4 = 1.1e-3, yet over a real ViT's pre-activations the output is 290 times more sensitive
-# to a_5 than to a_1 (README, "Why NoRA's update is learned in the basis (x/3)^i"). Adam moves
-# every entry of A and B by about the same step, so every dp_i moves by about the same amount,
-# and in monomials (da_i = dp_i) the first steps change a_5 and b_4 by more than their own size.
-# Dividing dp_i by s^i evens that out: s^5 = 243 at s = 3 undoes about the 290x. On a real ViT-S
-# the paper's form collapses at a 3 to 10x lower lr than ours (README, the stability grid).
-# `basis_scale=1` is the paper's form.
-# -----------------------------------------------------------------------------
-
-class NoRA(nn.Module):
-    """Rational activation with frozen base coefficients and a trainable low-rank update.
-
-    Args:
-        groups: number of channel groups G.
-        rank: rank r of the update.
-        alpha: scale; the update is multiplied by alpha / rank (default alpha = 2 * rank,
-            the released code's alpha = 6 at r = 3).
-        init: base coefficients, as for :class:`GroupRational`.
-        form: 'shared' (released code, dP = B @ A with A shared by all groups) or
-            'per_group' (paper text, dP_g = A_g B_g, free in each group).
-        basis_scale: s; the update is learned in the basis (x/s)^i (1: the paper's monomials).
-        channel_dim: the input dimension that holds the channels (-1, or 1 for an (N, C, H, W)
-            feature map); None: the last, refusing inputs of 4 or more dimensions, whose channel
-            axis cannot be told from the shape (:func:`add_nora` sets it from the layers next to it).
-    """
-
-    def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
-        super().__init__()
-        _check_arguments(form, rank, alpha, basis_scale)
-        num, den = _init_coefficients(init, groups)
-        self.register_buffer("numerator", num)
-        self.register_buffer("denominator", den)
-        self.rank, self.form = rank, form
-        self.scaling = (alpha if alpha is not None else 2 * rank) / rank
-        self.basis_scale, self.channel_dim = basis_scale, channel_dim
-        self.name = "NoRA"                                # add_nora puts the module's path here, for errors
-        A_shape = (lambda d: (rank, d)) if form == "shared" else (lambda d: (groups, d, rank))
-        self.A_P = nn.Parameter(torch.randn(A_shape(num.shape[1])) * 0.02)    # numerator update, Eq. 8
-        self.B_P = nn.Parameter(torch.zeros(groups, rank))
-        self.A_Q = nn.Parameter(torch.randn(A_shape(den.shape[1])) * 0.02)    # denominator update
-        self.B_Q = nn.Parameter(torch.zeros(groups, rank))
-
-    def _delta(self, A, B, first_power):
-        """The update B A * alpha / r (Eq. 8) in the basis (x/s)^i: its column for x^i is divided by s^i."""
-        dtype = torch.promote_types(A.dtype, torch.float32)              # float32 at least, float64 stays
-        A, B = A.to(dtype), B.to(dtype)
-        if self.form == "shared":
-            delta = B @ A                                                 # (G, r) @ (r, d)
-        else:
-            delta = torch.einsum("gdr,gr->gd", A, B)                      # A_g (d, r) @ B_g (r,)
-        powers = torch.arange(first_power, first_power + delta.shape[1], device=delta.device)
-        return delta * self.scaling * self.basis_scale ** -powers
-
-    def coefficients(self):
-        """The adapted coefficients (P + dP, Q + dQ) of Eq. 7, each (G, .). At least float32, even under
-        autocast: the gradient of each entry sums over all the activations of a group (millions),
-        which can overflow float16."""
-        with torch.autocast(self.A_P.device.type, enabled=False):
-            return (self.numerator + self._delta(self.A_P, self.B_P, 0),
-                    self.denominator + self._delta(self.A_Q, self.B_Q, 1))
-
-    def forward(self, x):
-        dim = self.channel_dim
-        if dim is None and x.dim() >= 4:
-            raise ValueError(f"{self.name}: cannot tell which axis of a {tuple(x.shape)} input holds the channels; "
-                             f"pass channel_dim=1 (N, C, H, W) or channel_dim=-1 (channels last) to add_nora")
-        try:
-            return rational(x, *self.coefficients(), dim=-1 if dim is None else dim)
-        except ValueError as e:
-            raise ValueError(f"{self.name}: {e}") from None
-
-    @torch.no_grad()
-    def merge(self):
-        """Fold the update into the base coefficients, so inference costs one plain rational."""
-        num, den = self.coefficients()
-        if not (torch.isfinite(num).all() and torch.isfinite(den).all()):
-            raise ValueError("NoRA.merge: the adapted coefficients contain NaN or inf; training diverged "
-                             "(lower the learning rate or the NoRA alpha)")
-        self.numerator.copy_(num)
-        self.denominator.copy_(den)
-        self.B_P.zero_()
-        self.B_Q.zero_()
-
-    # Settings that change the function but no tensor's shape (rank and form do change shapes),
-    # saved in the state dict so that a mismatch is caught on load. A tensor, not a dict, because
-    # safetensors, ONNX export and HF's save_pretrained accept nothing but tensors in a state dict.
-    def get_extra_state(self):
-        return torch.tensor([self.scaling, self.basis_scale], dtype=torch.float64)
-
-    def set_extra_state(self, state):
-        if isinstance(state, dict):                       # saved by an older nora.py
-            state = torch.tensor([state["scaling"], state["basis_scale"]], dtype=torch.float64)
-        _check_settings(self, "scaling, basis_scale", state)
-
-    @torch.no_grad()
-    def grow(self, groups):
-        """Split every group into groups / G copies of itself (paper Sec. 4.2), leaving the function unchanged.
-
-        Channel c moves from group c // (C/G) to group c // (C/groups); each old group's run
-        of channels becomes groups/G consecutive new groups, so every tensor indexed by group is
-        repeated in place with repeat_interleave. The trainable tensors are replaced, so grow
-        before building the optimizer.
-        """
-        old = self.numerator.shape[0]
-        if not isinstance(groups, int) or groups < 1 or groups % old:
-            raise ValueError(f"NoRA.grow: new group count {groups} must be a multiple of {old}")
-        k = groups // old
-        for name in ("numerator", "denominator"):
-            setattr(self, name, getattr(self, name).repeat_interleave(k, 0))
-        for name in ("A_P", "B_P", "A_Q", "B_Q"):
-            p = getattr(self, name)
-            if name.startswith("B") or self.form == "per_group":
-                setattr(self, name, nn.Parameter(p.repeat_interleave(k, 0), requires_grad=p.requires_grad))
-
-    def extra_repr(self):
-        return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
-                f"form={self.form}, basis_scale={self.basis_scale:g}, channel_dim={self.channel_dim}")
-
-
-# Checks, kept out of the classes so that they read like the method: NoRA's arguments, and the
-# settings saved with an adapter (NoRA's and LoRALinear's extra state).
-
-def _check_arguments(form, rank, alpha, basis_scale):
-    if form not in ("shared", "per_group"):
-        raise ValueError(f"NoRA: form must be 'shared' or 'per_group', got {form!r}")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"NoRA: rank must be a positive integer, got {rank!r}")
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"NoRA: alpha must be a positive number (or None for 2 * rank), got {alpha!r}")
-    if not (math.isfinite(basis_scale) and basis_scale > 0):
-        raise ValueError(f"NoRA: basis_scale must be a positive number, got {basis_scale!r}")
-
-
-def _check_settings(module, names, saved):
-    """Refuse a state dict saved with other settings (a tensor from get_extra_state) than ``module``'s."""
-    mine = module.get_extra_state()
-    if not (isinstance(saved, torch.Tensor) and saved.shape == mine.shape and torch.allclose(saved.cpu().double(), mine)):
-        saved = saved.tolist() if isinstance(saved, torch.Tensor) else saved
-        raise ValueError(f"{type(module).__name__}: the saved adapter was trained with other settings ({names}: "
-                         f"saved {saved}, this model {mine.tolist()}); build the model with the saved settings")
-
-
-# -----------------------------------------------------------------------------
-# 5. LoRA, for NoRA++ (Eqs. 2, 3)
-#
-# LoRA learns W = W0 + B A * alpha / r with A (r x k) random and B (d x r) zero (Eq. 2) and
-# computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
-# linear; LoRA on "q and v" (paper C.1) is then two updates on two ranges of rows of that one
-# weight, so `row_ranges` lists the (start, stop) ranges of output rows to adapt, each with its
-# own A and B. The frozen layer is kept as `base`: any module whose `weight` maps its input
-# linearly will do. nn.Linear stores it as (out, in); GPT-2's Conv1D as (in, out), which
-# `fan_in_fan_out=True` says (the name loralib uses). Some code reads a layer's `.weight`
-# instead of calling it (torch's nn.MultiheadAttention reads `out_proj.weight`, torchvision's
-# Swin its `qkv.weight`), so `weight` is a property that returns the adapted W0 + B A. And where
-# the weight is no layer's own (nn.MultiheadAttention keeps q | k | v in one `in_proj_weight`),
-# `LoRAWeight` adds the same update as a torch.nn.utils.parametrize parametrization of it.
-# -----------------------------------------------------------------------------
-
-class LoRALinear(nn.Module):
-    """A frozen linear ``base`` plus a LoRA update on all its output rows, or on the (start, stop)
-    ranges of rows in ``row_ranges``. ``fan_in_fan_out``: the base's weight is (in, out) and it
-    computes x @ weight (HF's Conv1D), not x @ weight.T."""
-
-    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
-        super().__init__()
-        if not isinstance(rank, int) or rank < 1 or not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"LoRALinear: rank must be a positive integer and alpha a positive number, "
-                             f"got rank {rank!r}, alpha {alpha!r}")
-        w = base.weight
-        out_features, in_features = w.T.shape if fan_in_fan_out else w.shape
-        ranges = row_ranges or [(0, out_features)]
-        width = ranges[0][1] - ranges[0][0]
-        if any(stop - start != width for start, stop in ranges) or max(stop for _, stop in ranges) > out_features:
-            raise ValueError(f"LoRALinear: row ranges {ranges} must have equal widths within {out_features} rows")
-        self.base, self.rank, self.scaling, self.merged = base, rank, alpha / rank, False
-        self.row_ranges, self.fan_in_fan_out = [(start, stop) for start, stop in ranges], fan_in_fan_out
-        self.lora_A = nn.Parameter(torch.empty(len(ranges), rank, in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(len(ranges), width, rank, device=w.device, dtype=w.dtype))
-        for A in self.lora_A:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as in microsoft/LoRA
-
-    def delta_weight(self):
-        """B A * alpha / r for each row range: (ranges, width, in_features)."""
-        return self.lora_B @ self.lora_A * self.scaling
-
-    def _add_to_rows(self, t, delta, dim):
-        """``t`` with delta[i] added to the i-th range of rows along ``dim``, in place."""
-        for (start, stop), d in zip(self.row_ranges, delta):
-            t.narrow(dim, start, stop - start).add_(d)
-        return t
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.merged:
-            return y
-        # one A (r, in) and B (rows, r) per row range; letters: g range, r rank, i input, o output row
-        h = torch.einsum("...i,gri->g...r", x, self.lora_A)                # A x
-        d = torch.einsum("g...r,gor->g...o", h, self.lora_B)               # B (A x)
-        return self._add_to_rows(y, d * self.scaling, dim=-1)
-
-    def _add_to_weight(self, w, delta):
-        """``w``, in the base's layout ((out, in), or (in, out) if fan_in_fan_out), plus ``delta`` on its
-        adapted rows, in place."""
-        return self._add_to_rows(w, delta.mT if self.fan_in_fan_out else delta, dim=int(self.fan_in_fan_out))
-
-    @property
-    def weight(self):
-        """The adapted weight W0 + B A * alpha / r, in the base's layout."""
-        w = self.base.weight
-        return w if self.merged else self._add_to_weight(w.clone(), self.delta_weight())
-
-    @property
-    def bias(self):
-        return getattr(self.base, "bias", None)
-
-    @torch.no_grad()
-    def merge(self):
-        if not isinstance(self.base.weight, nn.Parameter):   # e.g. a quantised weight rebuilt at each call
-            raise TypeError(f"LoRALinear.merge: the base {type(self.base).__name__} has no stored weight to "
-                            f"merge into (a quantised layer?); keep the model unmerged")
-        if not self.merged:
-            self.base.weight.copy_(self.weight)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self._add_to_weight(self.base.weight, -self.delta_weight())
-            self.merged = False
-
-    def get_extra_state(self):                            # as NoRA's: settings that no shape shows
-        return torch.tensor([self.scaling, self.fan_in_fan_out, *(i for r in self.row_ranges for i in r)],
-                            dtype=torch.float64)
-
-    def set_extra_state(self, state):
-        if self.merged:
-            raise ValueError("LoRALinear: cannot load an adapter into a merged layer; unmerge() it first "
-                             "(or load into a freshly built model)")
-        if isinstance(state, dict):                       # saved by an older nora.py
-            state = torch.tensor([state["scaling"], False, *(i for r in state["row_ranges"] for i in r)],
-                                 dtype=torch.float64)
-        _check_settings(self, "scaling, fan_in_fan_out, row ranges", state)
-
-    def extra_repr(self):
-        return (f"rank={self.rank}, scaling={self.scaling:g}, row_ranges={self.row_ranges}"
-                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
-
-
-class LoRAWeight(LoRALinear):
-    """LoRA on a weight that no layer owns, as a parametrization (torch.nn.utils.parametrize): torch's
-    nn.MultiheadAttention keeps q | k | v in one `in_proj_weight` and reads it itself, so there is
-    no layer to wrap; registered on that weight, it makes the module read W0 + B A * alpha / r.
-    :func:`merge` folds it in by removing the parametrization."""
-
-    def __init__(self, weight, rank=8, alpha=16, row_ranges=None):
-        holder = nn.Module()
-        holder.weight = weight
-        super().__init__(holder, rank, alpha, row_ranges)
-        del self.base                                     # the weight stays its own module's
-
-    def forward(self, weight):
-        return self._add_to_rows(weight.clone(), self.delta_weight(), dim=0)
-
-    def merge(self):
-        raise TypeError("LoRAWeight: merge the whole model with nora.merge(model), which removes the parametrization")
-
-    unmerge = merge
-
-
-# -----------------------------------------------------------------------------
-# 6. Putting adapters on any model
-#
-# NoRA needs nothing from the model but its activation modules: `add_nora` swaps each one for a
-# NoRA module and freezes everything else, so it works the same on our ViT, timm's, torchvision's
-# or a Hugging Face model. Three things must be right, and none may depend on the user
-# remembering them:
-#   - which function it computes, so the base rational starts equal to it: found by calling the
-#     module on [-8, 8] and comparing with the functions of section 2 (torch's, timm's and HF's
-#     GELU classes differ, GPT-2's is the tanh approximation, LLaMA's is SiLU);
-#   - which axis of its input holds the channels that the groups cut: the last one after a linear
-#     layer, dim 1 in a convolutional stage's (N, C, H, W) maps. Found from the layer registered
-#     next to it (before it, else after), which in an nn.Sequential surely is its neighbour (and
-#     then the channel count, and so the group count, can be checked before anything changes);
-#   - for LoRA, how the layer stores its weight: (out, in) for nn.Linear, (in, out) for GPT-2's
-#     Conv1D. Found by calling the layer once and seeing which of x @ W.T and x @ W it computes.
-#     (nn.MultiheadAttention's q | k | v weight is no layer's: a LoRAWeight parametrizes it.)
-# Activations called as functions (F.gelu inside forward) cannot be found this way. And the
-# adapter file holds everything training changes, BatchNorm running statistics included.
-# -----------------------------------------------------------------------------
-
-ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable (LoRAWeight too)
-
-
-def _adapter_parameters(model, types=ADAPTERS):
-    """Ids of the parameters that adapters of ``types`` own (not those of the layers they wrap)."""
-    return {id(p) for m in model.modules() if isinstance(m, types) for p in m.parameters(recurse=False)}
-
-
-def freeze(model):
-    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
-    own = _adapter_parameters(model)
-    for p in model.parameters():
-        if id(p) not in own:
-            p.requires_grad_(False)
-    return model
-
-
-def replace_modules(model, target, make):
-    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count.
-    Every replacement is built before the first is put in, so a failure leaves the model as it was."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if target(child)]
-    made = [make(child) for _, _, child in found]
-    for (parent, name, _), new in zip(found, made):
-        setattr(parent, name, new)
-    return len(found)
-
+# What add_nora and add_lora find from a model rather than ask its user:
+#   - an activation's function: call the module on [-8, 8] and compare with ACTIVATIONS (torch's,
+#     timm's and HF's GELU classes differ; GPT-2's is the tanh approximation, LLaMA's is SiLU);
+#   - its channel axis: read off the layer registered next to it (before it, which makes its
+#     input, else after it, which takes its output); inside an nn.Sequential those surely are its
+#     neighbours, so the channel count, and the group count with it, is checked there too;
+#   - a layer's weight layout: call it once and see which of x @ W.T and x @ W it computes;
+#   - a weight that no layer owns (nn.MultiheadAttention keeps q | k | v in one in_proj_weight,
+#     which it reads itself): LoRAWeight adds the update as a parametrization of that weight;
+#   - BatchNorm running statistics, which training moves though their weights are frozen.
+# Activations called as functions (F.gelu inside forward) cannot be found this way.
+# =============================================================================
 
 @torch.no_grad()
 def activation_name(module):
@@ -775,6 +857,41 @@ def activation_name(module):
         return None
     return next((name for name, fn in ACTIVATIONS.items()
                  if isinstance(y, torch.Tensor) and y.shape == x.shape and (y - fn(x)).abs().max() < 1e-4), None)
+
+
+def _find_activations(model, target, init, groups):
+    """{id(module): (path, function name, channel dim)} for every activation add_nora replaces,
+    each checked (its function known or ``init`` given; ``groups`` dividing its channels where
+    they can be counted) before anything changes."""
+    names = (target,) if isinstance(target, (str, type)) else tuple(target)
+    by_name = all(isinstance(t, str) for t in names)
+    if by_name and set(names) - set(ACTIVATIONS):
+        raise ValueError(f"add_nora: target {target!r} names no function in ACTIVATIONS {list(ACTIVATIONS)}; "
+                         f"pass those names or activation classes")
+    with torch.random.fork_rng(devices=[]):               # calling a Dropout must not move the global RNG
+        leaves = [m for m in model.modules() if not any(m.children()) and next(m.parameters(), None) is None]
+        functions = {id(m): activation_name(m) for m in leaves}
+    paths = {id(m): path for path, m in model.named_modules()}
+    found = {}
+    for parent in model.modules():
+        for name, m in parent.named_children():
+            if id(m) in found or not (functions.get(id(m)) in names if by_name else isinstance(m, names)):
+                continue
+            (dim, count), where = _channel_layout(parent, name), f"add_nora: {paths[id(m)]} ({type(m).__name__})"
+            if init is None and functions.get(id(m)) is None:
+                raise ValueError(f"{where} computes none of {list(ACTIVATIONS)}; pass init= a fit_rational() pair "
+                                 f"for its function, or a target= that leaves it out")
+            if count and count % groups:
+                raise ValueError(f"{where} acts on {count} channels, which cannot be split into {groups} equal "
+                                 f"groups; {_divisors_hint(count)}")
+            found[id(m)] = (paths[id(m)], functions.get(id(m)), dim)
+    if not found:
+        has = sum(isinstance(m, NoRA) for m in model.modules())
+        what = " or ".join(names) if by_name else " or ".join(t.__name__ for t in names)
+        raise ValueError(f"add_nora: the model has no {what} module" + (
+            f" left: {has} of its activations already are NoRA (add_nora was called before)" if has else
+            "; pass target='silu' (LLaMA-style models), another name in ACTIVATIONS, or the activation class"))
+    return found
 
 
 def _layout(m, makes_input):
@@ -813,63 +930,29 @@ def _channel_layout(parent, name):
     return None, None
 
 
-def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, channel_dim="auto", **nora_kwargs):
-    """Replace each activation module in ``model`` with a :class:`NoRA` module whose base rational
-    equals it, and freeze the rest of a fresh model.
+def _qkv_rows(rows, parts):
+    """The (start, stop) row ranges of the ``parts`` ('q', 'k', 'v') of a fused q | k | v projection."""
+    return [(i * rows // 3, (i + 1) * rows // 3) for i, part in enumerate("qkv") if part in parts]
 
-    Args:
-        target: which modules to replace: names in ACTIVATIONS (every parameter-free module that
-            computes one of those functions, whatever its class: torch's, timm's or HF's), or an
-            activation class or tuple of classes. Default: both kinds of GELU.
-        init: the base rational (a name in COEFFS or a fit_rational() pair); None: the fit of
-            the function each module computes (see activation_name).
-        channel_dim: the input dimension that holds the channels; "auto": read off the layers
-            next to each activation (see _channel_layout), None where they tell nothing.
-        nora_kwargs: alpha, form, basis_scale (see NoRA).
 
-    A model whose parameters all train is frozen first; one where some are already frozen keeps
-    its choices. Train the task head with :func:`mark_trainable`.
-    """
-    names = (target,) if isinstance(target, (str, type)) else tuple(target)
-    by_name = all(isinstance(t, str) for t in names)
-    if by_name and set(names) - set(ACTIVATIONS):
-        raise ValueError(f"add_nora: target {target!r} names no function in ACTIVATIONS {list(ACTIVATIONS)}; "
-                         f"pass those names or activation classes")
-    with torch.random.fork_rng(devices=[]):               # calling a Dropout must not move the global RNG
-        leaves = [m for m in model.modules() if not any(m.children()) and next(m.parameters(), None) is None]
-        functions = {id(m): activation_name(m) for m in leaves}
-    found = {id(m): functions.get(id(m)) for m in model.modules()
-             if (functions.get(id(m)) in names if by_name else isinstance(m, names))}
-    paths = {id(m): path for path, m in model.named_modules()}
-    layouts = {id(child): _channel_layout(parent, name) for parent in model.modules()
-               for name, child in parent.named_children() if id(child) in found}
-    for m in (m for m in model.modules() if id(m) in found):     # check everything before changing anything
-        where, count = f"add_nora: {paths[id(m)]} ({type(m).__name__})", layouts[id(m)][1]
-        if init is None and found[id(m)] is None:
-            raise ValueError(f"{where} computes none of {list(ACTIVATIONS)}; pass init= a fit_rational() pair "
-                             f"for its function, or a target= that leaves it out")
-        if count and count % groups:
-            raise ValueError(f"{where} acts on {count} channels, which cannot be split into {groups} equal "
-                             f"groups; {_divisors_hint(count)}")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else "cpu"
+def _find_linears(model, targets, fused_qkv, qkv_parts):
+    """{id(layer): (row ranges or None, fan_in_fan_out)} for every linear layer add_lora wraps."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found = {}
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        if (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(m, LoRALinear)
+                and names[id(m)].endswith(targets)):
+            transposed = _fan_in_fan_out(m, f"add_lora: {names[id(m)]} ({type(m).__name__})")
+            fused = names[id(m)].endswith(tuple(fused_qkv))
+            found[id(m)] = (_qkv_rows(weight.shape[int(transposed)], qkv_parts) if fused else None, transposed)
+    return found
 
-    def make(m):
-        dim = layouts[id(m)][0] if channel_dim == "auto" else channel_dim
-        module = NoRA(groups, rank, init=init or found[id(m)], channel_dim=dim, **nora_kwargs).to(device)
-        module.name = paths[id(m)]
-        return module
 
-    fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
-    if not replace_modules(model, lambda m: id(m) in found, make):    # builds all first: errors change nothing
-        has = sum(isinstance(m, NoRA) for m in model.modules())
-        what = " or ".join(names) if by_name else " or ".join(t.__name__ for t in names)
-        raise ValueError(f"add_nora: the model has no {what} module" + (
-            f" left: {has} of its activations already are NoRA (add_nora was called before)" if has else
-            "; pass target='silu' (LLaMA-style models), another name in ACTIVATIONS, or the activation class"))
-    if fresh:
-        freeze(model)
-    return model
+def _find_attention(model, targets, fused_qkv):
+    """The nn.MultiheadAttention modules whose in_proj_weight (q | k | v) a fused-qkv target adapts."""
+    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and set(targets) & set(fused_qkv)
+            and m.in_proj_weight is not None and not torch.nn.utils.parametrize.is_parametrized(m)]
 
 
 @torch.no_grad()
@@ -896,146 +979,106 @@ def _fan_in_fan_out(layer, where):
                      f"leave it out of targets")
 
 
-def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", fused_qkv=("qkv", "c_attn"),
-             layer=LoRALinear):
-    """Put LoRA on each linear layer of ``model`` whose name ends with one of ``targets``, and
-    freeze the rest of a fresh model (as :func:`add_nora` does).
+class LoRAWeight(LoRALinear):
+    """LoRA on a weight that no layer owns, as a parametrization (torch.nn.utils.parametrize): torch's
+    nn.MultiheadAttention keeps q | k | v in one `in_proj_weight` and reads it itself, so there is
+    no layer to wrap; registered on that weight, it makes the module read W0 + B A * alpha / r.
+    It is never merged itself: :func:`merge` removes the parametrization, leaving W0 + B A as the
+    module's plain weight."""
 
-    A target whose name ends with one of ``fused_qkv`` is a fused projection whose outputs are
-    q | k | v (timm's `qkv`, GPT-2's `c_attn`): only the parts named in ``qkv_parts`` (default q
-    and v, as in the paper's C.1 and the LoRA paper) are adapted. Such a target also adapts the
-    `in_proj_weight` of every torch nn.MultiheadAttention (torchvision's ViT), through
-    :class:`LoRAWeight`. Any module with a 2-D ``weight`` that it applies linearly counts as
-    linear, stored (out, in) or (in, out) (HF's Conv1D); ``layer`` is the adapter class
-    (LoRALinear or a subclass of it).
-    """
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not qkv_parts or set(qkv_parts) - set("qkv"):
-        raise ValueError(f"add_lora: qkv_parts={qkv_parts!r} must name some of 'q', 'k', 'v', e.g. 'qv'")
-    names = {id(m): name for name, m in model.named_modules()}
+    def __init__(self, weight, rank=8, alpha=16, row_ranges=None):
+        holder = nn.Module()
+        holder.weight = weight
+        super().__init__(holder, rank, alpha, row_ranges)
+        del self.base                                     # the weight stays its own module's
 
-    def is_target(m):
-        weight = getattr(m, "weight", None)
-        return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(m, LoRALinear)
-                and names[id(m)].endswith(targets))
+    def forward(self, weight):
+        return self._add_to_rows(weight.clone(), self.delta_weight(), dim=0)
 
-    found = [m for m in model.modules() if is_target(m)]
-    transposed = {id(m): _fan_in_fan_out(m, f"add_lora: {names[id(m)]} ({type(m).__name__})") for m in found}
-    qkv_rows = lambda rows: [(i * rows // 3, (i + 1) * rows // 3) for i, part in enumerate("qkv") if part in qkv_parts]
+    def merge(self):
+        raise TypeError("LoRAWeight: merge the whole model with nora.merge(model), which folds the update into "
+                        "the weight by removing the parametrization")
 
-    def make(linear):
-        t = transposed[id(linear)]
-        ranges = qkv_rows(linear.weight.shape[int(t)]) if names[id(linear)].endswith(tuple(fused_qkv)) else None
-        return layer(linear, rank=rank, alpha=alpha, row_ranges=ranges, fan_in_fan_out=t)
-
-    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and set(targets) & set(fused_qkv)
-                 and m.in_proj_weight is not None and not torch.nn.utils.parametrize.is_parametrized(m)]
-    lora_weights = [LoRAWeight(m.in_proj_weight, rank, alpha, qkv_rows(len(m.in_proj_weight))) for m in attention]
-    fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
-    if not replace_modules(model, is_target, make) + len(attention):    # builds all first: errors change nothing
-        raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
-    for m, lora in zip(attention, lora_weights):
-        torch.nn.utils.parametrize.register_parametrization(m, "in_proj_weight", lora)
-    if fresh:
-        freeze(model)
-    return model
+    def unmerge(self):
+        raise TypeError("LoRAWeight: nora.merge(model) removed the parametrization, so there is nothing to "
+                        "unmerge; build the model again and load the adapter")
 
 
-def mark_trainable(model, *prefixes):
-    """Make the parameters whose names start with any of ``prefixes`` trainable (e.g. 'head')."""
-    prefixes = tuple(p for group in prefixes for p in ([group] if isinstance(group, str) else group))
-    if not prefixes:
-        raise ValueError("mark_trainable: name at least one parameter prefix, e.g. mark_trainable(model, 'head')")
-    hits = [p.requires_grad_(True) for name, p in model.named_parameters() if name.startswith(prefixes)]
-    if not hits:
-        raise ValueError(f"mark_trainable: no parameter name starts with {prefixes}")
-    return model
-
-
-def merge(model):
-    """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
-    inference costs what the base model costs (NoRA: one rational per activation)."""
+def _remove_lora_parametrizations(model):
+    """Remove every LoRAWeight parametrization, leaving W0 + B A as the plain weight."""
     for m in list(model.modules()):
         for name, chain in list(getattr(m, "parametrizations", {}).items()):
-            if any(isinstance(p, LoRAWeight) for p in chain):   # the weight keeps W0 + B A, plainly
+            if any(isinstance(p, LoRAWeight) for p in chain):
                 torch.nn.utils.parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-    for m in model.modules():
-        if isinstance(m, ADAPTERS):
-            m.merge()
-    return model
 
 
-def adapter_state_dict(model, extra=("head",)):
-    """All that a fine-tune changes in the pretrained model, to be loaded back with :func:`load_adapter`:
-    every adapter's tensors and settings (chosen by module type, so freezing the model first loses
-    nothing), the parameters whose names start with ``extra`` (the task head), any other parameter
-    that trains, and the running statistics of BatchNorm layers, which training updates even though
-    their weights are frozen (torchvision's MaxViT has them)."""
-    state = model.state_dict()
-    keep = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, ADAPTERS)
-            for k in m.state_dict() if not k.startswith("base.")}
-    keep |= {f"{name}.{k}" for name, m in model.named_modules() if getattr(m, "track_running_stats", False)
-             for k, _ in m.named_buffers(recurse=False)}
-    keep |= {name for name, p in model.named_parameters() if p.requires_grad or name.startswith(tuple(extra))}
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if k in keep}
+def _running_statistics(model):
+    """State-dict keys of the running statistics of BatchNorm-like layers (torchvision's MaxViT has them)."""
+    return {f"{name}.{k}" for name, m in model.named_modules() if getattr(m, "track_running_stats", False)
+            for k, _ in m.named_buffers(recurse=False)}
 
 
-def load_adapter(model, state):
-    """Load an :func:`adapter_state_dict` into a model prepared with the same add_nora/add_lora calls
-    (the settings that change the function, such as alpha, are checked)."""
-    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
-        raise ValueError("load_adapter: the model's LoRA is merged; load into a freshly built model")
-    missing = sorted(set(adapter_state_dict(model, extra=())) - set(state))
-    own = model.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-           if k in own and not k.endswith("_extra_state") and v.shape != own[k].shape]
-    if bad:
-        raise ValueError(f"load_adapter: the saved adapter was trained with other settings (groups, rank, form or "
-                         f"targets; saved vs this model: {', '.join(bad[:3])}); build the model with the saved settings")
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or missing:
-        raise ValueError(f"load_adapter: the model has no {result.unexpected_keys[:5]} and the file has no "
-                         f"{missing[:5]}; build the model with the same add_nora / add_lora settings (groups, "
-                         f"rank, targets) before loading, and pass a file made by adapter_state_dict")
-    return model
+def _adapter_parameters(model, types=ADAPTERS):
+    """Ids of the parameters that adapters of ``types`` own (not those of the layers they wrap)."""
+    return {id(p) for m in model.modules() if isinstance(m, types) for p in m.parameters(recurse=False)}
 
-
-def param_groups(model, lr, head_lr=None, nora_lr=None, head=("head",)):
-    """AdamW parameter groups: the trainable parameters whose names start with ``head`` at
-    ``head_lr``, those of NoRA modules at ``nora_lr``, all other trainable ones (LoRA, ...) at
-    ``lr`` (either left None: ``lr``). A fresh linear head wants a larger step than a low-rank
-    update of a pretrained model, and NoRA's update in the (x/3)^i basis a larger one than
-    LoRA's (README, "Results": head 1e-2, NoRA 3e-2, LoRA 1e-3 on its dev task)."""
-    own = _adapter_parameters(model, NoRA)
-    groups = {"head": [], "nora": [], "rest": []}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            groups["head" if n.startswith(tuple(head)) else "nora" if id(p) in own else "rest"].append(p)
-    lrs = {"head": head_lr, "nora": nora_lr, "rest": lr}
-    return [dict(params=ps, lr=lr if lrs[k] is None else lrs[k]) for k, ps in groups.items() if ps]
-
-
-def count_parameters(model):
-    """(trainable, total) parameter counts."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def parameter_report(model):
-    """'trainable T of N parameters (P%)', for logs."""
-    trainable, total = count_parameters(model)
-    if total == 0:
-        raise ValueError("parameter_report: the model has no parameters")
-    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
-
-# -----------------------------------------------------------------------------
-# 7. A small ViT with timm's names, and pretrained weights
+# =============================================================================
+# Appendix C. Checks
 #
-# The paper adapts timm's `vit_tiny_patch16_224`: pre-norm blocks of attention and an MLP with
-# exact GELU, a class token whose final state feeds the head. The modules below use exactly
-# timm's attribute names, so a timm state dict loads with no renaming. `layer_scale=True` adds
-# the per-channel LayerScale of DeiT-III and DINOv2 (`ls1.gamma`, `ls2.gamma`).
-# -----------------------------------------------------------------------------
+# Kept out of the classes so that those read like the method: NoRA's arguments, the settings
+# saved with an adapter (NoRA's and LoRALinear's extra state), and group counts.
+# =============================================================================
+
+def _check_arguments(form, rank, alpha, basis_scale):
+    if form not in ("shared", "per_group"):
+        raise ValueError(f"NoRA: form must be 'shared' or 'per_group', got {form!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"NoRA: rank must be a positive integer, got {rank!r}")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"NoRA: alpha must be a positive number (or None for 2 * rank), got {alpha!r}")
+    if not (math.isfinite(basis_scale) and basis_scale > 0):
+        raise ValueError(f"NoRA: basis_scale must be a positive number, got {basis_scale!r}")
+
+
+def _check_settings(module, names, saved):
+    """Refuse a state dict saved with other settings (a tensor from get_extra_state) than ``module``'s."""
+    mine = module.get_extra_state()
+    if not (isinstance(saved, torch.Tensor) and saved.shape == mine.shape and torch.allclose(saved.cpu().double(), mine)):
+        saved = saved.tolist() if isinstance(saved, torch.Tensor) else saved
+        raise ValueError(f"{type(module).__name__}: the saved adapter was trained with other settings ({names}: "
+                         f"saved {saved}, this model {mine.tolist()}); build the model with the saved settings")
+
+
+def _check_rational_inputs(x, numerator, denominator, dim):
+    """rational's contract: a floating-point x with a dimension ``dim`` of C channels, G dividing C,
+    and (G, m+1), (G, n) coefficients on x's device."""
+    if not x.is_floating_point():
+        raise TypeError(f"rational: expected a floating-point input, got {x.dtype} (convert with x.float())")
+    if numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]:
+        raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G; "
+                         f"got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
+    if numerator.device != x.device or denominator.device != x.device:
+        raise ValueError(f"rational: the input is on {x.device} but the coefficients on {numerator.device}; "
+                         f"move the module to the input's device (model.to(device))")
+    if x.dim() == 0 or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"rational: no channel dimension {dim} in a {tuple(x.shape)} input")
+    G, C = numerator.shape[0], x.shape[dim]
+    if C % G:
+        raise ValueError(f"rational: {C} channels (dimension {dim} of a {tuple(x.shape)} input) cannot be split "
+                         f"into {G} equal groups; {_divisors_hint(C)}")
+
+
+def _divisors_hint(C):
+    return f"use a group count that divides {C}, e.g. one of {[d for d in range(1, min(C, 64) + 1) if C % d == 0]}"
+
+# =============================================================================
+# Appendix D. A small ViT with timm's names, and pretrained weights
+#
+# The paper fine-tunes "ViT-Tiny pretrained on ImageNet-1K": pre-norm blocks of attention and an
+# MLP with exact GELU, a class token whose final state feeds the head. The modules below use
+# exactly timm's attribute names, so a timm state dict loads with no renaming. `layer_scale=True`
+# adds the per-channel LayerScale of DeiT-III and DINOv2 (`ls1.gamma`, `ls2.gamma`).
+# =============================================================================
 
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}   # width, depth, heads
 
@@ -1129,9 +1172,9 @@ class VisionTransformer(nn.Module):
 # needs: the ViT's size, patch size and LayerScale, and the input normalisation it was trained with.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRETRAINED = {
-    "vit_tiny_patch16_224.augreg_in21k_ft_in1k":          # the paper's backbone, the default
+    "vit_tiny_patch16_224.augreg_in21k_ft_in1k":          # the default: ViT-Tiny, ImageNet-21k then 1k
         dict(size="tiny", patch_size=16, layer_scale=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    "deit_tiny_patch16_224.fb_in1k":                      # ImageNet-1k only, same layout
+    "deit_tiny_patch16_224.fb_in1k":                      # ViT-Tiny, ImageNet-1k only, same layout
         dict(size="tiny", patch_size=16, layer_scale=False, mean=IMAGENET_MEAN, std=IMAGENET_STD),
     "vit_small_patch14_dinov2.lvd142m":                   # DINOv2 ViT-S/14: LayerScale, no head
         dict(size="small", patch_size=14, layer_scale=True, mean=IMAGENET_MEAN, std=IMAGENET_STD),
@@ -1149,6 +1192,57 @@ def create_vit(name=DEFAULT_WEIGHTS, **kwargs):
     num_classes, depth) go to VisionTransformer. Load its weights with load_pretrained(model, name)."""
     cfg = PRETRAINED[name]
     return VisionTransformer(cfg["size"], cfg["patch_size"], layer_scale=cfg["layer_scale"], **kwargs)
+
+
+def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True):
+    """Load a timm-layout checkpoint into ``model`` (a VisionTransformer, or any module with timm's names).
+
+    ``source`` is a name in PRETRAINED (build the model from its record), a local .safetensors,
+    .pth/.bin or .npz file, or a URL (downloaded once and cached, see :func:`download`). The
+    position embedding is resampled to the model's image size; a head for another number of
+    classes (or none) leaves the model's own head in place.
+    """
+    source = weights_url(source) if source in PRETRAINED else source
+    url = str(source).startswith(("http://", "https://"))
+    path = download(source, cache_dir) if url else source
+    try:
+        state = read_checkpoint(path)
+    except ValueError as e:
+        if url:                                           # a bad download must not stay in the cache
+            Path(path).unlink(missing_ok=True)
+            raise ValueError(f"{e}\n(the downloaded copy was deleted: run again to download it anew)") from None
+        raise
+    own = model.state_dict()
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
+    found = state.get("head.weight")
+    if found is None or "head.weight" not in own or found.shape != own["head.weight"].shape:
+        state.pop("head.weight", None)
+        state.pop("head.bias", None)
+        if verbose and "head.weight" in own:
+            had = f"a head for {found.shape[0]} classes" if found is not None else "no head"
+            print(f"load_pretrained: checkpoint has {had}; keeping the model's new "
+                  f"{own['head.weight'].shape[0]}-class head (randomly initialised)")
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    unexpected = [k for k in state if k not in own]
+    if bad or missing or unexpected:
+        raise ValueError(f"load_pretrained: {path} does not match this model (is the size, patch size or "
+                         f"layer_scale right?)\n  shape mismatches: {bad[:5]}\n  missing: {missing[:5]}\n"
+                         f"  unexpected: {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def resample_pos_embed(pos_embed, grid_size):
+    """Resize the patch part of a (1, 1 + h*w, D) position embedding to ``grid_size``, bicubically,
+    as timm does; the class-token position is kept as it is."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(math.sqrt(patch_pos.shape[1]))
+    patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    patch_pos = F.interpolate(patch_pos, size=grid_size, mode="bicubic", antialias=True, align_corners=False)
+    return torch.cat([cls_pos.float(), patch_pos.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
 
 def download(url, cache_dir=None, sha256=None):
@@ -1176,6 +1270,35 @@ def download(url, cache_dir=None, sha256=None):
     return dest
 
 
+def read_checkpoint(path):
+    """A state dict in timm names from a .safetensors, .pth/.pt/.bin or .npz file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; pass a .safetensors, .pth, .bin or .npz file, "
+                                f"a URL to download, or a name in PRETRAINED: {', '.join(PRETRAINED)}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix == ".npz":
+        import numpy as np
+        try:
+            with np.load(path) as w:
+                return _from_big_vision(w)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path} is not a ViT .npz in Google's layout ({type(e).__name__}: {e}); "
+                             f"download it again, or pass another file") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                # pickle, zip and "unsafe global" errors alike
+        raise ValueError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+                         f"download it again, or pass another file") from None
+    for key in ("model", "state_dict"):                 # training checkpoints wrap the weights
+        state = state.get(key, state) if isinstance(state, dict) else state
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"{path} holds no state dict of tensors (found {type(state).__name__}); "
+                         f"pass a file of model weights")
+    return state
+
+
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                        "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -1183,7 +1306,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 def read_safetensors(path):
     """A .safetensors file is an 8-byte little-endian header length, a JSON header giving each
-    tensor's dtype, shape and byte range, then the raw bytes; torch reads it directly."""
+    tensor's dtype, shape and byte range, then the raw bytes: parsed here with the standard
+    library and torch.frombuffer, so no safetensors package is needed."""
     data = Path(path).read_bytes()
     try:
         n = struct.unpack("<Q", data[:8])[0]
@@ -1233,83 +1357,3 @@ def _from_big_vision(w):
             sd[dst + f"mlp.{fc}.bias"] = t(src + f"MlpBlock_3/{dense}/bias")
         i += 1
     return sd
-
-
-def read_checkpoint(path):
-    """A state dict in timm names from a .safetensors, .pth/.pt/.bin or .npz file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; pass a .safetensors, .pth, .bin or .npz file, "
-                                f"a URL to download, or a name in PRETRAINED: {', '.join(PRETRAINED)}")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix == ".npz":
-        import numpy as np
-        try:
-            with np.load(path) as w:
-                return _from_big_vision(w)
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path} is not a ViT .npz in Google's layout ({type(e).__name__}: {e}); "
-                             f"download it again, or pass another file") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                # pickle, zip and "unsafe global" errors alike
-        raise ValueError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
-                         f"download it again, or pass another file") from None
-    for key in ("model", "state_dict"):                 # training checkpoints wrap the weights
-        state = state.get(key, state) if isinstance(state, dict) else state
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise ValueError(f"{path} holds no state dict of tensors (found {type(state).__name__}); "
-                         f"pass a file of model weights")
-    return state
-
-
-def resample_pos_embed(pos_embed, grid_size):
-    """Resize the patch part of a (1, 1 + h*w, D) position embedding to ``grid_size``, bicubically,
-    as timm does; the class-token position is kept as it is."""
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    old = int(math.sqrt(patch_pos.shape[1]))
-    patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=grid_size, mode="bicubic", antialias=True, align_corners=False)
-    return torch.cat([cls_pos.float(), patch_pos.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
-
-
-def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True):
-    """Load a timm-layout checkpoint into ``model`` (a VisionTransformer, or any module with timm's names).
-
-    ``source`` is a name in PRETRAINED (build the model from its record), a local .safetensors,
-    .pth/.bin or .npz file, or a URL (downloaded once and cached, see :func:`download`). The
-    position embedding is resampled to the model's image size; a head for another number of
-    classes (or none) leaves the model's own head in place.
-    """
-    source = weights_url(source) if source in PRETRAINED else source
-    url = str(source).startswith(("http://", "https://"))
-    path = download(source, cache_dir) if url else source
-    try:
-        state = read_checkpoint(path)
-    except ValueError as e:
-        if url:                                           # a bad download must not stay in the cache
-            Path(path).unlink(missing_ok=True)
-            raise ValueError(f"{e}\n(the downloaded copy was deleted: run again to download it anew)") from None
-        raise
-    own = model.state_dict()
-    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
-    found = state.get("head.weight")
-    if found is None or "head.weight" not in own or found.shape != own["head.weight"].shape:
-        state.pop("head.weight", None)
-        state.pop("head.bias", None)
-        if verbose and "head.weight" in own:
-            had = f"a head for {found.shape[0]} classes" if found is not None else "no head"
-            print(f"load_pretrained: checkpoint has {had}; keeping the model's new "
-                  f"{own['head.weight'].shape[0]}-class head (randomly initialised)")
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state and not k.startswith("head.")]
-    unexpected = [k for k in state if k not in own]
-    if bad or missing or unexpected:
-        raise ValueError(f"load_pretrained: {path} does not match this model (is the size, patch size or "
-                         f"layer_scale right?)\n  shape mismatches: {bad[:5]}\n  missing: {missing[:5]}\n"
-                         f"  unexpected: {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)
-    return model

@@ -457,9 +457,9 @@ def test_our_vit_matches_timm_with_the_same_weights():
 
 def test_sections_1_to_6_work_on_their_own_for_a_copier_with_another_model():
     source = open(nora.__file__).read()
-    cut = source.index("# -----------------------------------------------------------------------------\n# 7.")
+    cut = source.index("# =============================================================================\n# Appendix D.")
     lib = {}
-    exec(compile(source[:cut], "nora.py, sections 1-6", "exec"), lib)        # the ViT and loaders left out
+    exec(compile(source[:cut], "nora.py without Appendix D", "exec"), lib)        # the ViT and loaders left out
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
     lib["add_lora"](lib["add_nora"](model, groups=8, rank=2), targets=("0", "2"))
