@@ -18,7 +18,8 @@ The appendices hold the machinery; none of it changes what the method computes:
   A. Kernels and speed
   B. Reading other people's models
   C. Checks
-  D. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
+  D. Drawing what NoRA learned
+  E. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
 """
 import hashlib
 import json
@@ -99,7 +100,7 @@ def rational(x, numerator, denominator, dim=-1):
     return y.view(x.shape).movedim(-1, dim)
 
 # -----------------------------------------------------------------------------
-# 2. Fitting the coefficients (Appendix B)
+# 2. Fitting the coefficients (the paper's Appendix B)
 #
 # Rationals approximate smooth activations fast (Eq. 33), but only on a bounded range K with no
 # pole (Eq. 31). Our Q >= 1 has no pole, so the question is where to be accurate: where the
@@ -1072,7 +1073,71 @@ def _divisors_hint(C):
     return f"use a group count that divides {C}, e.g. one of {[d for d in range(1, min(C, 64) + 1) if C % d == 0]}"
 
 # =============================================================================
-# Appendix D. A small ViT with timm's names, and pretrained weights
+# Appendix D. Drawing what NoRA learned
+#
+# Plain SVG text that any browser shows, so drawing adds no dependency.
+# =============================================================================
+
+def group_curves(module, x):
+    """(len(x), G): each group's function of a NoRA or GroupRational ``module`` at the points ``x``."""
+    num, den = module.coefficients() if isinstance(module, NoRA) else (module.numerator, module.denominator)
+    with torch.no_grad():                                 # column g of (N, G) inputs goes through group g's rational
+        return rational(x[:, None].expand(-1, len(num)).contiguous(), num.detach().cpu(), den.detach().cpu())
+
+
+def plot_activations(model, path, x_range=8.0):
+    """Two panels per rational activation in ``model``: each group's function (colours) against GELU
+    (grey, dashed), and its difference from GELU, on [-x_range, x_range]. Returns the number of layers
+    drawn; writes nothing where there are none."""
+    x = torch.linspace(-x_range, x_range, 161)
+    panels = []
+    for name, m in model.named_modules():
+        if isinstance(m, (NoRA, GroupRational)):
+            y = group_curves(m, x)
+            colours = [hue(300 * g / y.shape[1]) for g in range(y.shape[1])]
+            layer = name.replace(".mlp.act", "")
+            panels.append((layer, [(x, F.gelu(x), "#888", True)] + [(x, y[:, g], c, False) for g, c in enumerate(colours)]))
+            panels.append((f"{layer}: minus GELU", [(x, y[:, g] - F.gelu(x), c, False) for g, c in enumerate(colours)]))
+    if panels:
+        write_svg(path, panels)
+    return len(panels) // 2
+
+
+def hue(degrees):
+    """A strong colour ``degrees`` round the colour wheel, as '#rrggbb' (not CSS hsl(), which some
+    SVG renderers draw black)."""
+    import colorsys
+    r, g, b = colorsys.hls_to_rgb(degrees / 360, 0.42, 0.7)
+    return f"#{round(255 * r):02x}{round(255 * g):02x}{round(255 * b):02x}"
+
+
+def write_svg(path, panels, columns=4, width=240, height=170):
+    """Draw ``panels``, a list of (title, [(x, y, colour, dashed), ...]) line plots, as a grid in an
+    SVG file at ``path``."""
+    rows = -(-len(panels) // columns)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{columns * width}" height="{rows * height}" '
+           f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for k, (title, lines) in enumerate(panels):
+        ox, oy, pw, ph = (k % columns) * width + 40, (k // columns) * height + 20, width - 55, height - 45
+        x0, x1 = min(float(l[0].min()) for l in lines), max(float(l[0].max()) for l in lines)
+        y0, y1 = min(float(l[1].min()) for l in lines), max(float(l[1].max()) for l in lines)
+        y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)
+        sx = lambda v: ox + (v - x0) / (x1 - x0) * pw
+        sy = lambda v: oy + ph - (v - y0) / (y1 - y0) * ph
+        out.append(f'<rect x="{ox}" y="{oy}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>'
+                   f'<text x="{ox}" y="{oy - 6}">{title}</text>'
+                   f'<text x="{ox}" y="{oy + ph + 13}">{x0:g}</text>'
+                   f'<text x="{ox + pw}" y="{oy + ph + 13}" text-anchor="end">{x1:g}</text>'
+                   f'<text x="{ox - 4}" y="{oy + 9}" text-anchor="end">{y1:.2g}</text>'
+                   f'<text x="{ox - 4}" y="{oy + ph}" text-anchor="end">{y0:.2g}</text>')
+        for x, y, colour, dashed in lines:
+            points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(x.tolist(), y.tolist()))
+            out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.2"'
+                       + (' stroke-dasharray="4 3"/>' if dashed else "/>"))
+    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
+
+# =============================================================================
+# Appendix E. A small ViT with timm's names, and pretrained weights
 #
 # The paper fine-tunes "ViT-Tiny pretrained on ImageNet-1K": pre-norm blocks of attention and an
 # MLP with exact GELU, a class token whose final state feeds the head. The modules below use

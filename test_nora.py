@@ -24,6 +24,17 @@ def tiny_vit(num_classes=10, **kw):
     return model.eval()
 
 
+def dev_script(name):
+    """dev/<name>.py imported as a module: the dev/ scripts' tests run in CI too."""
+    import importlib
+    import sys
+    from pathlib import Path
+    folder = str(Path(__file__).resolve().parent / "dev")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
 def images(n=4, size=32, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -457,9 +468,9 @@ def test_our_vit_matches_timm_with_the_same_weights():
 
 def test_sections_1_to_6_work_on_their_own_for_a_copier_with_another_model():
     source = open(nora.__file__).read()
-    cut = source.index("# =============================================================================\n# Appendix D.")
+    cut = source.index("# =============================================================================\n# Appendix E.")
     lib = {}
-    exec(compile(source[:cut], "nora.py without Appendix D", "exec"), lib)        # the ViT and loaders left out
+    exec(compile(source[:cut], "nora.py without Appendix E", "exec"), lib)        # the ViT and loaders left out
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
     lib["add_lora"](lib["add_nora"](model, groups=8, rank=2), targets=("0", "2"))
@@ -677,15 +688,20 @@ def test_train_vit_missing_data_offline_says_where_to_put_it(tmp_path):
 
 
 def test_efficiency_table_runs_and_reports_ratios(tmp_path, monkeypatch):
-    """Smoke test of the benchmark command: it must run and write its table. The timings it
-    prints are measurements, not assertions."""
+    """Smoke test of the benchmark commands: they must run and write their tables. The timings they
+    print are measurements, not assertions."""
     import train_vit
     monkeypatch.chdir(tmp_path)
-    train_vit.main(["--table", "efficiency", "--repeats", "1", "--bench-batch", "1", "--threads", "2"])
+    train_vit.main(["--table", "efficiency", "--repeats", "1", "--bench-batch", "1", "--threads", "2", "--no-compile"])
     text = (tmp_path / "table-efficiency-cpu.md").read_text()
-    for row in ("| GELU |", "| ours, eager |", "| LoRA |", "| NoRA, eager |", "| NoRA merged, eager |"):
+    for row in ("| LoRA |", "| NoRA |", "| NoRA++ |", "| NoRA merged |", "| GELU model |", "eager rational"):
         assert row in text
     assert "| 624 |" in text                     # NoRA's trainable count at G = 8, r = 2: 12 x 52
+    bench = dev_script("bench")
+    bench.main(["--repeats", "1", "--batch", "1", "--threads", "2", "--out", str(tmp_path / "b.md")])
+    text = (tmp_path / "b.md").read_text()
+    for row in ("| GELU |", "| ours, eager |", "| LoRA |", "| NoRA, eager |", "| NoRA merged, eager |"):
+        assert row in text
     assert "| GELU | 1 | 8 | 1 | 12 |" in text   # one pass each way: read x, write y (float32)
 
 
@@ -860,8 +876,7 @@ def test_corrupt_cifar_batches_name_the_file(tmp_path, damage):
     ["--alpha", "nan"], ["--table", "methods", "--save", "a.pt"], ["--table", "methods", "--method", "lora"],
     ["--table", "methods", "--eval-adapter", "a.pt"], ["--eval-adapter", "missing.pt"],
     ["--save", "no/such/folder/a.pt"], ["--out", "."], ["--out", "corrupt.json"], ["--out", "object.json"],
-    ["--table", "methods", "--plot-activations", "a.svg"], ["--rows", "nora"], ["--table", "study", "--rows", "nope"],
-    ["--table", "study", "--rows", "nora"], ["--table", "study", "--rows", "nora++", "--head-lr", "0.01"],
+    ["--table", "methods", "--plot-activations", "a.svg"], ["--table", "study"],
 ])
 def test_train_vit_rejects_bad_arguments_before_training(tmp_path, monkeypatch, capsys, argv):
     import train_vit
@@ -945,13 +960,14 @@ def test_param_groups_give_the_head_its_own_lr():
 def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_root, tmp_path, monkeypatch):
     import json
     import train_vit
+    sweeps = dev_script("sweeps")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_vit, "STUDY", {"head": (1e-3, 1e-2), "nora": (1e-3,)})
-    monkeypatch.setattr(train_vit, "STABILITY", dict(lrs=(1e-2,), groups=(8,), ranks=(2,)))
+    monkeypatch.setattr(sweeps, "STUDY", {"head": (1e-3, 1e-2), "nora": (1e-3,)})
+    monkeypatch.setattr(sweeps, "STABILITY", dict(lrs=(1e-2,), groups=(8,), ranks=(2,)))
     seen = []
     real_evaluate = train_vit.evaluate
     monkeypatch.setattr(train_vit, "evaluate", lambda m, x, y, *a: seen.append(len(x)) or real_evaluate(m, x, y, *a))
-    train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--seeds", "2", "--val-fraction", "0.25",
+    sweeps.main(["study", "--data-root", str(cifar_root), "--seeds", "2", "--val-fraction", "0.25",
                     *TINY_RUN])
     text = (tmp_path / "table-study-cifar10-paper.md").read_text()
     assert "| head | 0.001: " in text and "| nora | 0.001: " in text and "validation split of 10 training images" in text
@@ -960,22 +976,22 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
     assert all(r["head_lr"] is None for r in records[:3]) and {r["head_lr"] for r in records[3:]} <= {1e-3, 1e-2}
     assert seen.count(20) == 3 + 2                   # the test set: every run's (recorded), chosen on validation
     (tmp_path / "results.json").unlink()
-    train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--rows", "nora", "--head-lr", "0.01",
+    sweeps.main(["study", "--data-root", str(cifar_root), "--rows", "nora", "--head-lr", "0.01",
                     "--seeds", "1", *TINY_RUN])
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["head_lr"]) for r in records] == [("nora", 0.01)]
     text = (tmp_path / "table-study-cifar10-paper.md").read_text()
     assert "The head trains at --head-lr (0.01)" in text and "nora++" not in text      # no row, no note
     (tmp_path / "results.json").unlink()
-    monkeypatch.setitem(train_vit.STUDY, "nora++", (1e-3,))
-    train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--rows", "nora++", "--head-lr", "0.01",
+    monkeypatch.setitem(sweeps.STUDY, "nora++", (1e-3,))
+    sweeps.main(["study", "--data-root", str(cifar_root), "--rows", "nora++", "--head-lr", "0.01",
                     "--nora-lr", "0.03", "--seeds", "1", *TINY_RUN])          # NoRA at its own lr, LoRA swept
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["lr"], r["head_lr"], r["nora_lr"]) for r in records] == [("nora++", 1e-3, 0.01, 0.03)]
     assert "in nora++, NoRA's parameters train at --nora-lr (0.03)" in (tmp_path / "table-study-cifar10-paper.md").read_text()
     (tmp_path / "results.json").unlink()
-    monkeypatch.setitem(train_vit.STUDY, "head", (1e-2,))
-    train_vit.main(["--data-root", str(cifar_root), "--table", "stability", *TINY_RUN])
+    monkeypatch.setitem(sweeps.STUDY, "head", (1e-2,))
+    sweeps.main(["stability", "--data-root", str(cifar_root), *TINY_RUN])
     text = (tmp_path / "table-stability-cifar10-paper.md").read_text()
     assert "| NoRA G = 8, r = 2 |" in text and "the head trains at lr 0.01 in every run" in text
     records = json.loads((tmp_path / "results.json").read_text())
@@ -985,6 +1001,7 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
 
 def test_train_vit_default_learning_rates_are_the_validation_choices_and_any_lr_flag_overrides_them():
     import train_vit
+    sweeps = dev_script("sweeps")
     lrs = lambda *argv: train_vit.learning_rates(train_vit.parse_args(list(argv)))
     assert lrs() == (1e-3, train_vit.HEAD_LR, train_vit.NORA_LR) == (1e-3, 1e-2, 3e-2)   # README, "Results"
     assert lrs("--method", "lora")[:2] == (1e-3, train_vit.HEAD_LR)       # LoRA keeps the paper's 1e-3
@@ -996,23 +1013,24 @@ def test_train_vit_default_learning_rates_are_the_validation_choices_and_any_lr_
 
 def test_sweeps_choose_on_validation_never_on_test(cifar_root, tmp_path, monkeypatch):
     import train_vit
+    sweeps = dev_script("sweeps")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_vit, "STUDY", {"head": (1e-3, 1e-2, 1e-1)})
+    monkeypatch.setattr(sweeps, "STUDY", {"head": (1e-3, 1e-2, 1e-1)})
     # scores by (images scored, the run's lr): validation (10 images) prefers 1e-2, the test set (20) 1e-1
     score = {(10, 1e-3): 50.0, (10, 1e-2): 70.0, (10, 1e-1): 60.0, (20, 1e-3): 10.0, (20, 1e-2): 20.0, (20, 1e-1): 90.0}
     running, real_train = {}, train_vit.train
     monkeypatch.setattr(train_vit, "train", lambda args, *a, **k: running.update(lr=args.lr) or real_train(args, *a, **k))
     monkeypatch.setattr(train_vit, "evaluate", lambda m, x, *a: score[len(x), running["lr"]])
-    train_vit.main(["--data-root", str(cifar_root), "--table", "study", "--seeds", "1", "--val-fraction", "0.25", *TINY_RUN])
+    sweeps.main(["study", "--data-root", str(cifar_root), "--seeds", "1", "--val-fraction", "0.25", *TINY_RUN])
     text = (tmp_path / "table-study-cifar10-paper.md").read_text()
     assert "| head | 0.001: 50.0, 0.01: 70.0, 0.1: 60.0 | 0.01 | 20.0 +- 0.0 |" in text
 
 
 def test_frontier_plot_draws_each_familys_frontier_through_the_sizes_that_beat_every_smaller_one(tmp_path):
-    import train_vit
+    sweeps = dev_script("sweeps")
     # (backbone params, mean, sd): the 100-parameter size is worse than the 10-parameter one, so the
     # line skips it; a family with one point has no line
-    train_vit.plot_frontier(tmp_path / "f.svg", [("nora", [(1000, 85.0, 1.0), (10, 80.0, 1.0), (100, 79.0, 1.0)]),
+    sweeps.plot_frontier(tmp_path / "f.svg", [("nora", [(1000, 85.0, 1.0), (10, 80.0, 1.0), (100, 79.0, 1.0)]),
                                                  ("vpt", [(50, 70.0, 0.0)])], head=60.0)
     svg = (tmp_path / "f.svg").read_text()
     (line,) = re.findall(r'<polyline points="([^"]*)"', svg)
@@ -1024,15 +1042,16 @@ def test_frontier_plot_draws_each_familys_frontier_through_the_sizes_that_beat_e
 def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_root, tmp_path, monkeypatch):
     import json
     import train_vit
+    sweeps = dev_script("sweeps")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_vit, "FRONTIER", {
+    monkeypatch.setattr(sweeps, "FRONTIER", {
         "head": dict(method="head", lrs=(1e-3, 1e-2), choose={}, check=[], sizes=[{}]),
         "lora": dict(method="lora", lrs=(1e-3, 1e-2, 1e-1), choose=dict(lora_rank=2), check=[dict(lora_rank=1)],
                      sizes=[dict(lora_rank=1), dict(lora_rank=2)]),
         "nora": dict(method="nora", lrs=(1e-3, 1e-2, 1e-1), choose=dict(groups=8, rank=2), check=[dict(groups=8, rank=1)],
                      sizes=[dict(groups=8, rank=1), dict(groups=8, rank=2)]),
         "full": dict(method="full", lrs=(1e-3, 1e-2, 1e-1), choose={}, check=[], sizes=[{}], head_lr=3e-3)})
-    argv = ["--data-root", str(cifar_root), "--table", "frontier", "--seeds", "3", "--val-fraction", "0.25",
+    argv = ["frontier", "--data-root", str(cifar_root), "--seeds", "3", "--val-fraction", "0.25",
             "--plot", "f.svg", *TINY_RUN]
     # validation (10 images) prefers the head at 1e-2, the top of its grid, then 3e-2 one step beyond,
     # the new top, below 1e-1 two steps beyond; LoRA and NoRA at 1e-2, inside theirs, with their head
@@ -1047,7 +1066,7 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     def validation(a):
         return score[a.lr] + head_bonus.get(a.head_lr, 0) + 50 * (a.method == "lora" and a.lora_rank == 1 and a.lr == 1e-1)
     monkeypatch.setattr(train_vit, "evaluate", lambda m, x, *a: validation(trained[-1]) if len(x) == 10 else 50.0)
-    train_vit.main(argv)
+    sweeps.main(argv)
     # head: 2 lrs, 3e-2 and 1e-1 (the grid grew twice), seeds 1 and 2; lora: 3 lrs x 3 head lrs at
     # r = 2, r = 1 at 1e-2, r = 1 at its two neighbours and one step beyond (the check), seeds 1 and
     # 2 of both sizes; nora: the same but the step beyond; full: 3 lrs, seeds 1 and 2. Seed 1 runs at
@@ -1076,13 +1095,27 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     # interrupted: the last run is missing; only it trains again, and the table is the same
     (tmp_path / "results.json").write_text(json.dumps(records[:-1]))
     trained.clear()
-    train_vit.main(argv)
+    sweeps.main(argv)
     assert len(trained) == 1 and (tmp_path / "table-frontier-cifar10-paper.md").read_text() == text
     # --plot alone: no data (the folder is gone), no training, the same figure
     trained.clear()
-    train_vit.main(["--data-root", str(tmp_path / "gone"), "--plot", "g.svg", "--seeds", "3", "--val-fraction", "0.25",
+    sweeps.main(["frontier", "--redraw", "--data-root", str(tmp_path / "gone"), "--plot", "g.svg", "--seeds", "3", "--val-fraction", "0.25",
                     *TINY_RUN])
     assert not trained and (tmp_path / "g.svg").read_text() == svg
+
+
+@pytest.mark.parametrize("argv", [
+    ["stability", "--rows", "nora"], ["study", "--rows", "nope"], ["study", "--rows", "nora"],
+    ["study", "--rows", "nora++", "--head-lr", "0.01"], ["study", "--plot", "f.svg"], ["study", "--redraw"],
+    ["frontier", "--table", "methods"], ["frontier", "--method", "lora"], ["study", "--seeds", "0"],
+    ["study", "--val-fraction", "1.5"], ["frontier", "--plot", "no/such/folder/f.svg"], ["nope"],
+])
+def test_sweeps_reject_bad_arguments_before_training(tmp_path, monkeypatch, capsys, argv):
+    sweeps = dev_script("sweeps")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sweeps.main([*argv, "--data-root", str(tmp_path / "nothing"), "--no-download", *TINY_RUN])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
 
 
 # --- nora.py on models nobody on this project wrote ------------------------------------------------
