@@ -694,7 +694,7 @@ def test_efficiency_table_runs_and_reports_ratios(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train_vit.main(["--table", "efficiency", "--repeats", "1", "--bench-batch", "1", "--threads", "2", "--no-compile"])
     text = (tmp_path / "table-efficiency-cpu.md").read_text()
-    for row in ("| LoRA |", "| NoRA |", "| NoRA++ |", "| NoRA merged |", "| GELU model |", "eager rational"):
+    for row in ("| LoRA |", "| NoRA |", "| NoRA++ |", "eager rational"):
         assert row in text
     assert "| 624 |" in text                     # NoRA's trainable count at G = 8, r = 2: 12 x 52
     bench = dev_script("bench")

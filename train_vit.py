@@ -3,7 +3,7 @@
     python train_vit.py --groups 8 --rank 2                       # NoRA, the paper's protocol (appendix C)
     python train_vit.py --method lora --dataset cifar100 --scale small
     python train_vit.py --table methods --scale small             # Table 1 at laptop scale
-    python train_vit.py --scale small --save a.safetensors        # then: --eval-adapter a.safetensors
+    python train_vit.py --scale small --save a.pt                 # then: --eval-adapter a.pt
     python train_vit.py --scale small --plot-activations act.svg  # draw what NoRA learned
     torchrun --nproc_per_node 8 train_vit.py --groups 8 --rank 2 # data-parallel on 8 GPUs (DDP)
 
@@ -31,21 +31,7 @@ import torch.nn.functional as F
 
 import nora
 
-# --- defaults: the paper's protocol (appendix C). Each is also a flag: lr -> --lr, head_lr -> --head-lr.
-DEFAULTS = dict(
-    method="nora",                 # or lora, nora++, full, head, ... (METHODS below)
-    groups=8, rank=2,              # NoRA: G groups of channels share a rational; rank r of its update
-    lora_rank=8,                   # LoRA and NoRA++: rank r of the weight update, alpha = 2 r (paper C.1: 8, 16)
-    alpha=None,                    # NoRA's update is scaled by alpha / r; None: alpha = 2 r (released code)
-    basis_scale=None,              # None: nora.NoRA's (x/3)^i basis; 1: the paper's monomials x^i
-    lr=None,                       # LoRA, full, ...: 1e-3 (VPT 5e-3, DoRA 5e-4; paper C.1). Given: every part trains at it
-    head_lr=None,                  # None: HEAD_LR, or --lr when that is given
-    nora_lr=None,                  # None: NORA_LR, or --lr when that is given
-    weight_decay=0.05,             # AdamW with a cosine schedule, no warm-up
-    scale="paper",                 # image size, epochs, batch size and subsets: SCALES below
-    model=nora.DEFAULT_WEIGHTS,    # the paper's augreg ViT-Tiny (nora.PRETRAINED)
-    dataset="cifar10", data_root="data", seed=0,
-)
+# --- defaults: the paper's protocol (appendix C); every other default is in make_parser, with its flag.
 # --scale presets. 'paper' is appendix C (Table 7); 'small' finishes a table on a 2-core CPU.
 SCALES = {
     "paper": dict(img_size=224, epochs=50, batch_size=256, train_subset=0, test_subset=0),
@@ -242,27 +228,18 @@ def evaluate(model, x, y, prep, batch_size, amp=None):
     """Top-1 accuracy (%) of ``model`` on the uint8 images ``x``; ``prep`` makes a batch its input.
     ``amp``: the autocast dtype, or None. One host-device sync, at the end. Under torchrun only
     rank 0 evaluates, and sends the result to the others, so all take the same decisions."""
+    result, device = [None], next(model.parameters()).device
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        model.eval()
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            for i in range(0, len(x), batch_size):
+                correct += (model(prep(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size].to(device)).sum()
+        model.train()
+        result = [100.0 * correct.item() / len(x)]
     if torch.distributed.is_initialized():
-        result = [evaluate_here(model, x, y, prep, batch_size, amp) if torch.distributed.get_rank() == 0 else None]
         torch.distributed.broadcast_object_list(result, src=0)
-        return result[0]
-    return evaluate_here(model, x, y, prep, batch_size, amp)
-
-
-def evaluate_here(model, x, y, prep, batch_size, amp=None):
-    device = next(model.parameters()).device
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        for i in range(0, len(x), batch_size):
-            correct += (model(prep(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size].to(device)).sum()
-    model.train()
-    return 100.0 * correct.item() / len(x)
-
-
-def to_device(t, device):
-    """``t`` on ``device`` without a host-device sync: from pinned memory a copy is queued like a kernel."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    return result[0]
 
 
 class Diverged(Exception):
@@ -298,9 +275,11 @@ def train(args, data, eval_name="test"):
     shard = args.batch_size // args.world                # torchrun: this process's part of each batch
     model.train()
     while step < steps:
-        # an epoch's order and flips, drawn on the CPU (the same on any device) and moved once
-        order = to_device(torch.randperm(len(train_x), generator=g), args.device)
-        flips = to_device(torch.rand(steps_per_epoch * args.batch_size, generator=g) < 0.5, args.device)
+        # an epoch's order and flips, drawn on the CPU (the same on any device) and moved once, from
+        # pinned memory on a GPU: the copy is then queued like a kernel, with no host-device sync
+        order, flips = torch.randperm(len(train_x), generator=g), torch.rand(steps_per_epoch * args.batch_size, generator=g) < 0.5
+        if args.device.type == "cuda":
+            order, flips = (t.pin_memory().to(args.device, non_blocking=True) for t in (order, flips))
         for i in range(steps_per_epoch):
             if step == steps:
                 break
@@ -461,122 +440,95 @@ def write_table(args, name, text):
 
 # --- efficiency (paper Table 6) ------------------------------------------------------------------
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, out
-
-
-def interleaved_medians(candidates, repeats, device, warmup=1):
-    """Median seconds of each callable, run round-robin (so drifts in machine speed hit all alike)."""
+def medians(candidates, repeats, device):
+    """Median seconds of each callable after one warm-up round, run round-robin (so drifts in the
+    machine's speed hit all alike)."""
     times = {k: [] for k in candidates}
-    for r in range(warmup + repeats):
+    for r in range(1 + repeats):
         for k, fn in candidates.items():
-            dt, _ = timed(fn, device)
-            if r >= warmup:
-                times[k].append(dt)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r:                                         # round 0 warms up
+                times[k].append(time.perf_counter() - t)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def saved_bytes(fn):
-    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs its forward."""
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
     storages = {}
 
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
+        fn()
+    return sum(storages.values())
 
 
-def time_models(dev, reps, B, amp, tag=""):
-    """ViT-Tiny at 224 px with a frozen backbone under LoRA, NoRA and NoRA++ (and NoRA merged, and the
-    GELU model, for inference), with the rational's kernels as they are now: {row name: trainable
-    backbone parameters, matmul FLOPs and inference seconds per image, training-step seconds, memory}."""
-    x = torch.randn(B, 3, 224, 224, device=dev)
-    y = torch.randint(0, 10, (B,), device=dev)
-
-    def model_for(method):
+def time_models(device, repeats, batch, amp, methods, merged=()):
+    """ViT-Tiny at 224 px with each of ``methods`` ({row: method}) on its frozen backbone, the rows in
+    ``merged`` merged first: {row: trainable backbone parameters, matmul FLOPs and forward seconds per
+    image, training-step seconds, memory (peak on CUDA; on a CPU, the bytes autograd saves for backward)}."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 10, (batch,), device=device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp, enabled=amp is not None)
+    models = {}
+    for row, method in methods.items():
         torch.manual_seed(0)
-        m = prepare(nora.VisionTransformer("tiny", num_classes=10), method, groups=8, rank=2).to(dev)
-        return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        m = prepare(nora.VisionTransformer("tiny", num_classes=10), method, groups=8, rank=2).to(device)
+        m = nora.merge(m) if row in merged else m
+        models[row] = m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
 
-    def train_step(model, opt):
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(model(x), y)
+    def step(m, opt):
+        with autocast():
+            loss = F.cross_entropy(m(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    def infer(model):
-        model.eval()
-        with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            model(x)
-        model.train()
-
-    from torch.utils.flop_counter import FlopCounterMode
-    tag = f", {tag}" if tag else ""
-    models = {k: model_for(m) for k, m in {"LoRA": "lora", f"NoRA{tag}": "nora", f"NoRA++{tag}": "nora++"}.items()}
-    print(f"timing ViT-Tiny training steps and inference{tag}, {reps + 1} rounds", flush=True)
-    steps = interleaved_medians({k: (lambda mo=mo: train_step(*mo)) for k, mo in models.items()}, reps, dev)
-    merged = {"GELU model": model_for("head")[0], f"NoRA merged{tag}": nora.merge(model_for("nora")[0])}
-    inference = interleaved_medians({k: (lambda m=m: infer(m)) for k, m in {**merged, **{k: v[0] for k, v in models.items()}}.items()}, reps, dev)
+    def infer(m):
+        with torch.no_grad(), autocast():
+            m.eval()(x)
+        m.train()
+    steps = medians({k: functools.partial(step, *mo) for k, mo in models.items()}, repeats, device)
+    forward = medians({k: functools.partial(infer, m) for k, (m, _) in models.items()}, repeats, device)
     results = {}
     for k, (m, opt) in models.items():
-        if dev.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            train_step(m, opt)
-            memory = torch.cuda.max_memory_allocated()
-        else:
-            memory = saved_bytes(lambda: F.cross_entropy(m(x), y))[1]
-        with FlopCounterMode(display=False) as fc:
+        saved = saved_bytes(functools.partial(step, m, opt))
+        with FlopCounterMode(display=False) as flops:
             infer(m)
-        trainable = sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head"))
-        results[k] = dict(trainable=trainable, flops=fc.get_total_flops() / B, latency=inference[k] / B,
-                          step=steps[k], memory=memory)
-    for k in merged:
-        results[k] = dict(trainable=0, flops=None, latency=inference[k] / B, step=None, memory=None)
+        results[k] = dict(trainable=sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and n[:4] != "head"),
+                          flops=flops.get_total_flops() / batch, forward=forward[k] / batch, step=steps[k],
+                          memory=torch.cuda.max_memory_allocated() if device.type == "cuda" else saved)
     return results
 
 
-def model_table(results, dev, B):
-    """Markdown rows of time_models' results, each against LoRA (training) and the GELU model (inference)."""
-    lora, gelu = results["LoRA"], results["GELU model"]
-    mem = "peak memory (MB)" if dev.type == "cuda" else "saved for backward (MB)"
-    lines = [f"| ViT-Tiny, batch {B}, 224 px | trainable (excl. head) | matmul GFLOPs / image | forward ms / image "
-             f"| x GELU model | train step ms | x LoRA | {mem} | x LoRA |\n|---|---|---|---|---|---|---|---|---|"]
-    for k, r in results.items():
-        cells = [f"{r['trainable']:,}", "-" if r["flops"] is None else f"{r['flops'] / 1e9:.3f}",
-                 f"{r['latency'] * 1e3:.2f}", f"{r['latency'] / gelu['latency']:.2f}",
-                 "-" if r["step"] is None else f"{r['step'] * 1e3:.0f}",
-                 "-" if r["step"] is None else f"{r['step'] / lora['step']:.2f}",
-                 "-" if r["memory"] is None else f"{r['memory'] / 2**20:.0f}",
-                 "-" if r["memory"] is None else f"{r['memory'] / lora['memory']:.3f}"]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return lines + ["\nFLOPs: torch.utils.flop_counter (matmuls, convolution, attention; elementwise work such as "
-                    "the activation is not counted). Memory on CPU: bytes of the distinct tensors autograd saves "
-                    "for backward in one training step."]
-
-
 def efficiency(args):
-    """Paper Table 6: ViT-Tiny under LoRA, NoRA and NoRA++, each against LoRA in the same run, with the
+    """Paper Table 6 on ViT-Tiny: LoRA, NoRA and NoRA++, each against LoRA in the same run, with the
     rational as this run has it (compiled unless --no-compile). dev/bench.py times the rational alone."""
-    kernels = "compiled" if nora._kernels["chunk"] is None else "eager"
-    lines = [f"Efficiency on {args.device.type} ({torch.get_num_threads()} threads), median of {args.repeats} "
-             f"interleaved repeats after warm-up, torch {torch.__version__}, {kernels} rational.\n"]
-    lines += model_table(time_models(args.device, args.repeats, args.bench_batch, args.amp), args.device, args.bench_batch)
+    r = time_models(args.device, args.repeats, args.bench_batch, args.amp, {"LoRA": "lora", "NoRA": "nora", "NoRA++": "nora++"})
+    memory = "peak memory" if args.device.type == "cuda" else "saved for backward"
+    lines = [f"Paper Table 6 on {args.device.type} ({torch.get_num_threads()} threads, torch {torch.__version__}, "
+             f"{'eager' if nora._kernels['chunk'] else 'compiled'} rational): ViT-Tiny, 224 px, batch {args.bench_batch}, "
+             f"median of {args.repeats} interleaved repeats.\n",
+             f"| method | trainable (excl. head) | matmul GFLOPs / image | forward ms / image | train step ms | x LoRA "
+             f"| {memory} (MB) | x LoRA |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['trainable']:,} | {v['flops'] / 1e9:.3f} | {v['forward'] * 1e3:.2f} | {v['step'] * 1e3:.0f} | "
+              f"{v['step'] / r['LoRA']['step']:.2f} | {v['memory'] / 2**20:.0f} | {v['memory'] / r['LoRA']['memory']:.3f} |"
+              for k, v in r.items()]
     text = "\n".join(lines)
     print(text)
     md = Path(f"table-efficiency-{args.device.type}.md")
     if args.process == 0:
         write_file(md, text + "\n")
     print(f"\nwrote {md}")
-    return lines
+    return r
 
 
 # --- baselines for the paper's tables -----------------------------------------------------------
@@ -717,57 +669,51 @@ class AReLU(nn.Module):
 # --- command line ------------------------------------------------------------------------------
 
 def make_parser():
-    """Every flag with its real default, grouped by purpose (dev/sweeps.py adds its own to these)."""
+    """Every flag with its default and help, grouped by purpose (dev/sweeps.py adds its own to these)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # what to run
     g = p.add_argument_group("what to run")
-    g.add_argument("--method", choices=METHODS, help="nora (default), a baseline or an ablation variant (README)")
+    g.add_argument("--method", choices=METHODS, default="nora", help="NoRA, a baseline or an ablation variant (default: %(default)s)")
     g.add_argument("--table", choices=[*TABLES, "efficiency"],
-                   help="run every row of a paper table instead of one method: methods (Table 1), groups (Fig. 2), "
-                        "ablation (Tables 4, 5), activations (Table 3), efficiency (Table 6)")
-    g.add_argument("--dataset", choices=CIFAR, help="default: cifar10")
-    g.add_argument("--data-root", help="folder holding (or to receive) the CIFAR python-format folder (default: data)")
+                   help="run every row of a paper table instead: methods (Table 1), groups (Fig. 2), ablation "
+                        "(Tables 4, 5), activations (Table 3), efficiency (Table 6)")
+    g.add_argument("--dataset", choices=CIFAR, default="cifar10", help="default: %(default)s")
+    g.add_argument("--data-root", default="data", help="folder holding (or to receive) CIFAR's python-format folder (default: %(default)s)")
     g.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is not in --data-root")
-    # NoRA and LoRA
     g = p.add_argument_group("NoRA and LoRA")
-    g.add_argument("--groups", type=int, help="NoRA's channel groups G (default: 8)")
-    g.add_argument("--rank", type=int, help="rank r of NoRA's update (default: 2)")
-    g.add_argument("--alpha", type=float, help="NoRA's update is scaled by alpha / r (default: 2 r)")
+    g.add_argument("--groups", type=int, default=8, help="NoRA's channel groups G (default: %(default)s)")
+    g.add_argument("--rank", type=int, default=2, help="rank r of NoRA's update (default: %(default)s)")
+    g.add_argument("--alpha", type=float, help="NoRA's update is scaled by alpha / r (default: 2 r, the released code's)")
     g.add_argument("--basis-scale", type=float,
                    help=f"NoRA learns its update in the basis (x/s)^i (default: s = {BASIS_SCALE:g}; 1 is the paper's monomials)")
     g.add_argument("--grow-from", type=int, default=0,
                    help="build NoRA with this many groups, then replicate them to --groups (paper Sec. 4.2; default: off)")
-    g.add_argument("--lora-rank", type=int, help="LoRA's rank in lora, dora, qlora and nora++, alpha = 2 x rank (default: 8)")
-    # the model
+    g.add_argument("--lora-rank", type=int, default=8,
+                   help="LoRA's rank in lora, dora, qlora and nora++, with alpha = 2 x rank (default: %(default)s, paper C.1)")
     g = p.add_argument_group("the model")
-    g.add_argument("--model", choices=nora.PRETRAINED,
-                   help=f"pretrained ViT: a record in nora.PRETRAINED (size, patch, LayerScale, normalisation; "
-                        f"default: {nora.DEFAULT_WEIGHTS})")
+    g.add_argument("--model", choices=nora.PRETRAINED, default=nora.DEFAULT_WEIGHTS,
+                   help="pretrained ViT: a record of nora.PRETRAINED (size, patch, LayerScale, normalisation; "
+                        "default: %(default)s)")
     g.add_argument("--weights", help="its checkpoint: a file or URL (default: the --model's on the hub); 'none' for random")
-    g.add_argument("--depth", type=int, default=None, help="use only the first blocks (default: all; quick experiments)")
+    g.add_argument("--depth", type=int, help="use only the first blocks (default: all; for quick experiments)")
     g.add_argument("--img-size", type=int, help="input size in px (default: 224 at --scale paper, 64 at small)")
-    # training
     g = p.add_argument_group("training")
-    g.add_argument("--scale", choices=SCALES,
+    g.add_argument("--scale", choices=SCALES, default="paper",
                    help="presets for --img-size, --epochs, --batch-size and the subsets: paper (appendix C, the "
                         "default) or small (a table on a 2-core CPU)")
     g.add_argument("--epochs", type=int, help="default: 50 at --scale paper, 5 at small")
     g.add_argument("--steps", type=int, help="stop after this many steps (default: --epochs' worth)")
     g.add_argument("--batch-size", type=int, help="the global batch (default: 256 at --scale paper, 64 at small)")
-    g.add_argument("--train-subset", type=int,
-                   help="class-balanced subset of the training set (default: 0, all, at --scale paper; 5000 at small)")
-    g.add_argument("--test-subset", type=int,
-                   help="class-balanced subset of the test set (default: 0, all, at --scale paper; 1000 at small)")
-    g.add_argument("--lr", type=float,
-                   help="lr of the adapted weights (default: 1e-3; VPT 5e-3, DoRA 5e-4, paper C.1); given, every part "
-                        "trains at it unless --head-lr / --nora-lr say otherwise (the paper's protocol)")
+    g.add_argument("--train-subset", type=int, help="class-balanced subset of the training set (default: all at "
+                                                       "--scale paper, 5000 at small)")
+    g.add_argument("--test-subset", type=int, help="class-balanced subset of the test set (default: all at --scale "
+                                                      "paper, 1000 at small)")
+    g.add_argument("--lr", type=float, help="lr of the adapted weights (default: 1e-3; VPT 5e-3, DoRA 5e-4, paper "
+                                           "C.1); given, every part trains at it unless --head-lr / --nora-lr say otherwise")
     g.add_argument("--head-lr", type=float, help=f"lr of the task head (default: {HEAD_LR:g}; --lr where --lr is given)")
-    g.add_argument("--nora-lr", type=float,
-                   help=f"lr of NoRA's parameters, in nora and nora++ (default: {NORA_LR:g}; --lr where --lr is given "
-                        f"or with the paper's monomial basis)")
-    g.add_argument("--weight-decay", type=float, help="AdamW's (default: 0.05)")
-    g.add_argument("--seed", type=int, help="default: 0")
-    # the machine
+    g.add_argument("--nora-lr", type=float, help=f"lr of NoRA's parameters, in nora and nora++ (default: {NORA_LR:g}; "
+                                                 f"--lr where --lr is given or with the paper's monomial basis)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, with a cosine schedule (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     g = p.add_argument_group("the machine")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda where there is one, else cpu")
@@ -778,16 +724,14 @@ def make_parser():
     g.add_argument("--no-compile", action="store_true",
                    help="run the rational's eager kernels (default: torch.compile'd ones, seconds to compile)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, torch's choice)")
-    g.add_argument("--log-every", type=int, default=20, help="steps between loss lines (default: 20)")
-    g.add_argument("--repeats", type=int, default=5, help="--table efficiency: timed repeats (default: 5)")
-    g.add_argument("--bench-batch", type=int, default=32, help="--table efficiency: batch size (default: 32)")
-    # outputs
+    g.add_argument("--log-every", type=int, default=20, help="steps between loss lines (default: %(default)s)")
+    g.add_argument("--repeats", type=int, default=5, help="--table efficiency: timed repeats (default: %(default)s)")
+    g.add_argument("--bench-batch", type=int, default=32, help="--table efficiency: batch size (default: %(default)s)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", help="append a JSON record of every run to this file (default: none; results.json with --table)")
     g.add_argument("--save", help="write the adapters, head and the run's settings to this file")
     g.add_argument("--eval-adapter", help="load a --save file onto the pretrained model and evaluate it")
     g.add_argument("--plot-activations", help="after training, draw every layer's learned activations into this .svg")
-    p.set_defaults(**DEFAULTS)
     return p
 
 
