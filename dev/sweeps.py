@@ -12,6 +12,7 @@ from --out alone. The lr is always chosen on a validation split carved from the 
 never on the test set. Results and the commands that made them: dev/RESULTS.md.
 """
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -65,7 +66,10 @@ def split_validation(x, y, fraction):
 
 # Settings that make two runs the same run: a sweep finds a run already in --out by these and
 # reads it back instead of training it again, so an interrupted table resumes where it stopped.
-RUN_SETTINGS = tv.SAVED_SETTINGS + ("lora_rank", "lr", "head_lr", "nora_lr", "weight_decay", "weights", "epochs", "steps", "batch_size", "train_subset", "test_subset", "val_fraction", "seed")
+# The weights count by their content (a sha256), so the same file under another path resumes; the
+# data by its folder; the autocast dtype because it changes the numbers.
+RUN_SETTINGS = tv.SAVED_SETTINGS + ("lora_rank", "lr", "head_lr", "nora_lr", "weight_decay", "weights_sha256", "data_root",
+                                    "amp", "epochs", "steps", "batch_size", "train_subset", "test_subset", "val_fraction", "seed")
 
 
 def trial(args, split, test=None, train_now=True, **changes):
@@ -74,7 +78,7 @@ def trial(args, split, test=None, train_now=True, **changes):
     when the loss stopped being finite; 'test' also when ``test`` is None). A run already in --out
     is read back; one that is not is trained, or with ``train_now=False`` returned as None."""
     run_args = argparse.Namespace(**{**vars(args), **changes})
-    key = json.loads(json.dumps({k: getattr(run_args, k) for k in RUN_SETTINGS}))   # as JSON has it: tuples as lists
+    key = json.loads(json.dumps({k: getattr(run_args, k) for k in RUN_SETTINGS}, default=str))   # as JSON has it
     for rec in tv.read_records(args.out):
         if "validation" in rec and {k: rec.get(k) for k in RUN_SETTINGS} == key and (test is None or rec["test"] is not None
                                                                                      or rec["validation"] is None):
@@ -440,7 +444,21 @@ def parse_args(argv=None):
     if (args.plot or args.redraw) and args.sweep != "frontier":
         p.error("--plot and --redraw go with the frontier")
     args.table = args.sweep                             # recorded with every run, and names the table file
+    args.weights_sha256 = weights_fingerprint(p, args.weights or args.model)
     return args
+
+
+def weights_fingerprint(p, weights):
+    """The sha256 of a local weights file; a hub name, a URL or 'none' stands for itself."""
+    if weights == "none" or weights in nora.PRETRAINED or str(weights).startswith(("http://", "https://")):
+        return weights
+    if not Path(weights).is_file():
+        p.error(f"--weights {weights}: no such file")
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main(argv=None):
