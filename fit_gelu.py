@@ -44,7 +44,10 @@ def preactivation_ranges(model_name, weights, images, img_size):
     seen = []
     for block in model.blocks:
         block.mlp.act.register_forward_hook(lambda m, inp, out: seen.append(inp[0].flatten()))
-    x = torch.load(images) if images else torch.randn(8, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    x = torch.load(images, weights_only=True) if images else torch.randn(8, 3, img_size, img_size,
+                                                                         generator=torch.Generator().manual_seed(0))
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 3 and x.is_floating_point()):
+        raise SystemExit(f"error: --images {images} holds no (N, 3, S, S) float tensor of normalised images")
     with torch.no_grad():
         model(x)
     print(f"\nfc1 outputs of {weights or model_name} on {'images ' + images if images else 'random-noise images'}:")
@@ -87,6 +90,10 @@ def main(argv=None):
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--plot", help="draw each activation and its fitted rational, and the error, into this .svg file")
     args = p.parse_args(argv)
+    if not args.range[0] < args.range[1]:
+        p.error(f"--range LO HI needs LO < HI, got {args.range[0]:g} {args.range[1]:g}")
+    if args.img_size < 1:
+        p.error(f"--img-size must be positive, got {args.img_size}")
 
     results, panels = {}, []
     for name in (ACTIVATIONS if args.all else ["gelu"]):

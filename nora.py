@@ -17,7 +17,7 @@ Part one is the method; read it top to bottom, each section building on the last
 The appendices hold the machinery; none of it changes what the method computes:
   A. Kernels and speed
   B. Reading other people's models
-  C. Checks
+  C. Checks and the fit's optimiser
   D. Drawing what NoRA learned
   E. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
 """
@@ -109,12 +109,15 @@ def rational(x, numerator, denominator, dim=-1):
 # out, and it cannot be close everywhere at once. A pretrained ViT's GELU inputs lie mostly near
 # 0 with a long negative tail, so the fit weights each point by `preactivation_weight`.
 #
-# Fitting P/Q to f is nonlinear least squares; the Sanathanan-Koerner iteration turns it into a
-# sequence of linear ones: with weights w = 1/Q_prev, solve
+# Fitting P/(1+|S|) to f is nonlinear least squares, so it needs a good start. The
+# Sanathanan-Koerner iteration gives one from a sequence of linear problems: with weights
+# w = 1/Q_prev, solve
 #       min || w (P(x) - f(x) S(x) - f(x)) ||      (since f = P/(1+S)  <=>  P - f S = f)
-# and repeat, each row also times sqrt(weight(x)) for the weighted fit. For GELU, SiLU and ReLU
-# the fits come out even in the denominator (b1 = b3 = 0, to 1e-15) with S >= 0, so the |.| of
-# Eq. 6 changes nothing on the range. Deterministic: float64, fixed grid.
+# and repeat, each row also times sqrt(weight(x)) for the weighted fit. That fits P/(1+S), not
+# the module's P/(1+|S|): the two agree only where S >= 0, as it happens to be for GELU, SiLU and
+# ReLU, but not for Hardswish, whose linearised fit is off by 14. So the fit then minimises the
+# true form's weighted error directly (Levenberg-Marquardt, Appendix C) from that start.
+# Deterministic: float64, fixed grid.
 # -----------------------------------------------------------------------------
 
 def preactivation_weight(x):
@@ -125,15 +128,18 @@ def preactivation_weight(x):
 
 
 def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=preactivation_weight,
-                 points=4001, iters=30):
+                 points=4001, iters=30, warn_above=0.01):
     """Weighted least-squares fit of Eq. 6's P(x)/(1+|S(x)|) to ``fn`` on ``x_range``: it minimises
-    the sum of weight(x) (P/Q - fn)^2 over a grid (``weight=None``: unweighted).
+    the sum of weight(x) (P/Q - fn)^2 over a grid (``weight=None``: unweighted). Warns where the fit
+    is off by more than ``warn_above`` times max |fn| somewhere on the range (see fit_error).
 
     Returns (numerator (num_degree+1,), denominator (den_degree,)) as float64 tensors.
     """
     if num_degree < 1 or den_degree < 2 or iters < 1 or points < num_degree + den_degree + 1:
         raise ValueError(f"fit_rational: need num_degree >= 1, den_degree >= 2, iters >= 1 and more points than "
                          f"coefficients; got {num_degree}, {den_degree}, {iters}, {points}")
+    if not (len(x_range) == 2 and x_range[0] < x_range[1]):
+        raise ValueError(f"fit_rational: x_range must be (low, high) with low < high, got {x_range}")
     x = torch.linspace(*x_range, points, dtype=torch.float64)
     f = fn(x)
     if not torch.isfinite(f).all():
@@ -142,11 +148,26 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
     W = x[:, None] ** torch.arange(1, den_degree + 1)    # columns x^1 .. x^n
     root_weight = torch.ones_like(x) if weight is None else weight(x).sqrt()
     w = root_weight
-    for _ in range(iters):
+    for _ in range(iters):                               # the start: P / (1 + S), linearised
         A = torch.cat([V, -f[:, None] * W], dim=1) * w[:, None]
         coeffs = torch.linalg.lstsq(A, (f * w)[:, None], driver="gelsd").solution[:, 0]
         w = root_weight / (1 + (W @ coeffs[num_degree + 1:]).abs())
-    return coeffs[:num_degree + 1], coeffs[num_degree + 1:]
+    coeffs = _least_squares(coeffs, V, W, f, root_weight)   # the fit: P / (1 + |S|) itself
+    numerator, denominator = coeffs[:num_degree + 1], coeffs[num_degree + 1:]
+    error, at = fit_error(fn, numerator, denominator, x_range)
+    if error > warn_above * f.abs().max():
+        warnings.warn(f"fit_rational: the best ({num_degree}, {den_degree}) rational on {tuple(x_range)} is off by "
+                      f"{error:.3g} at x = {at:.3g}; a kink or a flat end is hard for a rational. Fit a narrower "
+                      f"range where the inputs are, or pass warn_above= to accept it")
+    return numerator, denominator
+
+
+def fit_error(fn, numerator, denominator, x_range=(-8.0, 8.0), points=16001):
+    """(max |P/Q - fn|, the x where it is) on ``x_range``, for 1-D coefficients."""
+    x = torch.linspace(*x_range, points, dtype=torch.float64)
+    num, den = (torch.as_tensor(c, dtype=torch.float64)[None] for c in (numerator, denominator))
+    error = (rational_reference(x[:, None], num, den)[:, 0] - fn(x)).abs()
+    return error.max().item(), x[error.argmax()].item()
 
 
 # Fitted with `python fit_gelu.py --all` (fit_rational's defaults). Max |error| on [-8, 8]: GELU
@@ -154,20 +175,20 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
 # they drift linearly, e.g. GELU(-20) -> -1.2. Do not use Group-KAN's published GELU numbers:
 # they were fitted on [-3, 3] and are off by 6 on [-6, 6].
 GELU_COEFFS = (
-    [-1.8690075278e-03, 5.0000000000e-01, 4.1246663722e-01, 1.1754117820e-01, 1.3490307895e-02, 5.3023071430e-04],
-    [-1.5473733406e-15, 2.3508235640e-01, -6.9388939039e-16, 1.0604614286e-03],
+    [-1.9581024005e-03, 5.0000000000e-01, 4.1280440400e-01, 1.1787385525e-01, 1.3576554653e-02, 5.3579958140e-04],
+    [-5.7769714733e-13, 2.3574771050e-01, -6.6735518237e-14, 1.0715991628e-03],
 )
 GELU_TANH_COEFFS = (                                      # GPT-2's and timm's GELU(approximate="tanh")
-    [-1.8253831139e-03, 5.0000000000e-01, 4.1201017689e-01, 1.1712026385e-01, 1.3400099959e-02, 5.2509415938e-04],
-    [-9.2981178312e-16, 2.3424052770e-01, -2.7755575616e-16, 1.0501883188e-03],
+    [-1.9118334544e-03, 5.0000000000e-01, 4.1233711407e-01, 1.1744175458e-01, 1.3483379564e-02, 5.3046888020e-04],
+    [-3.1581754702e-13, 2.3488350916e-01, -4.0676499504e-14, 1.0609377604e-03],
 )
 SILU_COEFFS = (
-    [3.2086047892e-04, 5.0000000000e-01, 2.4891300041e-01, 4.9768211387e-02, 4.5530710553e-03, 1.5544573297e-04],
-    [3.5943470422e-15, 9.9536422773e-02, -8.3266726847e-17, 3.1089146595e-04],
+    [3.0907434080e-04, 5.0000000000e-01, 2.4894265722e-01, 4.9808736545e-02, 4.5632829158e-03, 1.5607795612e-04],
+    [-1.6119014693e-11, 9.9617473097e-02, -1.0805335373e-12, 3.1215591230e-04],
 )
 RELU_COEFFS = (
-    [7.5748955773e-02, 5.0000000000e-01, 7.4908237679e-01, 3.9031466707e-01, 7.5170790659e-02, 4.2601999123e-03],
-    [-5.1347814889e-15, 7.8062933414e-01, 2.8033131372e-15, 8.5203998245e-03],
+    [6.4432631350e-02, 4.9999999907e-01, 8.6373012189e-01, 5.0834649223e-01, 1.0824825755e-01, 6.5449029851e-03],
+    [-4.7616360546e-09, 1.0166929879e+00, -8.0910068715e-10, 1.3089806022e-02],
 )
 COEFFS = {"gelu": GELU_COEFFS, "gelu_tanh": GELU_TANH_COEFFS, "silu": SILU_COEFFS, "swish": SILU_COEFFS,
           "relu": RELU_COEFFS}
@@ -204,24 +225,6 @@ class GroupRational(nn.Module):
     def extra_repr(self):
         return f"groups={self.numerator.shape[0]}, degrees=({self.numerator.shape[1] - 1}, {self.denominator.shape[1]})"
 
-
-def _init_coefficients(init, groups):
-    """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair."""
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive integer, got {groups!r}")
-    if isinstance(init, str):
-        if init not in COEFFS:
-            raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
-                             f"or pass (numerator, denominator) tensors, e.g. from fit_rational()")
-        init = COEFFS[init]
-    num, den = (torch.as_tensor(c, dtype=torch.float32, device="cpu") for c in init)   # checked here, moved later
-    num = num.expand(groups, -1) if num.dim() == 1 else num
-    den = den.expand(groups, -1) if den.dim() == 1 else den
-    if num.shape[0] != groups or den.shape[0] != groups:
-        raise ValueError(f"coefficients have {num.shape[0]} and {den.shape[0]} rows, expected {groups} groups")
-    if not (torch.isfinite(num).all() and torch.isfinite(den).all()):
-        raise ValueError("rational coefficients contain NaN or inf; refit them with fit_rational()")
-    return num.clone(), den.clone()
 
 # -----------------------------------------------------------------------------
 # 4. NoRA: low-rank updates of the rational coefficients (Eqs. 7, 8)
@@ -1024,11 +1027,31 @@ def _adapter_parameters(model, types=ADAPTERS):
     return {id(p) for m in model.modules() if isinstance(m, types) for p in m.parameters(recurse=False)}
 
 # =============================================================================
-# Appendix C. Checks
+# Appendix C. Checks and the fit's optimiser
 #
-# Kept out of the classes so that those read like the method: NoRA's arguments, the settings
-# saved with an adapter (NoRA's and LoRALinear's extra state), and group counts.
+# Kept out of the method so that it reads plainly: the checks of NoRA's arguments, of the settings
+# saved with an adapter (NoRA's and LoRALinear's extra state), of coefficients and group counts,
+# and the Levenberg-Marquardt steps that fit_rational takes.
 # =============================================================================
+
+def _init_coefficients(init, groups):
+    """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair."""
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    if isinstance(init, str):
+        if init not in COEFFS:
+            raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
+                             f"or pass (numerator, denominator) tensors, e.g. from fit_rational()")
+        init = COEFFS[init]
+    num, den = (torch.as_tensor(c, dtype=torch.float32, device="cpu") for c in init)   # checked here, moved later
+    num = num.expand(groups, -1) if num.dim() == 1 else num
+    den = den.expand(groups, -1) if den.dim() == 1 else den
+    if num.shape[0] != groups or den.shape[0] != groups:
+        raise ValueError(f"coefficients have {num.shape[0]} and {den.shape[0]} rows, expected {groups} groups")
+    if not (torch.isfinite(num).all() and torch.isfinite(den).all()):
+        raise ValueError("rational coefficients contain NaN or inf; refit them with fit_rational()")
+    return num.clone(), den.clone()
+
 
 def _check_arguments(form, rank, alpha, basis_scale):
     if form not in ("shared", "per_group"):
@@ -1067,6 +1090,35 @@ def _check_rational_inputs(x, numerator, denominator, dim):
     if C % G:
         raise ValueError(f"rational: {C} channels (dimension {dim} of a {tuple(x.shape)} input) cannot be split "
                          f"into {G} equal groups; {_divisors_hint(C)}")
+
+
+def _least_squares(coeffs, V, W, f, root_weight, iters=200):
+    """Levenberg-Marquardt on sum (root_weight (P/(1+|S|) - f))^2 from ``coeffs`` (a_0 .. a_m, b_1 .. b_n),
+    P = V a and S = W b on the grid: each step solves the damped normal equations, the damping
+    falling after a step that lowers the error and rising until one does."""
+    m = V.shape[1]
+
+    def residual(c):
+        P, S = V @ c[:m], W @ c[m:]
+        return root_weight * (P / (1 + S.abs()) - f), P, S
+
+    r, P, S = residual(coeffs)
+    cost, damping = r.square().sum(), 1e-3
+    for _ in range(iters):
+        Q = 1 + S.abs()                                   # dr/da_i = x^i / Q,  dr/db_j = -P sign(S) x^j / Q^2
+        J = torch.cat([V / Q[:, None], -(P * S.sgn() / Q ** 2)[:, None] * W], dim=1) * root_weight[:, None]
+        scale = J.norm(dim=0).clamp_min(1e-300)           # columns of norm 1: x^5 and x^0 differ by 1e5
+        A, g = (J / scale).T @ (J / scale), (J / scale).T @ r
+        while damping < 1e12:
+            step = -torch.linalg.solve(A + damping * torch.diag(A.diagonal()), g) / scale
+            r_new, P_new, S_new = residual(coeffs + step)
+            if r_new.square().sum() < cost:
+                coeffs, r, P, S, cost, damping = coeffs + step, r_new, P_new, S_new, r_new.square().sum(), damping / 3
+                break
+            damping *= 4
+        else:
+            break                                         # no step lowers the error: a minimum
+    return coeffs
 
 
 def _divisors_hint(C):
