@@ -164,8 +164,8 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
 
 def fit_error(fn, numerator, denominator, x_range=(-8.0, 8.0), points=16001):
     """(max |P/Q - fn|, the x where it is) on ``x_range``, for 1-D coefficients."""
-    x = torch.linspace(*x_range, points, dtype=torch.float64)
-    num, den = (torch.as_tensor(c, dtype=torch.float64)[None] for c in (numerator, denominator))
+    x = torch.linspace(*x_range, points, dtype=torch.float64, device="cpu")   # cpu even under torch.device("meta")
+    num, den = (torch.as_tensor(c, dtype=torch.float64, device="cpu")[None] for c in (numerator, denominator))
     error = (rational_reference(x[:, None], num, den)[:, 0] - fn(x)).abs()
     return error.max().item(), x[error.argmax()].item()
 
@@ -510,7 +510,8 @@ def replace_modules(model, target, make):
     return len(found)
 
 
-def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, channel_dim="auto", **nora_kwargs):
+def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, channel_dim="auto", example=None,
+             per_module=None, **nora_kwargs):
     """Replace each activation module in ``model`` with a :class:`NoRA` module whose base rational
     equals it; then, if every parameter of the model was trainable, freeze all but the adapters.
 
@@ -520,21 +521,26 @@ def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, c
             activation class or tuple of classes. Default: both kinds of GELU.
         init: the base rational (a name in COEFFS or a fit_rational() pair); None: the fit of
             the function each module computes (see activation_name).
-        channel_dim: the input dimension that holds the channels; "auto": read off the layers
-            next to each activation (see _channel_layout), None where they tell nothing.
+        channel_dim: the input dimension that holds the channels; "auto": seen on ``example``, else
+            read off the layers next to each activation; refused by name where neither tells.
+        example: an input for ``model`` (a tensor, a tuple of arguments or a dict of keyword
+            arguments), run once in eval mode without gradients to see the tensor each activation
+            gets and the width of the layer that made it: its channel axis and width, against
+            which ``groups`` is checked before anything changes.
+        per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve
+            every activation (e.g. a squeeze-excitation activation of width 4).
         nora_kwargs: alpha, form, basis_scale (see NoRA).
 
     A model where some parameters are already frozen keeps the caller's choices. Train the task
     head with :func:`mark_trainable`.
     """
-    found = _find_activations(model, target, init, groups)    # {id: (path, function, channel dim)}, all checked
+    found = _find_activations(model, target, init, groups, channel_dim, example, per_module or {})   # all checked
     param = next(model.parameters(), None)
     device = param.device if param is not None else "cpu"
 
     def make(m):
-        path, function, dim = found[id(m)]
-        module = NoRA(groups, rank, init=init or function, channel_dim=dim if channel_dim == "auto" else channel_dim,
-                      **nora_kwargs).to(device)
+        path, function, dim, g = found[id(m)]
+        module = NoRA(g, rank, init=init or function, channel_dim=dim, **nora_kwargs).to(device)
         module.where = path
         return module
 
@@ -542,29 +548,31 @@ def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, c
     replace_modules(model, lambda m: id(m) in found, make)     # builds all first: errors change nothing
     if fresh:
         freeze(model)
+    _warn_if_far_at_init(found)
     return model
 
 
-def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", fused_qkv=("qkv", "c_attn"),
-             layer=LoRALinear):
-    """Put LoRA on each linear layer of ``model`` whose name ends with one of ``targets``, and
-    freeze the rest of a fresh model (as :func:`add_nora` does).
+def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=None,
+             fused_qkv=("qkv", "c_attn", "to_qkv", "qkv_proj", "query_key_value", "Wqkv"), layer=LoRALinear):
+    """Put LoRA on each linear layer of ``model`` whose name is, or ends with ".", one of ``targets``,
+    and freeze the rest of a fresh model (as :func:`add_nora` does).
 
-    A target whose name ends with one of ``fused_qkv`` is a fused projection whose outputs are
-    q | k | v (timm's `qkv`, GPT-2's `c_attn`): only the parts named in ``qkv_parts`` (default q
-    and v, as in the paper's C.1 and the LoRA paper) are adapted. Such a target also adapts the
-    `in_proj_weight` of every torch nn.MultiheadAttention (torchvision's ViT), through
-    :class:`LoRAWeight`. Any module with a 2-D ``weight`` that it applies linearly counts as
-    linear, stored (out, in) or (in, out) (HF's Conv1D); ``layer`` is the adapter class
-    (LoRALinear or a subclass of it).
+    A target named like one of ``fused_qkv`` is a fused projection: where its layout is known to be
+    q | k | v in equal thirds (timm's and torchvision's `qkv`, GPT-2's `c_attn`: Appendix B), only
+    the parts in ``qkv_parts`` (default q and v, as in the paper's C.1) are adapted; any other
+    layout is refused unless ``rows`` gives its rows: {target: [(start, stop), ...]}, ranges of
+    equal width. A fused target also adapts the `in_proj_weight` (q | k | v) of every torch
+    nn.MultiheadAttention, through :class:`LoRAWeight`. Any module with a 2-D ``weight`` that it
+    applies linearly counts as linear, stored (out, in) or (in, out) (HF's Conv1D); ``layer`` is
+    the adapter class (LoRALinear or a subclass of it).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not qkv_parts or set(qkv_parts) - set("qkv"):
         raise ValueError(f"add_lora: qkv_parts={qkv_parts!r} must name some of 'q', 'k', 'v', e.g. 'qv'")
-    linears = _find_linears(model, targets, fused_qkv, qkv_parts)    # {id: (row ranges, fan_in_fan_out)}
-    attention = _find_attention(model, targets, fused_qkv)            # nn.MultiheadAttention modules
+    linears = _find_linears(model, targets, fused_qkv, qkv_parts, rows or {})   # {id: (rows, fan_in_fan_out)}
+    attention = _find_attention(model, targets, fused_qkv)                        # nn.MultiheadAttention modules
     if not linears and not attention:
-        raise ValueError(f"add_lora: no linear layer named *{targets} in the model")
+        raise ValueError(f"add_lora: no linear layer named {' or '.join(targets)} in the model; {_linear_names(model)}")
     weights = [LoRAWeight(m.in_proj_weight, rank, alpha, _qkv_rows(len(m.in_proj_weight), qkv_parts)) for m in attention]
     fresh = all(p.requires_grad for p in model.parameters())
     replace_modules(model, lambda m: id(m) in linears,                 # builds all first: errors change nothing
@@ -853,20 +861,22 @@ def use_compiled_rational(enable=True, device=None):
 
 @torch.no_grad()
 def activation_name(module):
-    """The name in ACTIVATIONS of the function ``module`` computes (to within 1e-4 on [-8, 8]), or None."""
-    x = torch.linspace(-8, 8, 161, device="cpu")          # cpu even under `with torch.device("meta")`
+    """The name in ACTIVATIONS of the function ``module`` computes (to within 1e-4 on [-8, 8] and at
+    +-20, 50, 100, so that a GELU clipped at 10 is not GELU), or None."""
+    far = torch.tensor([20.0, 50.0, 100.0], device="cpu")              # cpu even under `with torch.device("meta")`
+    x = torch.cat([-far.flip(0), torch.linspace(-8, 8, 161, device="cpu"), far])
     try:
         y = module(x.clone())
     except Exception:                                     # not an elementwise function of one tensor
         return None
-    return next((name for name, fn in ACTIVATIONS.items()
-                 if isinstance(y, torch.Tensor) and y.shape == x.shape and (y - fn(x)).abs().max() < 1e-4), None)
+    return next((name for name, fn in ACTIVATIONS.items() if isinstance(y, torch.Tensor) and y.shape == x.shape
+                 and ((y - fn(x)).abs() <= 1e-4 * (1 + fn(x).abs())).all()), None)
 
 
-def _find_activations(model, target, init, groups):
-    """{id(module): (path, function name, channel dim)} for every activation add_nora replaces,
-    each checked (its function known or ``init`` given; ``groups`` dividing its channels where
-    they can be counted) before anything changes."""
+def _find_activations(model, target, init, groups, channel_dim, example, per_module):
+    """{id(module): (path, function name, channel dim, groups)} for every activation add_nora replaces,
+    each checked before anything changes: its function known (or ``init`` given), its channel axis
+    seen on ``example`` or read off its neighbours, and its group count dividing every width it sees."""
     names = (target,) if isinstance(target, (str, type)) else tuple(target)
     by_name = all(isinstance(t, str) for t in names)
     if by_name and set(names) - set(ACTIVATIONS):
@@ -876,62 +886,180 @@ def _find_activations(model, target, init, groups):
         leaves = [m for m in model.modules() if not any(m.children()) and next(m.parameters(), None) is None]
         functions = {id(m): activation_name(m) for m in leaves}
     paths = {id(m): path for path, m in model.named_modules()}
-    found = {}
+    chosen = {}                                           # id -> (parent, name, module), first place each is found
     for parent in model.modules():
         for name, m in parent.named_children():
-            if id(m) in found or not (functions.get(id(m)) in names if by_name else isinstance(m, names)):
-                continue
-            (dim, count), where = _channel_layout(parent, name), f"add_nora: {paths[id(m)]} ({type(m).__name__})"
-            if init is None and functions.get(id(m)) is None:
-                raise ValueError(f"{where} computes none of {list(ACTIVATIONS)}; pass init= a fit_rational() pair "
-                                 f"for its function, or a target= that leaves it out")
-            if count and count % groups:
-                raise ValueError(f"{where} acts on {count} channels, which cannot be split into {groups} equal "
-                                 f"groups; {_divisors_hint(count)}")
-            found[id(m)] = (paths[id(m)], functions.get(id(m)), dim)
-    if not found:
-        has = sum(isinstance(m, NoRA) for m in model.modules())
-        what = " or ".join(names) if by_name else " or ".join(t.__name__ for t in names)
-        raise ValueError(f"add_nora: the model has no {what} module" + (
-            f" left: {has} of its activations already are NoRA (add_nora was called before)" if has else
-            "; pass target='silu' (LLaMA-style models), another name in ACTIVATIONS, or the activation class"))
+            if id(m) not in chosen and (functions.get(id(m)) in names if by_name else isinstance(m, names)):
+                chosen[id(m)] = (parent, name, m)
+    if not chosen:
+        raise ValueError(f"add_nora: the model has no {' or '.join(n if by_name else n.__name__ for n in names)} "
+                         f"module{_activation_classes(model, functions)}")
+    unknown = set(per_module) - {paths[i] for i in chosen}
+    if unknown:
+        raise ValueError(f"add_nora: per_module names {sorted(unknown)}, which are not activations it replaces; "
+                         f"those are {[paths[i] for i in chosen][:8]}")
+    seen = _probe(model, example, [m for _, _, m in chosen.values()]) if example is not None else {}
+    found = {}
+    for i, (parent, name, m) in chosen.items():
+        path, own = paths[i], per_module.get(paths[i], {})
+        where = f"add_nora: {path} ({type(m).__name__})"
+        if init is None and functions.get(i) is None:
+            raise ValueError(f"{where} computes none of {list(ACTIVATIONS)}; pass init=nora.fit_rational(fn) for "
+                             f"its function fn, or a target= that leaves it out")
+        dim, widths = own.get("channel_dim", channel_dim), []
+        if i in seen:
+            dim, widths = seen[i] if dim == "auto" else (dim, [])
+        elif dim == "auto":
+            dim, count = _channel_layout(parent, name, {j for j, f in functions.items() if f})
+            widths = [count] if count else []
+            if dim is None:
+                ran = " (it did not run on the example)" if example is not None else ""
+                raise ValueError(f"{where}: nothing next to it tells which axis of its input holds the channels"
+                                 f"{ran}; pass example= an input for the model (add_nora runs it once to see), or "
+                                 f"per_module={{'{path}': dict(channel_dim=1)}} (or -1)")
+        g = own.get("groups", groups)
+        bad = [w for w in widths if w % g]
+        if bad:
+            divisors = [d for d in range(1, min(bad[0], 64) + 1) if all(w % d == 0 for w in widths)]
+            raise ValueError(f"{where} acts on {bad[0]} channels, which cannot be split into {g} equal groups; "
+                             f"use a group count that divides {bad[0]}, e.g. one of {divisors}, for it alone: "
+                             f"per_module={{'{path}': dict(groups={max(divisors)})}}")
+        found[i] = (path, functions.get(i), dim, g)
     return found
 
 
-def _layout(m, makes_input):
-    """(channel dim, channel count) of the tensor layer ``m`` makes (or, if not ``makes_input``, takes);
-    None for layers that leave it as it is; "unknown" for any other."""
-    if isinstance(m, (nn.Dropout, nn.Identity)):
-        return None
-    if isinstance(m, nn.modules.conv._ConvNd):                             # (N, C, ...) maps
-        return 1, m.out_channels if makes_input else m.in_channels
-    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):      # BatchNorm, InstanceNorm
-        return 1, getattr(m, "num_features", getattr(m, "num_channels", None))
-    if isinstance(m, nn.Linear):
-        return -1, m.out_features if makes_input else m.in_features
-    if type(m) is nn.LayerNorm:                           # not timm's LayerNorm2d, which normalises dim 1
-        return -1, m.normalized_shape[-1]
-    if getattr(getattr(m, "weight", None), "ndim", 0) == 2:                # HF's Conv1D, ...
-        return -1, None
-    return "unknown"
+def _activation_classes(model, functions):
+    """What a refusal should list: the parameter-free leaf modules that look like activations."""
+    done = sum(isinstance(m, NoRA) for m in model.modules())
+    if done:
+        return f" left: {done} of its activations already are NoRA (add_nora was called before)"
+    counts = {}
+    for m in model.modules():
+        name = type(m).__name__
+        if id(m) in functions and not isinstance(m, (nn.Dropout, nn.Identity)) and "act" in name.lower() + "elu":
+            counts[name, functions[id(m)]] = counts.get((name, functions[id(m)]), 0) + 1
+    if not counts:
+        return "; it has no parameter-free activation modules at all (activations called as functions cannot be replaced)"
+    listed = ", ".join(f"{n} x{c} ({f or 'none of ACTIVATIONS'})" for (n, f), c in counts.items())
+    (cls, function), _ = next(iter(counts.items()))
+    call = (f"add_nora(model, target='{function}')" if function else
+            f"add_nora(model, target={cls}, init=nora.fit_rational(fn)) with fn its function")
+    return f"; it has {listed}: pass e.g. {call}"
 
 
-def _channel_layout(parent, name):
-    """(channel dim, channel count) of the input of ``parent``'s child ``name``, read off the last layer
-    registered before it (which makes that input) or else the first after it (which takes its
-    output, of the same layout); the count only inside an nn.Sequential, where those surely are
-    its neighbours. (None, None) where no such layer tells."""
+def _channel_layout(parent, name, elementwise):
+    """(channel dim, channel count) of the input of ``parent``'s child ``name``, read off the layers
+    registered next to it: in an nn.Sequential, a sibling layer before it (which makes its input) or
+    after it (which takes its output) gives both; elsewhere a linear layer or LayerNorm next to it
+    gives the last axis (but no count: the one registered before may not be the one that runs before).
+    (None, None) where neither tells, e.g. a BatchNorm or convolution outside an nn.Sequential,
+    which may work on a reshaped tensor. Modules in ``elementwise`` (ids of activations) are looked past."""
     children = list(parent.named_children())
     i = [n for n, _ in children].index(name)
-    leaves = lambda part: [m for _, c in part for m in c.modules() if not any(m.children())]
-    for neighbours, makes_input in ((leaves(children[:i])[::-1], True), (leaves(children[i + 1:]), False)):
-        for m in neighbours:
-            layout = _layout(m, makes_input)
-            if layout == "unknown":                       # a layer that may change the layout: stop looking
-                break
-            if layout is not None:
-                return layout if isinstance(parent, nn.Sequential) else (layout[0], None)
+    sequential = isinstance(parent, nn.Sequential)
+    for neighbours, makes_input in ((children[:i][::-1], True), (children[i + 1:], False)):
+        for _, m in neighbours:
+            if isinstance(m, (nn.Dropout, nn.Identity, NoRA, GroupRational)) or id(m) in elementwise:
+                continue
+            if isinstance(m, nn.Linear) or type(m) is nn.LayerNorm or getattr(getattr(m, "weight", None), "ndim", 0) == 2:
+                count = (m.out_features if makes_input else m.in_features) if isinstance(m, nn.Linear) else None
+                return -1, count if sequential else None
+            if sequential and isinstance(m, nn.modules.conv._ConvNd):
+                return 1, m.out_channels if makes_input else m.in_channels
+            if sequential and isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+                return 1, getattr(m, "num_features", getattr(m, "num_channels", None))
+            break                                         # any other layer may change the layout: stop looking
     return None, None
+
+
+def _width(m, out):
+    """(axis, width) of the channels in the tensor layer ``m`` made, or None for layers that tell nothing."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return 1, m.out_channels
+    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+        return 1, getattr(m, "num_features", getattr(m, "num_channels", None))
+    if isinstance(m, nn.LayerNorm):                       # timm's LayerNorm2d normalises dim 1: matched by width
+        return -1, m.normalized_shape[-1]
+    if isinstance(m, nn.Embedding):
+        return -1, m.embedding_dim
+    if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2:   # nn.Linear, Conv1D, ...
+        return -1, out.shape[-1]
+    return None
+
+
+@torch.no_grad()
+def _probe(model, example, activations):
+    """Run ``example`` through ``model`` once (eval mode, no gradients, the RNG left as it was) and
+    see, for each module in ``activations``, every tensor it gets: its channel axis is the one whose
+    size is the width of the layer that made it (the last to make a tensor of as many elements; its
+    own axis where the shapes agree). {id: (channel dim, widths)} for the modules that ran."""
+    made, calls = [], {id(m): [] for m in activations}
+    act_ids = set(calls)
+
+    def after(m, args, out):
+        layout = _width(m, out) if isinstance(out, torch.Tensor) and id(m) not in act_ids else None
+        if layout and layout[1]:
+            made.append((out.numel(), tuple(out.shape), layout[0] % out.dim(), layout[1]))
+
+    def before(m, args):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and x.dim() > 0:
+            maker = next((p for p in reversed(made) if p[0] == x.numel()), None)
+            calls[id(m)].append((tuple(x.shape), maker, type(m).__name__))
+
+    hooks = [m.register_forward_hook(after) for m in model.modules() if _width(m, torch.empty(1)) is not None]
+    hooks += [m.register_forward_pre_hook(before) for m in activations]
+    training = {m: m.training for m in model.modules()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.eval()
+            example = example if isinstance(example, (tuple, list, dict)) else (example,)
+            model(**example) if isinstance(example, dict) else model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in training.items():
+            m.training = mode
+    paths = {id(m): path for path, m in model.named_modules()}
+    seen = {}
+    for i, shapes in calls.items():
+        dims = set()
+        for shape, maker, cls in shapes:
+            axes = [] if maker is None else [maker[2]] if maker[1] == shape else \
+                [d for d, n in enumerate(shape) if n == maker[3]]
+            if len(axes) != 1:
+                raise ValueError(f"add_nora: {paths[i]} ({cls}) gets a {shape} input and " + (
+                    "no layer made a tensor of its size" if maker is None else
+                    f"{'none' if not axes else 'several'} of its axes match the width {maker[3]} of the layer that "
+                    f"made it") + f"; pass per_module={{'{paths[i]}': dict(channel_dim=...)}}, or an example of "
+                    f"other sizes")
+            dims.add(-1 if axes[0] == len(shape) - 1 else axes[0])
+        if len(dims) > 1:
+            raise ValueError(f"add_nora: {paths[i]} runs on inputs with their channels on different axes {sorted(dims)}; "
+                             f"pass per_module={{'{paths[i]}': dict(channel_dim=...)}}")
+        if dims:
+            dim = dims.pop()
+            seen[i] = dim, [shape[dim] for shape, _, _ in shapes]
+    return seen
+
+
+def _warn_if_far_at_init(found):
+    """Warn where a shipped rational is far from the function it replaces (ReLU: its kink), since the
+    model then changes at step 0, before any training."""
+    for function in sorted({f for _, f, _, _ in found.values() if f in COEFFS}):
+        error, at = fit_error(ACTIVATIONS[function], *COEFFS[function])
+        if error > 0.05:
+            count = sum(f == function for _, f, _, _ in found.values())
+            warnings.warn(f"add_nora: {count} module(s) compute {function}, whose rational is up to {error:.2g} off "
+                          f"on [-8, 8] (at x = {at:.3g}; {fit_error(ACTIVATIONS[function], *COEFFS[function], (-1e-6, 1e-6), 3)[0]:.2g} "
+                          f"at 0), so the model's outputs move at init; measure the change on your inputs")
+
+
+# Fused q | k | v projections whose rows are q, k and v in equal thirds, by the class that holds them:
+# timm's and our ViT attention, timm's Swin and EVA, torchvision's Swin and MaxViT, HF GPT-2. Any
+# other fused layout (multi-query, grouped-query, interleaved per head) needs its rows given.
+QKV_THIRDS = {"Attention", "EvaAttention", "WindowAttention", "WindowAttentionV2", "ShiftedWindowAttention",
+              "ShiftedWindowAttentionV2", "RelativePositionalMultiHeadAttention", "GPT2Attention"}
 
 
 def _qkv_rows(rows, parts):
@@ -939,17 +1067,31 @@ def _qkv_rows(rows, parts):
     return [(i * rows // 3, (i + 1) * rows // 3) for i, part in enumerate("qkv") if part in parts]
 
 
-def _find_linears(model, targets, fused_qkv, qkv_parts):
-    """{id(layer): (row ranges or None, fan_in_fan_out)} for every linear layer add_lora wraps."""
-    names = {id(m): name for name, m in model.named_modules()}
+def _named(path, names):
+    """The one of ``names`` that ``path`` is, or ends with at a "." (so `query_proj` is not `pos_query_proj`)."""
+    return next((n for n in names if path == n or path.endswith("." + n)), None)
+
+
+def _find_linears(model, targets, fused_qkv, qkv_parts, rows):
+    """{id(layer): (row ranges or None, fan_in_fan_out)} for every linear layer add_lora wraps; a fused
+    projection of unknown layout is refused unless ``rows`` gives its rows."""
     found = {}
-    for m in model.modules():
-        weight = getattr(m, "weight", None)
-        if (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(m, LoRALinear)
-                and names[id(m)].endswith(targets)):
-            transposed = _fan_in_fan_out(m, f"add_lora: {names[id(m)]} ({type(m).__name__})")
-            fused = names[id(m)].endswith(tuple(fused_qkv))
-            found[id(m)] = (_qkv_rows(weight.shape[int(transposed)], qkv_parts) if fused else None, transposed)
+    for path, m in model.named_modules():
+        weight, target = getattr(m, "weight", None), _named(path, targets)
+        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and target and not isinstance(m, LoRALinear)):
+            continue
+        where = f"add_lora: {path} ({type(m).__name__})"
+        transposed = _fan_in_fan_out(m, where)
+        out_features, in_features = weight.shape[::-1] if transposed else weight.shape
+        ranges = rows.get(target)
+        if ranges is None and _named(path, fused_qkv):
+            holder = type(model.get_submodule(path.rpartition(".")[0])).__name__
+            if holder not in QKV_THIRDS or out_features != 3 * in_features:
+                raise ValueError(f"{where} in {holder}: a fused projection of {out_features} rows whose layout is not "
+                                 f"known to be q | k | v in equal thirds (multi-query? per head?); give the rows to "
+                                 f"adapt, e.g. add_lora(model, targets={targets!r}, rows={{'{target}': [(0, q_rows)]}})")
+            ranges = _qkv_rows(out_features, qkv_parts)
+        found[id(m)] = (ranges, transposed)
     return found
 
 
@@ -957,6 +1099,19 @@ def _find_attention(model, targets, fused_qkv):
     """The nn.MultiheadAttention modules whose in_proj_weight (q | k | v) a fused-qkv target adapts."""
     return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and set(targets) & set(fused_qkv)
             and m.in_proj_weight is not None and not torch.nn.utils.parametrize.is_parametrized(m)]
+
+
+def _linear_names(model):
+    """What add_lora's refusal lists: the names of the model's linear layers, and a call with two of them."""
+    names = {}
+    for path, m in model.named_modules():
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2 and path:
+            names.setdefault(path.rpartition(".")[2], 0)
+            names[path.rpartition(".")[2]] += 1
+    if not names:
+        return "it has no module with a 2-D weight"
+    listed = ", ".join(f"{n} x{c}" for n, c in names.items())
+    return f"its linear layers are named {listed}: pass e.g. add_lora(model, targets={tuple(list(names)[:2])!r})"
 
 
 @torch.no_grad()

@@ -467,7 +467,9 @@ class Conv1D(nn.Module):
 def test_lora_on_an_in_out_weight_merges_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(8, 24), nn.GELU(approximate="tanh"), Conv1D(24, 8))
-    nora.add_lora(model, rank=2, alpha=4, targets=("0", "2"), fused_qkv=("0",))    # GPT-2's c_attn: q | k | v
+    with pytest.raises(ValueError, match=r"not known to be q \| k \| v in equal thirds"):   # a Sequential is no attention
+        nora.add_lora(model, rank=2, alpha=4, targets=("0", "2"), fused_qkv=("0",))
+    nora.add_lora(model, rank=2, alpha=4, targets=("0", "2"), rows={"0": [(0, 8), (16, 24)]})   # q and v, given
     assert model[0].fan_in_fan_out and model[0].row_ranges == [(0, 8), (16, 24)]       # q and v of 24 outputs
     assert model[0].lora_A.shape == (2, 2, 8) and model[0].lora_B.shape == (2, 8, 2) and model[2].row_ranges == [(0, 8)]
     train_steps(model, steps=3, x=torch.randn(16, 8), classes=8)
@@ -549,7 +551,9 @@ def test_adding_an_adapter_keeps_earlier_choices_of_what_trains():
 
 
 def test_add_nora_accepts_tuples_parameterless_models_and_lists_and_leaves_a_model_alone_on_error():
-    assert isinstance(nora.add_nora(nn.Sequential(nn.GELU()), groups=1)[0], nora.NoRA)
+    with pytest.raises(ValueError, match=r"0 \(GELU\): nothing next to it tells which axis.*example="):
+        nora.add_nora(nn.Sequential(nn.GELU()), groups=1)
+    assert isinstance(nora.add_nora(nn.Sequential(nn.GELU()), groups=1, channel_dim=-1)[0], nora.NoRA)
     model = nora.add_nora(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.SiLU()), groups=2, target=(nn.GELU, nn.SiLU))
     assert isinstance(model[1], nora.NoRA) and isinstance(model[2], nora.NoRA)
     nora.mark_trainable(model, ["0.weight", "0.bias"])
@@ -843,8 +847,8 @@ def test_the_channel_axis_is_also_read_off_the_layer_after_the_activation():
         nora.add_nora(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.GELU(), nn.Conv2d(8, 8, 1))), groups=3)
 
 
-def test_an_activation_whose_channel_axis_cannot_be_told_refuses_4d_inputs_by_name():
-    class Block(nn.Module):                               # nothing before the GELU tells its layout
+def test_an_activation_whose_channel_axis_cannot_be_told_is_refused_by_name_or_seen_on_an_example():
+    class Block(nn.Module):                               # nothing next to the GELU tells its layout
         def __init__(self):
             super().__init__()
             self.act = nn.GELU()
@@ -853,15 +857,17 @@ def test_an_activation_whose_channel_axis_cannot_be_told_refuses_4d_inputs_by_na
             return self.act(x)
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), Block())
-    nora.add_nora(model, groups=2)
-    assert model[1].act.channel_dim is None
-    assert model[1].act(torch.randn(2, 5, 8)).shape == (2, 5, 8)       # 3-D: channels last
-    with pytest.raises(ValueError, match=r"1\.act: cannot tell which axis.*channel_dim=1"):
-        model(torch.randn(2, 3, 4, 4))
-    nora.add_nora(fixed := nn.Sequential(nn.Conv2d(3, 8, 1), Block()), groups=2, channel_dim=1)
+    with pytest.raises(ValueError, match=r"1\.act \(GELU\): nothing next to it tells.*per_module=\{'1\.act'"):
+        nora.add_nora(model, groups=2)
+    assert isinstance(model[1].act, nn.GELU)                                  # refused: nothing changed
+    nora.add_nora(model, groups=2, example=torch.randn(2, 3, 4, 4))           # seen: the conv made its (2, 8, 4, 4) input
+    assert model[1].act.channel_dim == 1 and model(torch.randn(2, 3, 4, 4)).shape == (2, 8, 4, 4)
+    nora.add_nora(fixed := nn.Sequential(nn.Conv2d(3, 8, 1), Block()), groups=2, per_module={"1.act": dict(channel_dim=1)})
     assert fixed(torch.randn(2, 3, 4, 4)).shape == (2, 8, 4, 4)
     with pytest.raises(ValueError, match=r"1\.act: rational: 5 channels"):   # the forward error names the module
         fixed[1].act(torch.randn(2, 5, 4, 4))
+    with pytest.raises(ValueError, match=r"per_module names \['nope'\]"):    # a typo is not silently ignored
+        nora.add_nora(nn.Sequential(nn.Conv2d(3, 8, 1), Block()), per_module={"nope": dict(groups=2)})
 
 
 def test_lora_refuses_a_layer_that_is_not_linear_in_its_weight():
