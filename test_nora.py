@@ -1500,3 +1500,20 @@ def test_sweeps_reject_bad_arguments_before_training(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as e:
         sweeps.main([*argv, "--data-root", str(tmp_path / "nothing"), "--no-download", *TINY_RUN])
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_gpu_check_dry_run_passes_every_check_on_the_cpu(tmp_path):
+    """dev/gpu_check.py is the one command a lent GPU runs: its CPU dry run, on tiny sizes and the same
+    code path (gloo for NCCL, no network), must pass every check before device time is spent."""
+    import json
+    import subprocess
+    done = subprocess.run([sys.executable, "dev/gpu_check.py", "--device", "cpu", "--small", "--out", str(tmp_path)],
+                          cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "| FAIL" not in report and "| ERROR" not in report, report
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert len(data["checks"]) >= 25 and all(c["result"] == "PASS" for c in data["checks"])
+    assert data["data"]["recompiles"] == 0 and not data["notes"]        # no recompiles, no section skipped
+    assert {"activation", "vit", "projected_minutes", "flagship", "torchrun"} <= data["data"].keys()

@@ -264,7 +264,8 @@ def train(args, data, eval_name="test"):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     # float16 AMP's loss scale starts at 2^10, not torch's 2^16: the fresh head's first steps at its own lr
     # (loss ~7) overflow float16 gradients at 2^16 and skip 3 steps on the real ViT-S
-    scaler = torch.amp.GradScaler(init_scale=2.0 ** 10, enabled=args.amp == torch.float16 and args.device.type == "cuda")
+    scaler = getattr(torch.amp, "GradScaler", torch.cuda.amp.GradScaler)(       # (torch.cuda.amp's before torch 2.3)
+        init_scale=2.0 ** 10, enabled=args.amp == torch.float16 and args.device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
     train_x, train_y = train_x.to(args.device), train_y.to(args.device)   # CIFAR's uint8 fits on any GPU
     prep = input_pipeline(args)
@@ -272,6 +273,7 @@ def train(args, data, eval_name="test"):
           f"{steps} steps, lr {lr:g}, head lr {head_lr:g}{f', NoRA lr {own_lr:.2g}' if 'nora' in args.method else ''}, "
           f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     history, step, start, seen = [], 0, time.time(), 0
+    last = (start, 0)                                    # (time, images seen) at the last log line
     shard = args.batch_size // args.world                # torchrun: this process's part of each batch
     model.train()
     while step < steps:
@@ -304,13 +306,15 @@ def train(args, data, eval_name="test"):
                 value = loss.item()
                 if not math.isfinite(value):
                     raise Diverged(f"loss is {value} at step {step}; lower --lr (now {lr:g}) or the NoRA --alpha")
-                rate = seen / (time.time() - start)
+                now = time.time()                       # the rate since the last log: no compile time or evaluation
+                rate, last = (seen - last[1]) / max(now - last[0], 1e-9), (now, seen)
                 left = (steps - step) * args.batch_size / rate
                 print(f"  step {step}/{steps}  loss {value:.4f}  {rate:.0f} img/s  "
                       f"{time.strftime('%H:%M:%S', time.gmtime(left))} left", flush=True)
             if step % steps_per_epoch == 0 or step == steps:
                 history.append(evaluate(model, test_x, test_y, prep, args.batch_size, args.amp))
                 print(f"  epoch {len(history)}: {eval_name} accuracy {history[-1]:.2f}%", flush=True)
+                last = (time.time(), seen)                 # the next rate leaves the evaluation out
     return model, dict(trainable=trainable, backbone=trainable - head, total=total, percent=100 * trainable / total,
                        lr=lr, head_lr_used=head_lr,
                        nora_lr_used=own_lr if "nora" in args.method else None,

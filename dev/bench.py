@@ -154,7 +154,7 @@ def model_rows(dev, reps, batch, amp):
              f"| x GELU model | train step ms | x LoRA | {memory} (MB) | x LoRA |", "|---|---|---|---|---|---|---|---|---|"]
     for k, r in results.items():
         trains = k != "GELU model" and "merged" not in k
-        cells = [f"{r['trainable']:,}", f"{r['flops'] / 1e9:.3f}", f"{r['forward'] * 1e3:.2f}",
+        cells = [f"{r['trainable'] if trains else 0:,}", f"{r['flops'] / 1e9:.3f}", f"{r['forward'] * 1e3:.2f}",
                  f"{r['forward'] / gelu['forward']:.2f}"] + ([f"{r['step'] * 1e3:.0f}", f"{r['step'] / lora['step']:.2f}",
                  f"{r['memory'] / 2**20:.0f}", f"{r['memory'] / lora['memory']:.3f}"] if trains else ["-"] * 4)
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
