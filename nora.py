@@ -17,13 +17,15 @@ Part one is the method; read it top to bottom, each section building on the last
 The appendices hold the machinery; none of it changes what the method computes:
   A. Kernels and speed
   B. Reading other people's models
-  C. Checks and the fit's optimiser
+  C. Checks, files and the fit's optimiser
   D. Drawing what NoRA learned
   E. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
 """
+import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import struct
 import sys
@@ -272,11 +274,12 @@ class NoRA(nn.Module):
         super().__init__()
         _check_arguments(form, rank, alpha, basis_scale)
         num, den = _init_coefficients(init, groups)
+        groups, rank = num.shape[0], int(rank)
         self.register_buffer("numerator", num)            # frozen base coefficients P_g, Q_g
         self.register_buffer("denominator", den)
         self.rank, self.form = rank, form
         self.scaling = (alpha if alpha is not None else 2 * rank) / rank
-        self.basis_scale, self.channel_dim = basis_scale, channel_dim
+        self.basis_scale, self.channel_dim = float(basis_scale), channel_dim
         self.where = "NoRA"                               # add_nora puts the module's path here, for errors
         A_shape = (lambda d: (rank, d)) if form == "shared" else (lambda d: (groups, d, rank))
         self.A_P = nn.Parameter(torch.randn(A_shape(num.shape[1])) * 0.02)    # numerator update, Eq. 8
@@ -354,7 +357,7 @@ class NoRA(nn.Module):
     def set_extra_state(self, state):
         if isinstance(state, dict):                       # saved by an older nora.py
             state = torch.tensor([state["scaling"], state["basis_scale"]], dtype=torch.float64)
-        _check_settings(self, "scaling, basis_scale", state)
+        _check_settings(self, "scaling, basis_scale", state, self.get_extra_state())
 
     def extra_repr(self):
         return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
@@ -389,9 +392,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
         super().__init__()
-        if not isinstance(rank, int) or rank < 1 or not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"LoRALinear: rank must be a positive integer and alpha a positive number, "
-                             f"got rank {rank!r}, alpha {alpha!r}")
+        rank, alpha = _positive_int(rank, "LoRALinear: rank"), _positive_number(alpha, "LoRALinear: alpha")
         w = base.weight
         out_features, in_features = w.T.shape if fan_in_fan_out else w.shape
         ranges = row_ranges or [(0, out_features)]
@@ -404,6 +405,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(len(ranges), width, rank, device=w.device, dtype=w.dtype))
         for A in self.lora_A:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as in microsoft/LoRA
+        self.register_load_state_dict_post_hook(LoRALinear._after_load)
 
     def delta_weight(self):
         """B A * alpha / r for each row range: (ranges, width, in_features)."""
@@ -455,18 +457,33 @@ class LoRALinear(nn.Module):
             self._add_to_weight(self.base.weight, -self.delta_weight())
             self.merged = False
 
-    def get_extra_state(self):                            # as NoRA's: settings that no shape shows
-        return torch.tensor([self.scaling, self.fan_in_fan_out, *(i for r in self.row_ranges for i in r)],
+    # As NoRA's: the settings no shape shows, and whether the base weight holds B A (merged), so that a
+    # state dict loads right into a merged or an unmerged layer (see _load_from_state_dict).
+    def get_extra_state(self):
+        return torch.tensor([self.scaling, self.fan_in_fan_out, self.merged, *(i for r in self.row_ranges for i in r)],
                             dtype=torch.float64)
 
     def set_extra_state(self, state):
+        _check_settings(self, "scaling, fan_in_fan_out, row ranges", _lora_settings(state)[0],
+                        _lora_settings(self.get_extra_state())[0])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # Load unmerged; then (after the base's own tensors, _after_load) the base holds B A only if it
+        # came from a merged layer's state. Merge or not as the layer was: the same function either way.
+        saved = state_dict.get(prefix + "_extra_state")
+        self._loading = self.merged, prefix + "base.weight" in state_dict and saved is not None and _lora_settings(saved)[1]
         if self.merged:
-            raise ValueError("LoRALinear: cannot load an adapter into a merged layer; unmerge() it first "
-                             "(or load into a freshly built model)")
-        if isinstance(state, dict):                       # saved by an older nora.py
-            state = torch.tensor([state["scaling"], False, *(i for r in state["row_ranges"] for i in r)],
-                                 dtype=torch.float64)
-        _check_settings(self, "scaling, fan_in_fan_out, row ranges", state)
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @staticmethod
+    def _after_load(self, incompatible_keys):
+        was_merged, self.merged = getattr(self, "_loading", (self.merged, self.merged))
+        self.__dict__.pop("_loading", None)
+        if was_merged:
+            self.merge()
+        elif self.merged:
+            self.unmerge()
 
     def extra_repr(self):
         return (f"rank={self.rank}, scaling={self.scaling:g}, row_ranges={self.row_ranges}"
@@ -540,7 +557,7 @@ def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, c
 
     def make(m):
         path, function, dim, g = found[id(m)]
-        module = NoRA(g, rank, init=init or function, channel_dim=dim, **nora_kwargs).to(device)
+        module = NoRA(g, rank, init=init or function, channel_dim=dim, **nora_kwargs).to(device).train(m.training)
         module.where = path
         return module
 
@@ -577,7 +594,7 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=Non
     fresh = all(p.requires_grad for p in model.parameters())
     replace_modules(model, lambda m: id(m) in linears,                 # builds all first: errors change nothing
                     lambda m: layer(m, rank=rank, alpha=alpha, row_ranges=linears[id(m)][0],
-                                    fan_in_fan_out=linears[id(m)][1]))
+                                    fan_in_fan_out=linears[id(m)][1]).train(m.training))
     for m, lora in zip(attention, weights):
         torch.nn.utils.parametrize.register_parametrization(m, "in_proj_weight", lora)
     if fresh:
@@ -610,33 +627,41 @@ def adapter_state_dict(model, extra=("head",)):
     """All that a fine-tune changes in the pretrained model, to be loaded back with :func:`load_adapter`:
     every adapter's tensors and settings (chosen by module type, so freezing the model first loses
     nothing), the parameters whose names start with ``extra`` (the task head), any other parameter
-    that trains, and the running statistics of BatchNorm layers, which training updates even though
-    their weights are frozen."""
+    that trains, the running statistics of BatchNorm layers, which training updates even though
+    their weights are frozen, and the weights that merge() folded a LoRAWeight into."""
     state = model.state_dict()
-    keep = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, ADAPTERS)
-            for k in m.state_dict() if not k.startswith("base.")}
-    keep |= _running_statistics(model)
+    keep = _adapter_keys(model) | _running_statistics(model) | _merged_weights(model)
     keep |= {name for name, p in model.named_parameters() if p.requires_grad or name.startswith(tuple(extra))}
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if k in keep}
 
 
-def load_adapter(model, state):
-    """Load an :func:`adapter_state_dict` into a model prepared with the same add_nora/add_lora calls
-    (the settings that change the function, such as alpha, are checked)."""
-    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
-        raise ValueError("load_adapter: the model's LoRA is merged; load into a freshly built model")
-    missing = sorted(set(adapter_state_dict(model, extra=())) - set(state))
-    own = model.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-           if k in own and not k.endswith("_extra_state") and v.shape != own[k].shape]
-    if bad:
-        raise ValueError(f"load_adapter: the saved adapter was trained with other settings (groups, rank, form or "
-                         f"targets; saved vs this model: {', '.join(bad[:3])}); build the model with the saved settings")
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or missing:
-        raise ValueError(f"load_adapter: the model has no {result.unexpected_keys[:5]} and the file has no "
-                         f"{missing[:5]}; build the model with the same add_nora / add_lora settings (groups, "
-                         f"rank, targets) before loading, and pass a file made by adapter_state_dict")
+def save_adapter(model, path, extra=("head",), metadata=None):
+    """Write :func:`adapter_state_dict` to a .safetensors file at ``path``, with a description of every
+    adapter (its kind, module path and settings) from which :func:`load_adapter` rebuilds them on a
+    plain model. Written through a temporary file: a failed write leaves the old file whole.
+    ``metadata``: more {str: str} for the file (train_vit.py keeps its run's settings there)."""
+    state = adapter_state_dict(model, extra)
+    described = dict(adapters=_describe_adapters(model), other=sorted(set(state) - _adapter_keys(model)))
+    write_safetensors(path, state, {**(metadata or {}), "nora": json.dumps(described)})
+    return state
+
+
+def load_adapter(model, source):
+    """Load what :func:`save_adapter` wrote (a path) or an :func:`adapter_state_dict` (a dict) into
+    ``model``, merged or not. From a file, the adapters the model lacks are built where the file
+    says, so a plain pretrained model will do; a state dict needs the model prepared by the same
+    add_nora / add_lora calls. Everything is checked before anything changes: settings, shapes,
+    NaN or inf, and that every tensor belongs to an adapter, the head, another trained parameter
+    or a BatchNorm's statistics, so a file cannot overwrite the frozen backbone."""
+    state, described = read_adapter(source) if isinstance(source, (str, os.PathLike)) else (source, None)
+    plan = _plan_adapters(model, described, state) if described else []    # what to build; nothing built in yet
+    _check_adapter_state(model, state, plan, described)
+    for put in plan:                                      # each builds its adapter into the model
+        put()
+    model.load_state_dict(state, strict=False)           # (LoRA loads right into merged layers too)
+    for entry in (described or {}).get("adapters", []):   # a model that was saved merged is merged again
+        if entry.get("merged"):
+            model.get_submodule(entry["path"]).merge()
     return model
 
 
@@ -764,7 +789,7 @@ class _RationalFunction(torch.autograd.Function):
         x, numerator, denominator = ctx.saved_tensors
         if torch.is_grad_enabled():                       # create_graph=True (a gradient penalty, torch.func):
             inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, numerator, denominator)]
-            y = rational_reference(*inputs)               # differentiate Eq. 6 itself, twice if asked
+            y = _reference_in(numerator.dtype, *inputs)   # differentiate Eq. 6 itself, twice if asked
             return torch.autograd.grad(y, inputs, grad.to(y.dtype), create_graph=True)
         grad, needs = grad.contiguous(), tuple(ctx.needs_input_grad)
         parts = [_kernels["backward"](x[c], numerator, denominator, grad[c], needs) for c in _chunks(x)]
@@ -787,7 +812,13 @@ class _RationalFunction(torch.autograd.Function):
     def jvp(ctx, *tangents):                              # forward mode: through Eq. 6 as written
         inputs = ctx.saved_tensors
         tangents = tuple(torch.zeros_like(t) if dt is None else dt for t, dt in zip(inputs, tangents))
-        return torch.func.jvp(rational_reference, inputs, tangents)[1]
+        return torch.func.jvp(lambda *t: _reference_in(inputs[1].dtype, *t), inputs, tangents)[1].to(inputs[0].dtype)
+
+
+def _reference_in(dtype, x, numerator, denominator):
+    """rational_reference computed in ``dtype`` (the coefficients', float32 at least): x^5 in float16
+    overflows for |x| > 9.2, and bfloat16 loses the sign of P/Q far out."""
+    return rational_reference(x.to(dtype), numerator, denominator)
 
 
 _EAGER = {"forward": _rational_forward, "backward": _rational_backward, "chunk": 1 << 18}
@@ -899,7 +930,7 @@ def _find_activations(model, target, init, groups, channel_dim, example, per_mod
         raise ValueError(f"add_nora: per_module names {sorted(unknown)}, which are not activations it replaces; "
                          f"those are {[paths[i] for i in chosen][:8]}")
     seen = _probe(model, example, [m for _, _, m in chosen.values()]) if example is not None else {}
-    found = {}
+    found, misfits, suggestion = {}, [], {}
     for i, (parent, name, m) in chosen.items():
         path, own = paths[i], per_module.get(paths[i], {})
         where = f"add_nora: {path} ({type(m).__name__})"
@@ -918,13 +949,15 @@ def _find_activations(model, target, init, groups, channel_dim, example, per_mod
                                  f"{ran}; pass example= an input for the model (add_nora runs it once to see), or "
                                  f"per_module={{'{path}': dict(channel_dim=1)}} (or -1)")
         g = own.get("groups", groups)
-        bad = [w for w in widths if w % g]
-        if bad:
-            divisors = [d for d in range(1, min(bad[0], 64) + 1) if all(w % d == 0 for w in widths)]
-            raise ValueError(f"{where} acts on {bad[0]} channels, which cannot be split into {g} equal groups; "
-                             f"use a group count that divides {bad[0]}, e.g. one of {divisors}, for it alone: "
-                             f"per_module={{'{path}': dict(groups={max(divisors)})}}")
+        if any(w % g for w in widths):                    # the largest count below g that divides them all
+            fits = max(d for d in range(1, g + 1) if all(w % d == 0 for w in widths))
+            misfits.append(f"{where} acts on {widths[0]} channels, which cannot be split into {g} equal groups")
+            suggestion[path] = fits
         found[i] = (path, functions.get(i), dim, g)
+    if misfits:
+        raise ValueError("\n".join(misfits[:5] + [f"(and {len(misfits) - 5} more)"] * (len(misfits) > 5)) +
+                         f"\nuse group counts that divide them, e.g. per_module="
+                         f"{ {p: dict(groups=g, **per_module.get(p, {})) for p, g in suggestion.items()} }")
     return found
 
 
@@ -948,12 +981,13 @@ def _activation_classes(model, functions):
 
 
 def _channel_layout(parent, name, elementwise):
-    """(channel dim, channel count) of the input of ``parent``'s child ``name``, read off the layers
-    registered next to it: in an nn.Sequential, a sibling layer before it (which makes its input) or
-    after it (which takes its output) gives both; elsewhere a linear layer or LayerNorm next to it
-    gives the last axis (but no count: the one registered before may not be the one that runs before).
-    (None, None) where neither tells, e.g. a BatchNorm or convolution outside an nn.Sequential,
-    which may work on a reshaped tensor. Modules in ``elementwise`` (ids of activations) are looked past."""
+    """(channel dim, channel count) of the input of ``parent``'s child ``name``, read off the layer
+    registered before it (which makes that input), or, where none is, the one after it (which takes
+    its output). In an nn.Sequential, a sibling linear, convolution or norm layer gives both; elsewhere
+    only a linear layer does (the last axis, no count: the layer registered before may not be the
+    one that runs before). (None, None) where nothing tells surely: a norm or a convolution outside
+    an nn.Sequential may work on a reshaped or transposed tensor (LeViT, wav2vec2). Modules in
+    ``elementwise`` (ids of activations), dropouts and identities are looked past."""
     children = list(parent.named_children())
     i = [n for n, _ in children].index(name)
     sequential = isinstance(parent, nn.Sequential)
@@ -961,14 +995,16 @@ def _channel_layout(parent, name, elementwise):
         for _, m in neighbours:
             if isinstance(m, (nn.Dropout, nn.Identity, NoRA, GroupRational)) or id(m) in elementwise:
                 continue
-            if isinstance(m, nn.Linear) or type(m) is nn.LayerNorm or getattr(getattr(m, "weight", None), "ndim", 0) == 2:
+            if isinstance(m, nn.Linear) or getattr(getattr(m, "weight", None), "ndim", 0) == 2:   # nn.Linear, Conv1D
                 count = (m.out_features if makes_input else m.in_features) if isinstance(m, nn.Linear) else None
                 return -1, count if sequential else None
+            if sequential and type(m) is nn.LayerNorm:
+                return -1, m.normalized_shape[-1]
             if sequential and isinstance(m, nn.modules.conv._ConvNd):
                 return 1, m.out_channels if makes_input else m.in_channels
             if sequential and isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
                 return 1, getattr(m, "num_features", getattr(m, "num_channels", None))
-            break                                         # any other layer may change the layout: stop looking
+            return None, None                             # a layer that may change the layout: nothing sure
     return None, None
 
 
@@ -1169,6 +1205,139 @@ def _remove_lora_parametrizations(model):
         for name, chain in list(getattr(m, "parametrizations", {}).items()):
             if any(isinstance(p, LoRAWeight) for p in chain):
                 torch.nn.utils.parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+                m._nora_merged = getattr(m, "_nora_merged", ()) + (name,)   # adapter_state_dict keeps the weight
+
+
+def _adapter_keys(model):
+    """State-dict keys of every adapter's own tensors and settings (not the layers they wrap)."""
+    return {f"{name}.{k}" if name else k for name, m in model.named_modules() if isinstance(m, ADAPTERS)
+            for k in m.state_dict() if not k.startswith("base.")}
+
+
+def _merged_weights(model):
+    """State-dict keys of the weights that merge() folded a LoRAWeight into (nn.MultiheadAttention's in_proj_weight)."""
+    return {f"{name}.{w}" if name else w for name, m in model.named_modules() for w in getattr(m, "_nora_merged", ())}
+
+
+def _describe_adapters(model):
+    """What save_adapter writes beside the tensors: each adapter's kind, module path and settings."""
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, NoRA):
+            out.append(dict(kind="nora", path=path, groups=m.numerator.shape[0], rank=m.rank, alpha=m.scaling * m.rank,
+                            form=m.form, basis_scale=m.basis_scale, channel_dim=m.channel_dim))
+        elif isinstance(m, LoRALinear) and not isinstance(m, LoRAWeight):
+            out.append(dict(kind="lora", path=path, layer=type(m).__name__, rank=m.rank, alpha=m.scaling * m.rank,
+                            row_ranges=m.row_ranges, fan_in_fan_out=m.fan_in_fan_out, merged=m.merged))
+        for weight, chain in getattr(m, "parametrizations", {}).items():
+            out += [dict(kind="lora_weight", path=path, weight=weight, rank=p.rank, alpha=p.scaling * p.rank,
+                         row_ranges=p.row_ranges) for p in chain if isinstance(p, LoRAWeight)]
+        out += [dict(kind="merged_weight", path=path, weight=w) for w in getattr(m, "_nora_merged", ())]
+    return out
+
+
+def _plan_adapters(model, described, state):
+    """For each adapter the file describes and ``model`` lacks, a function that builds it in; every
+    one checked, and every new module built, before any is put in. Refused where the model has no
+    such module, or one that cannot take it."""
+    plan, where = [], lambda e: f"load_adapter: {e['path'] or 'the model'}"
+    for e in described.get("adapters", []):
+        try:
+            m = model.get_submodule(e["path"])
+        except AttributeError:
+            raise ValueError(f"{where(e)}: the model has no such module; load the adapter into the model it was "
+                             f"trained on") from None
+        if e["kind"] == "nora" and not isinstance(m, NoRA):
+            if next(m.parameters(), None) is not None or any(m.children()):
+                raise ValueError(f"{where(e)} is a {type(m).__name__}, not an activation; load into the model the "
+                                 f"adapter was trained on")
+            init = (state.get(e["path"] + ".numerator"), state.get(e["path"] + ".denominator"))
+            if not all(isinstance(t, torch.Tensor) for t in init):
+                raise ValueError(f"{where(e)}: the file has no base coefficients for it; it is damaged or not made by "
+                                 f"save_adapter")
+            new = NoRA(e["groups"], e["rank"], e["alpha"], init, e["form"], e["basis_scale"], e["channel_dim"])
+            plan.append((e["path"], new))
+        elif e["kind"] == "lora" and not isinstance(m, LoRALinear):
+            if e["layer"] != "LoRALinear":
+                raise ValueError(f"{where(e)} was trained with {e['layer']}, which load_adapter cannot build; put it "
+                                 f"on the model as before (e.g. train_vit.prepare) and load again")
+            if not (isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2):
+                raise ValueError(f"{where(e)} is a {type(m).__name__} with no 2-D weight to adapt")
+            plan.append((e["path"], LoRALinear(m, e["rank"], e["alpha"], e["row_ranges"], e["fan_in_fan_out"])))
+        elif e["kind"] == "lora_weight" and not torch.nn.utils.parametrize.is_parametrized(m, e["weight"]):
+            weight = getattr(m, e["weight"], None)
+            if not isinstance(weight, torch.Tensor):
+                raise ValueError(f"{where(e)} has no weight {e['weight']!r}")
+            plan.append((e["path"], (e["weight"], LoRAWeight(weight, e["rank"], e["alpha"], e["row_ranges"]))))
+        elif e["kind"] == "merged_weight" and torch.nn.utils.parametrize.is_parametrized(m, e["weight"]):
+            raise ValueError(f"{where(e)}: the file holds its merged {e['weight']}; load it into a model without "
+                             f"add_lora (a plain one), or merge this one first")
+
+    def put(path, new):
+        if isinstance(new, tuple):                        # a LoRAWeight: a parametrization of a weight
+            torch.nn.utils.parametrize.register_parametrization(model.get_submodule(path), *new)
+        else:
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, new)
+    return [functools.partial(put, path, new) for path, new in plan]
+
+
+def _check_adapter_state(model, state, plan, described):
+    """Refuse ``state`` before anything changes: keys that are not the model's adapters' (with ``plan``
+    built in), its BatchNorms' statistics, its head, trained parameters or merged weights (a file must
+    not overwrite the frozen backbone); missing adapter tensors; other shapes or settings; NaN or inf."""
+    own, adapters = dict(model.state_dict(keep_vars=True)), set(_adapter_keys(model))   # the state it will have
+    for put in plan:
+        path, new = put.args
+        if isinstance(new, tuple):                        # LoRAWeight: the weight moves under parametrizations
+            weight, lora = new
+            own.pop(f"{path}.{weight}", None)
+            prefix = f"{path}.parametrizations.{weight}."
+            own[prefix + "original"] = getattr(model.get_submodule(path), weight)
+            items = {f"{prefix}0.{k}": v for k, v in lora.state_dict(keep_vars=True).items()}
+        else:
+            for k in [k for k in own if k.startswith(path + ".")]:
+                own.pop(k)
+            items = {f"{path}.{k}": v for k, v in new.state_dict(keep_vars=True).items()}
+        own.update(items)
+        adapters |= {k for k in items if ".base." not in k and not k.endswith(".original")}
+    allowed = adapters | _running_statistics(model) | _merged_weights(model) | {
+        n for n, p in model.named_parameters() if p.requires_grad or n.startswith("head.")}
+    allowed |= {k for k in (described or {}).get("other", []) if k in own}
+    allowed |= {f"{e['path']}.{e['weight']}" for e in (described or {}).get("adapters", []) if e["kind"] == "merged_weight"}
+    strangers = sorted(k for k in state if k not in allowed)
+    missing = sorted(adapters - set(state))
+    if strangers or missing:
+        raise ValueError(f"load_adapter: the file's {strangers[:4]} are no adapter, head or trained tensors of this "
+                         f"model, and it lacks {missing[:4]}; build the model with the same add_nora / add_lora "
+                         f"settings (groups, rank, targets, depth) before loading, or pass a file made by save_adapter")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+           if not k.endswith("_extra_state") and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"load_adapter: the saved adapter was trained with other settings (groups, rank, form or "
+                         f"targets; saved vs this model: {', '.join(bad[:3])}); build the model with the saved settings")
+    nan = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()]
+    if nan:
+        raise ValueError(f"load_adapter: {nan[:3]} hold NaN or inf: the run that saved them diverged; retrain it")
+    for k, v in state.items():                            # settings no shape shows: set_extra_state only checks
+        module = _extra_state_owner(model, plan, k) if k.endswith("_extra_state") else None
+        if module is not None:
+            module.set_extra_state(v)
+
+
+def _extra_state_owner(model, plan, key):
+    """The module (in the model, or to be built in by ``plan``) whose extra state ``key`` is."""
+    path = key[:-len("._extra_state")] if key != "_extra_state" else ""
+    for put in plan:
+        where, new = put.args
+        if isinstance(new, tuple) and path == f"{where}.parametrizations.{new[0]}.0":
+            return new[1]
+        if not isinstance(new, tuple) and path == where:
+            return new
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _running_statistics(model):
@@ -1182,17 +1351,17 @@ def _adapter_parameters(model, types=ADAPTERS):
     return {id(p) for m in model.modules() if isinstance(m, types) for p in m.parameters(recurse=False)}
 
 # =============================================================================
-# Appendix C. Checks and the fit's optimiser
+# Appendix C. Checks, files and the fit's optimiser
 #
 # Kept out of the method so that it reads plainly: the checks of NoRA's arguments, of the settings
-# saved with an adapter (NoRA's and LoRALinear's extra state), of coefficients and group counts,
-# and the Levenberg-Marquardt steps that fit_rational takes.
+# saved with an adapter (NoRA's and LoRALinear's extra state), of coefficients and group counts;
+# safetensors files, read and written with the standard library; and the Levenberg-Marquardt
+# steps that fit_rational takes.
 # =============================================================================
 
 def _init_coefficients(init, groups):
     """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair."""
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    groups = _positive_int(groups, "groups")
     if isinstance(init, str):
         if init not in COEFFS:
             raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
@@ -1211,21 +1380,44 @@ def _init_coefficients(init, groups):
 def _check_arguments(form, rank, alpha, basis_scale):
     if form not in ("shared", "per_group"):
         raise ValueError(f"NoRA: form must be 'shared' or 'per_group', got {form!r}")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"NoRA: rank must be a positive integer, got {rank!r}")
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"NoRA: alpha must be a positive number (or None for 2 * rank), got {alpha!r}")
-    if not (math.isfinite(basis_scale) and basis_scale > 0):
-        raise ValueError(f"NoRA: basis_scale must be a positive number, got {basis_scale!r}")
+    _positive_int(rank, "NoRA: rank")
+    if alpha is not None:
+        _positive_number(alpha, "NoRA: alpha (or None for 2 * rank)")
+    _positive_number(basis_scale, "NoRA: basis_scale")
 
 
-def _check_settings(module, names, saved):
-    """Refuse a state dict saved with other settings (a tensor from get_extra_state) than ``module``'s."""
-    mine = module.get_extra_state()
+def _positive_int(value, what):
+    """``value`` as an int if it is a positive integer of any integer type but bool; else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_number(value, what):
+    """``value`` as a float if it is a finite positive real number but bool; else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_settings(module, names, saved, mine):
+    """Refuse a state dict saved with other settings (tensors as get_extra_state makes them) than ``module``'s."""
     if not (isinstance(saved, torch.Tensor) and saved.shape == mine.shape and torch.allclose(saved.cpu().double(), mine)):
         saved = saved.tolist() if isinstance(saved, torch.Tensor) else saved
         raise ValueError(f"{type(module).__name__}: the saved adapter was trained with other settings ({names}: "
                          f"saved {saved}, this model {mine.tolist()}); build the model with the saved settings")
+
+
+def _lora_settings(state):
+    """(settings, merged) from a LoRALinear's saved extra state: [scaling, fan_in_fan_out, merged,
+    row ranges ...]; files from before the merged flag have an even length and were unmerged."""
+    if isinstance(state, dict):                           # saved by an older nora.py still
+        state = torch.tensor([state["scaling"], False, *(i for r in state["row_ranges"] for i in r)], dtype=torch.float64)
+    if not isinstance(state, torch.Tensor) or state.dim() != 1 or len(state) < 2:
+        return state, False
+    if len(state) % 2:
+        return torch.cat([state[:2], state[3:]]), bool(state[2])
+    return state, False
 
 
 def _check_rational_inputs(x, numerator, denominator, dim):
@@ -1274,6 +1466,103 @@ def _least_squares(coeffs, V, W, f, root_weight, iters=200):
         else:
             break                                         # no step lowers the error: a minimum
     return coeffs
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def write_safetensors(path, state, metadata=None):
+    """Write {name: tensor} as a .safetensors file (an 8-byte little-endian header length, a JSON
+    header of each tensor's dtype, shape and byte range, padded to 8 bytes, then the raw bytes) with
+    {str: str} ``metadata``; through write_atomic, so a failed write leaves the old file whole."""
+    names, header, blobs, offset = {v: k for k, v in _SAFETENSORS_DTYPES.items()}, {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(data)])
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    write_atomic(path, struct.pack("<Q", len(head) + -len(head) % 8) + head + b" " * (-len(head) % 8) + b"".join(blobs))
+
+
+def read_safetensors(path, metadata=False):
+    """{name: tensor} from a .safetensors file (and its metadata, if asked), parsed with the standard
+    library and torch, so no safetensors package is needed. Every entry is checked: a known dtype,
+    a shape of non-negative integers whose size is its byte range, and ranges that lie in the file
+    without overlapping (overlapping ranges would make a small file huge in memory)."""
+    data = Path(path).read_bytes()
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate names {sorted({k for k in keys if keys.count(k) > 1})[:3]}")
+        return dict(pairs)
+    try:
+        if len(data) < 8:
+            raise ValueError("shorter than its 8-byte header length")
+        n = struct.unpack("<Q", data[:8])[0]
+        if n > len(data) - 8:
+            raise ValueError(f"a header of {n} bytes in a file of {len(data)}")
+        header = json.loads(data[8:8 + n], object_pairs_hook=unique)
+        body, state, end_of_last = data[8 + n:], {}, 0
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+        for name, info in entries:
+            dtype, offsets, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"], info["shape"]
+            if not (len(offsets) == 2 and all(type(i) is int for i in (*offsets, *shape)) and min(shape, default=0) >= 0):
+                raise ValueError(f"{name} has offsets {offsets} and shape {shape}; both must be integers >= 0")
+            start, end = offsets
+            if not end_of_last <= start <= end <= len(body) or end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{name}'s bytes {offsets} overlap another tensor's, lie past the end of the file, "
+                                 f"or do not hold its shape {shape}")
+            state[name] = torch.frombuffer(bytearray(body[start:end]), dtype=dtype).view(shape) if end > start \
+                else torch.empty(shape, dtype=dtype)
+            end_of_last = end
+        extra = header.get("__metadata__") or {}
+        if not (isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values())):
+            raise ValueError("its __metadata__ is not a map of strings")
+    except (struct.error, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        what = f"unknown dtype {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path} is not a valid .safetensors file ({what}); it may be truncated or an "
+                         f"error page. Download it again, or pass another file") from None
+    return (state, extra) if metadata else state
+
+
+def read_adapter(path):
+    """(state, description) from a save_adapter file; the description is None for a plain safetensors
+    state dict, which then needs a model prepared like the saved one."""
+    state, extra = read_safetensors(path, metadata=True)
+    if "nora" not in extra:
+        return state, None
+    try:
+        described = json.loads(extra["nora"])
+        ok = isinstance(described, dict) and all(isinstance(e, dict) and e.get("kind") in
+                                                 ("nora", "lora", "lora_weight", "merged_weight")
+                                                 and isinstance(e.get("path"), str) for e in described["adapters"])
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: its description of the adapters is damaged; save the adapter again")
+    return state, described
+
+
+def write_atomic(path, data):
+    """Write ``data`` (bytes or str) to ``path`` through a temporary file in the same folder, then
+    os.replace it into place: a crash or a full disk mid-write leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _divisors_hint(C):
@@ -1568,36 +1857,6 @@ def read_checkpoint(path):
     if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise ValueError(f"{path} holds no state dict of tensors (found {type(state).__name__}); "
                          f"pass a file of model weights")
-    return state
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """A .safetensors file is an 8-byte little-endian header length, a JSON header giving each
-    tensor's dtype, shape and byte range, then the raw bytes: parsed here with the standard
-    library and torch.frombuffer, so no safetensors package is needed."""
-    data = Path(path).read_bytes()
-    try:
-        n = struct.unpack("<Q", data[:8])[0]
-        header = json.loads(data[8:8 + n])
-        body = bytearray(data[8 + n:])     # writable, so torch.frombuffer does not warn
-        state = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            if not 0 <= start <= end <= len(body):
-                raise ValueError(f"{name} lies past the end of the file")
-            state[name] = (torch.frombuffer(body[start:end], dtype=dtype) if end > start
-                           else torch.empty(0, dtype=dtype)).view(info["shape"])
-    except (struct.error, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-        what = f"unknown dtype {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-        raise ValueError(f"{path} is not a valid .safetensors file ({what}); it may be truncated or an "
-                         f"error page. Download it again, or pass another file") from None
     return state
 
 
