@@ -937,17 +937,26 @@ def _find_activations(model, target, init, groups, channel_dim, example, per_mod
         if init is None and functions.get(i) is None:
             raise ValueError(f"{where} computes none of {list(ACTIVATIONS)}; pass init=nora.fit_rational(fn) for "
                              f"its function fn, or a target= that leaves it out")
-        dim, widths = own.get("channel_dim", channel_dim), []
-        if i in seen:
-            dim, widths = seen[i] if dim == "auto" else (dim, [])
-        elif dim == "auto":
+        dim, shapes, counts = own.get("channel_dim", channel_dim), [shape for shape, _ in seen.get(i, [])], []
+        if dim == "auto" and shapes:                      # seen on the example: every call must agree
+            dims = {d for _, d in seen[i]}
+            if None in dims or len(dims) > 1:
+                shape = next((s for s, d in seen[i] if d is None), shapes[0])
+                raise ValueError(f"{where} gets a {shape} input " + ("whose channel axis no layer's output tells"
+                                 if None in dims else f"with its channels on different axes {sorted(dims)}") +
+                                 f"; pass per_module={{'{path}': dict(channel_dim=...)}} with its channel axis")
+            dim = dims.pop()
+        elif dim == "auto":                               # not seen: the neighbours, where they surely tell
             dim, count = _channel_layout(parent, name, {j for j, f in functions.items() if f})
-            widths = [count] if count else []
+            counts = [count] if count else []
             if dim is None:
                 ran = " (it did not run on the example)" if example is not None else ""
                 raise ValueError(f"{where}: nothing next to it tells which axis of its input holds the channels"
                                  f"{ran}; pass example= an input for the model (add_nora runs it once to see), or "
                                  f"per_module={{'{path}': dict(channel_dim=1)}} (or -1)")
+        if not all(-len(shape) <= dim < len(shape) for shape in shapes):
+            raise ValueError(f"{where} gets {shapes[0]} inputs, which have no axis {dim}; pass its channel axis")
+        widths = [shape[dim] for shape in shapes] or counts
         g = own.get("groups", groups)
         if any(w % g for w in widths):                    # the largest count below g that divides them all
             fits = max(d for d in range(1, g + 1) if all(w % d == 0 for w in widths))
@@ -1026,22 +1035,22 @@ def _width(m, out):
 @torch.no_grad()
 def _probe(model, example, activations):
     """Run ``example`` through ``model`` once (eval mode, no gradients, the RNG left as it was) and
-    see, for each module in ``activations``, every tensor it gets: its channel axis is the one whose
-    size is the width of the layer that made it (the last to make a tensor of as many elements; its
-    own axis where the shapes agree). {id: (channel dim, widths)} for the modules that ran."""
-    made, calls = [], {id(m): [] for m in activations}
-    act_ids = set(calls)
+    see every tensor each module in ``activations`` gets: {id: [(shape, channel dim or None)]}.
+    The channel axis follows the layer that made the tensor: the last one whose output it is a view
+    of (through reshapes, transposes, slices and chunks: the axis with that layer's channel stride),
+    else the last whose output has its very shape (an elementwise step between, as in timm's
+    BatchNormAct2d). None where no layer tells, e.g. after a matmul with a weight that is no layer's."""
+    made, calls, act_ids = [], {id(m): [] for m in activations}, {id(m) for m in activations}
 
-    def after(m, args, out):
+    def after(m, args, out):                              # kept alive, so no later tensor reuses its memory
         layout = _width(m, out) if isinstance(out, torch.Tensor) and id(m) not in act_ids else None
-        if layout and layout[1]:
-            made.append((out.numel(), tuple(out.shape), layout[0] % out.dim(), layout[1]))
+        if layout and layout[1] and out.dim():
+            made.append((out, layout[0] % out.dim()))
 
     def before(m, args):
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if x is not None and x.dim() > 0:
-            maker = next((p for p in reversed(made) if p[0] == x.numel()), None)
-            calls[id(m)].append((tuple(x.shape), maker, type(m).__name__))
+            calls[id(m)].append((tuple(x.shape), _channel_axis(x, made)))
 
     hooks = [m.register_forward_hook(after) for m in model.modules() if _width(m, torch.empty(1)) is not None]
     hooks += [m.register_forward_pre_hook(before) for m in activations]
@@ -1056,27 +1065,26 @@ def _probe(model, example, activations):
             h.remove()
         for m, mode in training.items():
             m.training = mode
-    paths = {id(m): path for path, m in model.named_modules()}
-    seen = {}
-    for i, shapes in calls.items():
-        dims = set()
-        for shape, maker, cls in shapes:
-            axes = [] if maker is None else [maker[2]] if maker[1] == shape else \
-                [d for d, n in enumerate(shape) if n == maker[3]]
+    return {i: c for i, c in calls.items() if c}
+
+
+def _channel_axis(x, made):
+    """The axis of ``x`` that holds the channels of the latest (tensor, channel axis) in ``made`` that
+    ``x`` is a view of, or that has x's shape; -1 for the last axis; None where none tells."""
+    for out, axis in reversed(made):
+        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            if out.shape == x.shape and out.stride() == x.stride():
+                break
+            stride = out.stride(axis)                     # the channel axis keeps its stride in a view
+            axes = [d for d in range(x.dim()) if x.stride(d) == stride and x.shape[d] > 1]
             if len(axes) != 1:
-                raise ValueError(f"add_nora: {paths[i]} ({cls}) gets a {shape} input and " + (
-                    "no layer made a tensor of its size" if maker is None else
-                    f"{'none' if not axes else 'several'} of its axes match the width {maker[3]} of the layer that "
-                    f"made it") + f"; pass per_module={{'{paths[i]}': dict(channel_dim=...)}}, or an example of "
-                    f"other sizes")
-            dims.add(-1 if axes[0] == len(shape) - 1 else axes[0])
-        if len(dims) > 1:
-            raise ValueError(f"add_nora: {paths[i]} runs on inputs with their channels on different axes {sorted(dims)}; "
-                             f"pass per_module={{'{paths[i]}': dict(channel_dim=...)}}")
-        if dims:
-            dim = dims.pop()
-            seen[i] = dim, [shape[dim] for shape, _, _ in shapes]
-    return seen
+                return None
+            return -1 if axes[0] == x.dim() - 1 else axes[0]
+    else:
+        out, axis = next(((o, a) for o, a in reversed(made) if o.shape == x.shape), (None, None))
+        if out is None:
+            return None
+    return -1 if axis == x.dim() - 1 else axis
 
 
 def _warn_if_far_at_init(found):

@@ -52,6 +52,12 @@ def train_steps(model, steps=5, lr=1e-2, x=None, classes=10, seed=0):
     return losses
 
 
+def latest_table(folder, name):
+    """The text of the newest table-<name>-cifar10-paper[-k].md in ``folder`` (tables never replace one another)."""
+    files = sorted(folder.glob(f"table-{name}-cifar10-paper*.md"), key=lambda f: f.stat().st_mtime_ns)
+    return files[-1].read_text()
+
+
 def dev_script(name):
     """dev/<name>.py imported as a module (dev/ is on sys.path): the dev/ scripts' tests run in CI too."""
     return importlib.import_module(name)
@@ -1507,7 +1513,7 @@ def test_torchrun_with_two_processes_trains_what_one_process_trains(cifar_root, 
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("RESULT") == 1                                  # only rank 0 prints
     assert len(json.loads((tmp_path / "two.json").read_text())) == 1        # and writes one record
-    one, two = (torch.load(tmp_path / f, weights_only=True)["state"] for f in ("one.pt", "two.pt"))
+    one, two = (nora.read_safetensors(tmp_path / f) for f in ("one.pt", "two.pt"))
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5)
@@ -1528,7 +1534,7 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
     monkeypatch.setattr(train_vit, "evaluate", lambda m, x, y, *a: seen.append(len(x)) or real_evaluate(m, x, y, *a))
     sweeps.main(["study", "--data-root", str(cifar_root), "--seeds", "2", "--val-fraction", "0.25",
                     *TINY_RUN])
-    text = (tmp_path / "table-study-cifar10-paper.md").read_text()
+    text = latest_table(tmp_path, "study")
     assert "| head | 0.001: " in text and "| nora | 0.001: " in text and "validation split of 10 training images" in text
     records = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in records] == ["head", "head", "head", "nora", "nora"]
@@ -1539,7 +1545,7 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
                     "--seeds", "1", *TINY_RUN])
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["head_lr"]) for r in records] == [("nora", 0.01)]
-    text = (tmp_path / "table-study-cifar10-paper.md").read_text()
+    text = latest_table(tmp_path, "study")
     assert "The head trains at --head-lr (0.01)" in text and "nora++" not in text      # no row, no note
     (tmp_path / "results.json").unlink()
     monkeypatch.setitem(sweeps.STUDY, "nora++", (1e-3,))
@@ -1547,11 +1553,11 @@ def test_study_picks_each_lr_on_validation_and_reports_test_over_seeds(cifar_roo
                     "--nora-lr", "0.03", "--seeds", "1", *TINY_RUN])          # NoRA at its own lr, LoRA swept
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["lr"], r["head_lr"], r["nora_lr"]) for r in records] == [("nora++", 1e-3, 0.01, 0.03)]
-    assert "in nora++, NoRA's parameters train at --nora-lr (0.03)" in (tmp_path / "table-study-cifar10-paper.md").read_text()
+    assert "in nora++, NoRA's parameters train at --nora-lr (0.03)" in latest_table(tmp_path, "study")
     (tmp_path / "results.json").unlink()
     monkeypatch.setitem(sweeps.STUDY, "head", (1e-2,))
     sweeps.main(["stability", "--data-root", str(cifar_root), *TINY_RUN])
-    text = (tmp_path / "table-stability-cifar10-paper.md").read_text()
+    text = latest_table(tmp_path, "stability")
     assert "| NoRA G = 8, r = 2 |" in text and "the head trains at lr 0.01 in every run" in text
     records = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in records] == ["head", "nora", "nora-monomial", "nora-monomial"]
@@ -1569,7 +1575,7 @@ def test_sweeps_choose_on_validation_never_on_test(cifar_root, tmp_path, monkeyp
     monkeypatch.setattr(train_vit, "train", lambda args, *a, **k: running.update(lr=args.lr) or real_train(args, *a, **k))
     monkeypatch.setattr(train_vit, "evaluate", lambda m, x, *a: score[len(x), running["lr"]])
     sweeps.main(["study", "--data-root", str(cifar_root), "--seeds", "1", "--val-fraction", "0.25", *TINY_RUN])
-    text = (tmp_path / "table-study-cifar10-paper.md").read_text()
+    text = latest_table(tmp_path, "study")
     assert "| head | 0.001: 50.0, 0.01: 70.0, 0.1: 60.0 | 0.01 | 20.0 +- 0.0 |" in text
 
 

@@ -108,17 +108,36 @@ def load_cifar(name, root, download=True):
                 sys.exit(f"error: {path / f} is missing; the {name} folder is incomplete. {redo}")
             try:
                 with open(path / f, "rb") as fh:
-                    batch = pickle.load(fh, encoding="latin1")
-                data, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch[key], dtype=np.int64)
-                if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels) or not len(data):
-                    raise ValueError(f"{data.shape} data for {len(labels)} labels, expected (N, 3072) for N > 0")
-            except Exception as e:                    # truncated, empty, not a pickle, wrong keys or shapes
+                    batch = CifarUnpickler(fh, encoding="latin1").load()
+                data, labels = batch["data"], np.asarray(batch[key])
+                if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                        and data.shape[1] == 3072 and len(data) == len(labels) > 0):
+                    raise ValueError(f"{getattr(data, 'dtype', type(data).__name__)} data of shape "
+                                     f"{getattr(data, 'shape', '?')} for {len(labels)} labels; expected uint8 (N, 3072)")
+                if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= NUM_CLASSES[name]:
+                    raise ValueError(f"labels must be integers in [0, {NUM_CLASSES[name]}), got {labels.dtype} "
+                                     f"in [{labels.min()}, {labels.max()}]")
+            except Exception as e:                    # truncated, empty, not a pickle, code in it, wrong keys or shapes
                 sys.exit(f"error: {path / f} is not a valid {name} batch ({type(e).__name__}: {e}). {redo}")
             xs.append(data.reshape(-1, 3, 32, 32))
-            ys.append(labels)
+            ys.append(labels.astype(np.int64))
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
     return (*read(train_files), *read([test_file]))
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """A pickle reader that builds only what a CIFAR batch holds (dicts, lists, strings, numbers and
+    numpy arrays): any other class or function in the file is refused instead of run."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds no such thing")
+        return super().find_class(module, name)
 
 
 def balanced_subset(labels, n, seed):
@@ -337,7 +356,7 @@ def activation_drift(model, x_range=8.0):
 
 
 def record(args, result):
-    rec = {**{k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}, **result}
+    rec = {**run_settings(args), **result}
     print(f"RESULT method={args.method} dataset={args.dataset} trainable={result['trainable']:,} "
           f"({result['percent']:.3f}%) accuracy={result['accuracy']:.2f}% time={result['seconds']:.0f}s"
           + ("" if result.get("drift") is None else f" max|phi-GELU| on [-8,8]={result['drift']:.3g}, "
@@ -346,45 +365,67 @@ def record(args, result):
     return rec
 
 
-def write_file(path, data):
-    """Write ``data`` (str or bytes) to ``path`` through a temporary file in the same folder, then
-    os.replace it into place: a crash or a full disk mid-write leaves the old file whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_records(path):
-    """The records in the --out file ``path`` (a JSON list), or none if there is no such file."""
-    return json.loads(Path(path).read_text()) if path and Path(path).exists() else []
+    """The records in the --out file ``path`` (a JSON list of records), or none if there is no such file."""
+    if not (path and Path(path).exists()):
+        return []
+    try:
+        records = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {path} is not a JSON list of results ({e}); pass another --out, or repair or move it")
+    if not (isinstance(records, list) and all(isinstance(r, dict) for r in records)):
+        sys.exit(f"error: {path} holds JSON but not a list of results; pass another --out")
+    return records
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on ``path``.lock for a read-change-write of ``path`` that two runs share (none
+    where fcntl is missing, as on Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def append_record(args, rec):
-    """Add ``rec`` to --out, if given; under torchrun only the first process writes."""
+    """Add ``rec`` to --out, if given, under a lock and through a temporary file, so that neither a
+    second run nor a crash loses a record; under torchrun only the first process writes."""
     if args.out and args.process == 0:
-        write_file(args.out, json.dumps(read_records(args.out) + [rec], indent=1))
+        with locked(args.out):
+            nora.write_atomic(args.out, json.dumps(read_records(args.out) + [rec], indent=1))
 
 
 SAVED_SETTINGS = ("method", "groups", "rank", "alpha", "basis_scale", "grow_from", "model", "img_size", "depth",
-                  "dataset", "mean", "std")
+                  "dataset", "mean", "std", "lora_rank", "seed")   # what --eval-adapter rebuilds the run with
 
 
-def evaluate_adapter(args, data, state):
+def evaluate_adapter(args, data, adapter):
     """Load a --save file's adapters and head onto the pretrained model (args already hold its settings)."""
     model, _ = build_model(args)
     try:
-        nora.load_adapter(model, state)
+        nora.load_adapter(model, adapter)
     except ValueError as e:
         sys.exit(f"error: {args.eval_adapter}: {e}")
     acc = evaluate(model, data[2], data[3], input_pipeline(args), args.batch_size, args.amp)
     print(f"RESULT eval-adapter {args.eval_adapter}: method={args.method} accuracy={acc:.2f}%")
     if args.plot_activations and args.process == 0:
         plot_activations(model, args.plot_activations)
-    return dict(accuracy=acc)
+    rec = {**run_settings(args), "eval_adapter": args.eval_adapter, "accuracy": acc}
+    append_record(args, rec)
+    return rec
+
+
+def run_settings(args):
+    """The run's flags as JSON takes them, for records and --save files."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ("process", "world")}, default=str))
 
 
 def run(args, data):
@@ -392,11 +433,9 @@ def run(args, data):
         model, result = train(args, data)
     except Diverged as e:
         sys.exit(f"error: {e}")
-    if args.save and args.process == 0:
-        state = nora.adapter_state_dict(model)
-        torch.save({"args": {k: v for k, v in vars(args).items() if k not in ("device", "process", "world")},
-                    "state": state}, args.save)
-        print(f"saved adapter and head ({sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor)):,} numbers) to {args.save}")
+    if args.save and args.process == 0:                  # a .safetensors file that describes itself
+        state = nora.save_adapter(model, args.save, metadata={"train_vit": json.dumps(run_settings(args))})
+        print(f"saved adapter and head ({sum(v.numel() for v in state.values()):,} numbers) to {args.save}")
     if args.plot_activations and args.process == 0:
         plot_activations(model, args.plot_activations)
     return record(args, result)
@@ -435,10 +474,15 @@ def table(args, data):
 
 
 def write_table(args, name, text):
+    """Print the table and write it to table-<name>-<dataset>-<scale>.md; never over another table: a
+    file of that name with other contents keeps them, and the table goes to the next free name."""
     print(text)
-    md = Path(f"table-{name}-{args.dataset}-{args.scale}.md")
+    md, k, text = Path(f"table-{name}-{args.dataset}-{args.scale}.md"), 1, text.lstrip() + "\n"
+    while md.exists() and md.read_text() != text:
+        k += 1
+        md = Path(f"table-{name}-{args.dataset}-{args.scale}-{k}.md")
     if args.process == 0:
-        write_file(md, text.lstrip() + "\n")
+        nora.write_atomic(md, text)
     print(f"\nwrote {md}" + (f"; every run's record is in {args.out}" if args.out else ""))
 
 
@@ -530,7 +574,7 @@ def efficiency(args):
     print(text)
     md = Path(f"table-efficiency-{args.device.type}.md")
     if args.process == 0:
-        write_file(md, text + "\n")
+        nora.write_atomic(md, text + "\n")
     print(f"\nwrote {md}")
     return r
 
@@ -740,18 +784,25 @@ def make_parser():
 
 
 def check_output_paths(p, paths):
-    """Fail before training, not after it, if a result could not be written; ``paths``: {flag: path}."""
-    for flag, path in paths.items():
-        if path is None:
-            continue
-        path = Path(path)
+    """Fail before any data is read, not after training, if a result could not be written or two
+    results would land in one file; ``paths``: {flag: path}."""
+    given = {flag: Path(path) for flag, path in paths.items() if path is not None}
+    for flag, path in given.items():
         if path.is_dir() or not path.parent.is_dir():
             p.error(f"{flag} {path}: {'is a folder' if path.is_dir() else 'its folder does not exist'}; "
                     f"give a file path in an existing folder")
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            p.error(f"{flag} {path}: cannot be written here (no permission); give a path in a folder you can write")
+    resolved = {}
+    for flag, path in given.items():
+        if path.resolve() in resolved:
+            p.error(f"{flag} and {resolved[path.resolve()]} name the same file {path}; give each its own")
+        resolved[path.resolve()] = flag
     out = paths.get("--out")
     if out and Path(out).exists():
         try:
-            ok = isinstance(json.loads(Path(out).read_text()), list)
+            records = json.loads(Path(out).read_text())
+            ok = isinstance(records, list) and all(isinstance(r, dict) for r in records)
         except (ValueError, UnicodeDecodeError):
             ok = False
         if not ok:
@@ -769,20 +820,34 @@ def parse_args(argv=None, parser=None, outputs=()):
     for k in ("epochs", "batch_size", "log_every", "groups", "rank", "lora_rank", "img_size", "repeats", "bench_batch"):
         if getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    for k in ("train_subset", "test_subset", "threads", "grow_from", "seed"):
+        if getattr(args, k) < 0:
+            p.error(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
     for k in ("steps", "depth", "alpha", "lr", "head_lr", "nora_lr", "basis_scale"):
         v = getattr(args, k)
         if v is not None and not (v > 0 and math.isfinite(v)):
             p.error(f"--{k} must be positive, got {v}")
+    record = nora.PRETRAINED[args.model]
+    width, patch = 4 * nora.VIT_SIZES[record["size"]][0], record["patch_size"]
+    if width % args.groups or (args.grow_from and (args.groups % args.grow_from or width % args.grow_from)):
+        p.error(f"--groups {args.groups}{f' and --grow-from {args.grow_from}' if args.grow_from else ''} must divide "
+                f"the ViT's MLP width {width} (and --grow-from --groups), e.g. --groups 8")
+    if args.img_size < patch:
+        p.error(f"--img-size {args.img_size} is smaller than the model's {patch} px patches")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     if args.table and (args.save or args.eval_adapter or args.plot_activations or args.method != p.get_default("method")):
         p.error("--table runs every row of a table: it cannot be combined with --save, --eval-adapter, "
                 "--plot-activations or --method")
+    if args.eval_adapter and args.save:
+        p.error("--eval-adapter evaluates a saved adapter and trains nothing, so there is nothing to --save")
     if args.eval_adapter and not Path(args.eval_adapter).is_file():
         p.error(f"--eval-adapter: no file at {args.eval_adapter}")
     check_output_paths(p, {"--save": args.save, "--out": args.out, "--plot-activations": args.plot_activations,
                            **{flag: getattr(args, flag[2:].replace("-", "_")) for flag in outputs}})
     args.device = torch.device(args.device)
     args.amp = getattr(torch, args.amp_dtype) if args.device.type == "cuda" and not args.no_amp else None
-    args.mean, args.std = nora.PRETRAINED[args.model]["mean"], nora.PRETRAINED[args.model]["std"]
+    args.mean, args.std = record["mean"], record["std"]
     args.process, args.world = 0, 1                     # this process's rank and the count (start_processes)
     if args.table and args.out is None:
         args.out = "results.json"
@@ -790,17 +855,24 @@ def parse_args(argv=None, parser=None, outputs=()):
 
 
 def load_saved_run(path):
-    """A --save file: {'args': the run's settings, 'state': nora.adapter_state_dict}. Loaded with
-    weights_only=True, so a shared file cannot run code."""
+    """(the run's settings, the adapter) of a --save file: a .safetensors file written by
+    nora.save_adapter, its run's settings in the metadata (or, from before, a torch.save'd
+    {'args', 'state'}, loaded with weights_only=True so that it cannot run code)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        sys.exit(f"error: {path} could not be read as a saved adapter ({type(e).__name__}: {e})")
-    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("args"), dict)
-            and all(k in saved["args"] for k in SAVED_SETTINGS)):
-        sys.exit(f"error: {path} is not a train_vit.py --save file (a bare nora.adapter_state_dict has no "
-                 f"settings: load it in Python with nora.load_adapter onto a model built like the saved one)")
-    return saved
+        _, metadata = nora.read_safetensors(path, metadata=True)
+        settings, adapter = json.loads(metadata["train_vit"]), path
+    except ValueError:                                    # not a safetensors file: an older --save
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            sys.exit(f"error: {path} could not be read as a saved adapter ({type(e).__name__}: {e})")
+        settings, adapter = (saved.get("args"), saved.get("state")) if isinstance(saved, dict) else (None, None)
+    except KeyError:
+        settings = None
+    if not (isinstance(settings, dict) and all(k in settings for k in SAVED_SETTINGS[:-2])):
+        sys.exit(f"error: {path} is not a train_vit.py --save file (it has no run settings: load it in Python "
+                 f"with nora.load_adapter(model, path))")
+    return settings, adapter
 
 
 def start_processes(args):
@@ -855,6 +927,9 @@ def load_data(args):
     train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_root, not args.no_download)
     tr = balanced_subset(train_y, args.train_subset, args.seed)
     te = balanced_subset(test_y, args.test_subset, args.seed + 1)
+    if args.batch_size > len(tr) and not args.eval_adapter:
+        sys.exit(f"error: --batch-size {args.batch_size} is more than the {len(tr)} training images; "
+                 f"lower it or raise --train-subset")
     return train_x[tr], train_y[tr], test_x[te], test_y[te]
 
 
@@ -863,13 +938,12 @@ def main(argv=None):
     with session(args):
         if args.table == "efficiency":
             return efficiency(args)
-        if args.eval_adapter:                           # the saved run's settings pick the data too
-            saved = load_saved_run(args.eval_adapter)
+        if args.eval_adapter:                           # the saved run's settings pick the data and seed too
+            settings, adapter = load_saved_run(args.eval_adapter)
             for k in SAVED_SETTINGS:
-                setattr(args, k, saved["args"][k])
-            args.lora_rank = saved["args"].get("lora_rank", 8)              # (not saved before --lora-rank)
-            args.weights = args.weights or saved["args"].get("weights")    # the checkpoint it was trained on
-            return evaluate_adapter(args, load_data(args), saved["state"])
+                setattr(args, k, settings.get(k, dict(lora_rank=8, seed=0).get(k)))   # (older files lack these two)
+            args.weights = args.weights or settings.get("weights")    # the checkpoint it was trained on
+            return evaluate_adapter(args, load_data(args), adapter)
         data = load_data(args)
         return table(args, data) if args.table else run(args, data)
 

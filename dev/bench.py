@@ -192,7 +192,7 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     out = Path(args.out or f"bench-{dev.type}.md")
-    tv.write_file(out, text + "\n")
+    nora.write_atomic(out, text + "\n")
     print(f"\nwrote {out}")
     return text
 

@@ -166,8 +166,8 @@ class Report:
                 md += ["", f"## {title}"] * (i == 0) + ["", f"`{run['command']}`", "",
                        ", ".join(f"{k} {v}" for k, v in run["summary"].items()), "", "```", *run["tail"], "```"]
         md += [f"\n{n}" for n in self.notes]
-        tv.write_file(self.out / "gpu_check.md", "\n".join(md) + "\n")
-        tv.write_file(self.out / "gpu_check.json", json.dumps(dict(header=h, checks=self.checks, data=d, goals=self.goals(),
+        nora.write_atomic(self.out / "gpu_check.md", "\n".join(md) + "\n")
+        nora.write_atomic(self.out / "gpu_check.json", json.dumps(dict(header=h, checks=self.checks, data=d, goals=self.goals(),
                                                                    notes=self.notes, seconds=round(time.time() - T0, 1)),
                                                               indent=1, default=str))
 

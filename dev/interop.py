@@ -237,8 +237,8 @@ def hf_models():
         # (refused all the same, as EVA02 and LeViT are)
         "HF Mixtral (per_module given)": (lambda: hf.MixtralForCausalLM(hf.MixtralConfig(**moe)), ids, qv,
                                           dict(silu, per_module=experts)),
-        # intermediate 16: the experts' SiLU gets (32 routed tokens, 16), and o_proj made (2, 8, 32) just before, as many
-        # elements: add_nora takes axis 0, the tokens, for the channels (a bug in nora.py, see issue 27's report)
+        # intermediate 16: the experts' SiLU gets (32 routed tokens, 16), and o_proj made (2, 8, 32) just before,
+        # as many elements: add_nora takes axis 0, the tokens, for the channels (a nora.py bug: issue 27's report)
         "HF Mixtral, intermediate 16 (wrong axis: dim 0)": (lambda: hf.MixtralForCausalLM(hf.MixtralConfig(
             **dict(moe, intermediate_size=16))), ids, qv, silu),
         # fused query_key_value is q | k | v per head (2 heads of 16 rows): the rows of each head's q and v

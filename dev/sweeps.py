@@ -79,10 +79,11 @@ def trial(args, split, test=None, train_now=True, **changes):
     is read back; one that is not is trained, or with ``train_now=False`` returned as None."""
     run_args = argparse.Namespace(**{**vars(args), **changes})
     key = json.loads(json.dumps({k: getattr(run_args, k) for k in RUN_SETTINGS}, default=str))   # as JSON has it
-    for rec in tv.read_records(args.out):
-        if "validation" in rec and {k: rec.get(k) for k in RUN_SETTINGS} == key and (test is None or rec["test"] is not None
-                                                                                     or rec["validation"] is None):
-            return rec
+    done = shared(args, lambda: next((rec for rec in tv.read_records(args.out) if "validation" in rec and
+                                      {k: rec.get(k) for k in RUN_SETTINGS} == key and
+                                      (test is None or rec["test"] is not None or rec["validation"] is None)), None))
+    if done is not None:
+        return done
     if not train_now:
         return None
     try:
@@ -97,6 +98,15 @@ def trial(args, split, test=None, train_now=True, **changes):
           + ("" if test is None else f", test {fmt(rec['test'])}"), flush=True)
     tv.append_record(args, rec)
     return rec
+
+
+def shared(args, decide):
+    """decide() on rank 0, sent to every process under torchrun, so that only rank 0 reads the runs
+    file and all processes take the same decision."""
+    value = [decide() if args.process == 0 else None]
+    if args.world > 1:
+        torch.distributed.broadcast_object_list(value, src=0)
+    return value[0]
 
 
 def score(rec):
@@ -345,7 +355,7 @@ def plot_frontier(path, curves, head):
         for x, m, sd in sorted(c):
             out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(m - sd):.1f}" y2="{sy(m + sd):.1f}" stroke="{colour}"/>'
                        f'<circle cx="{sx(x):.1f}" cy="{sy(m):.1f}" r="3" fill="{colour}"/>')
-    tv.write_file(path, "\n".join(out + ["</svg>"]) + "\n")
+    nora.write_atomic(path, "\n".join(out + ["</svg>"]) + "\n")
     print(f"wrote {path}: {len(pts)} points")
 
 
@@ -401,7 +411,8 @@ smallest and largest sizes. A best lr at the edge of the grid makes the grid gro
 """ + "\n".join(check_rows) + "\n\n" + gap + "\n\n" + PAPER_FRONTIER)
     if args.plot:
         curves = [(f, [(count, m, sd) for (g, _), (m, sd, _, count) in summary.items() if g == f]) for f in families]
-        plot_frontier(args.plot, curves, summary.get(("head", ""), (None,))[0])
+        if args.process == 0:
+            plot_frontier(args.plot, curves, summary.get(("head", ""), (None,))[0])
 
 
 def describe(args):
