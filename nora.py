@@ -1797,9 +1797,11 @@ def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True)
     missing = [k for k in own if k not in state and not k.startswith("head.")]
     unexpected = [k for k in state if k not in own]
     if bad or missing or unexpected:
+        if url:                                           # nor a download that fits no model
+            Path(path).unlink(missing_ok=True)
         raise ValueError(f"load_pretrained: {path} does not match this model (is the size, patch size or "
                          f"layer_scale right?)\n  shape mismatches: {bad[:5]}\n  missing: {missing[:5]}\n"
-                         f"  unexpected: {unexpected[:5]}")
+                         f"  unexpected: {unexpected[:5]}" + ("\n(the downloaded copy was deleted)" if url else ""))
     model.load_state_dict(state, strict=False)
     return model
 
@@ -1823,7 +1825,7 @@ def download(url, cache_dir=None, sha256=None):
     """
     cache_dir = Path(cache_dir or os.environ.get("NORA_CACHE") or Path.home() / ".cache" / "nora")
     name = Path(urllib.parse.urlparse(url).path).name or "download"      # no ?query in the file name
-    dest = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{name}"
+    dest = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{name[-200:]}"   # (file names end at 255 bytes)
     if dest.exists():
         return dest
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -1850,9 +1852,12 @@ def read_checkpoint(path):
     if path.suffix == ".npz":
         import numpy as np
         try:
-            with np.load(path) as w:
+            w = np.load(path, allow_pickle=False)         # (an .npy under an .npz name is an array, not an archive)
+            if not isinstance(w, np.lib.npyio.NpzFile):
+                raise ValueError(f"it holds one {type(w).__name__}, not an archive of arrays")
+            with w:
                 return _from_big_vision(w)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ValueError(f"{path} is not a ViT .npz in Google's layout ({type(e).__name__}: {e}); "
                              f"download it again, or pass another file") from None
     try:

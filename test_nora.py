@@ -709,6 +709,60 @@ def test_a_model_built_on_the_meta_device_loads_to_the_same_outputs():
         torch.testing.assert_close(empty(x), model(x), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("kind", ["nora", "nora++", "torchvision vit_b_16 classes"])
+def test_save_adapter_then_load_adapter_onto_a_plain_model_reproduces_it(tmp_path, kind, merged):
+    import copy
+    from torchvision.models import VisionTransformer
+    x = images(2)
+    if kind.startswith("torchvision"):
+        torch.manual_seed(0)
+        base = VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10).eval()
+        with torch.no_grad():
+            base.heads.head.weight.normal_(0, 0.02)
+        model = nora.add_lora(nora.add_nora(copy.deepcopy(base), groups=4, example=x), rank=2, targets=("qkv", "out_proj"))
+        nora.mark_trainable(model, "heads")
+    else:
+        base = tiny_vit()
+        model = nora.add_nora(copy.deepcopy(base), groups=8)
+        model = nora.add_lora(model, rank=2) if kind == "nora++" else model
+        nora.mark_trainable(model, "head")
+    train_steps(model, steps=2, x=x)
+    model.eval()
+    if merged:
+        nora.merge(model)
+    with torch.no_grad():
+        y = model(x)
+    nora.save_adapter(model, tmp_path / "a.safetensors", extra=("heads" if kind.startswith("torchvision") else "head",))
+    fresh = nora.load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors")          # no add_nora, no add_lora
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), y, atol=0, rtol=0)
+
+
+def test_a_refused_adapter_leaves_the_model_as_it_was(tmp_path):
+    def deep(depth):
+        torch.manual_seed(0)
+        return nora.add_nora(nora.VisionTransformer("tiny", patch_size=16, img_size=32, num_classes=10, depth=depth), groups=8)
+    source = deep(3)
+    train_steps(source, steps=1)
+    nora.save_adapter(source, tmp_path / "deep.safetensors")
+    state = nora.adapter_state_dict(source)
+    for bad in (state,                                                   # a depth-3 adapter, a depth-2 model
+                {**nora.adapter_state_dict(deep(2)), "blocks.1.mlp.act._extra_state": torch.tensor([9.0, 3.0], dtype=torch.float64)},
+                {**nora.adapter_state_dict(deep(2)), "blocks.0.mlp.act.B_P": torch.full((8, 2), float("nan"))},
+                {**nora.adapter_state_dict(deep(2)), "blocks.0.attn.qkv.weight": torch.zeros(576, 192)}):
+        target = deep(2)
+        with torch.no_grad():
+            before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(ValueError, match="load_adapter|settings"):
+            nora.load_adapter(target, bad)
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())   # nothing moved
+    plain = tiny_vit()
+    with pytest.raises(ValueError, match="no such module"):
+        nora.load_adapter(plain, tmp_path / "deep.safetensors")
+    assert not any(isinstance(m, nora.NoRA) for m in plain.modules())
+
+
 # --- Appendix A. Kernels and speed ------------------------------------------------------------
 
 def test_blocked_eager_kernels_and_compiled_path_match_the_whole_tensor_kernels(monkeypatch):
@@ -1091,6 +1145,61 @@ def test_replacing_relu_says_that_the_model_moves_at_init():
 def test_bad_arguments_fail_early_with_one_line_errors(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_arguments_are_checked_by_type_not_coerced():
+    for bad in (dict(groups=True), dict(rank=True), dict(alpha=True), dict(basis_scale=True), dict(groups=2.0)):
+        with pytest.raises(ValueError, match="must be a positive"):
+            nora.NoRA(**bad)
+    m = nora.NoRA(groups=np.int64(8), rank=np.int32(2))                # numpy integers are integers
+    assert m.numerator.shape == (8, 6) and type(m.rank) is int
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_double_backward_and_jvp_of_half_inputs_run_in_float32(dtype):
+    num, den = (torch.tensor(c).repeat(1, 1) for c in nora.GELU_COEFFS)
+    x = torch.tensor([[10.0, -10.0, 3.0, 0.5]])
+    g32, = torch.autograd.grad(nora.rational(x.requires_grad_(), num, den).sum(), x, create_graph=True)
+    xh = x.detach().to(dtype).requires_grad_()
+    g, = torch.autograd.grad(nora.rational(xh, num, den).sum(), xh, create_graph=True)   # x^5 overflows float16
+    gg, = torch.autograd.grad(g.sum(), xh)
+    assert torch.isfinite(g).all() and torch.isfinite(gg).all()
+    torch.testing.assert_close(g.float(), g32.detach(), atol=0.02, rtol=0.02)
+    y, t = torch.func.jvp(lambda v: nora.rational(v, num, den), (x.detach().to(dtype),), (torch.ones_like(xh),))
+    y32 = nora.rational(x.detach(), num, den)
+    assert torch.isfinite(t).all() and (y.float().sign() == y32.sign()).all()   # bfloat16 lost the sign at -10
+
+
+@pytest.mark.parametrize("damage", ["overlap", "duplicate", "bool offsets", "negative shape", "huge header", "short"])
+def test_safetensors_reader_refuses_files_that_would_blow_up_or_lie(tmp_path, damage):
+    import json
+    import struct
+    t = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+    header = {"overlap": {"a": t, "b": t}, "bool offsets": {"a": {**t, "data_offsets": [False, 16]}},
+              "negative shape": {"a": {**t, "shape": [-1, -4]}}}.get(damage, {"a": t})
+    head = json.dumps(header).encode()
+    if damage == "duplicate":
+        head = b'{"a": %s, "a": %s}' % (json.dumps(t).encode(), json.dumps(t).encode())
+    length = 2 ** 64 - 1 if damage == "huge header" else len(head)
+    data = struct.pack("<Q", length) + head + bytes(16)
+    (tmp_path / "x.safetensors").write_bytes(data[:6] if damage == "short" else data)
+    with pytest.raises(ValueError, match="x.safetensors is not a valid .safetensors file"):
+        nora.read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_our_safetensors_writer_is_read_by_the_reference_reader_and_written_atomically(tmp_path, monkeypatch):
+    state = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).to(torch.bfloat16),
+             "d": torch.tensor(2.5, dtype=torch.float64)}
+    nora.write_safetensors(tmp_path / "s.safetensors", state, {"k": "v"})
+    back, meta = nora.read_safetensors(tmp_path / "s.safetensors", metadata=True)
+    assert meta == {"k": "v"} and all(torch.equal(back[k], v) for k, v in state.items())
+    safetensors = pytest.importorskip("safetensors.torch")              # the reference reader, where installed
+    assert all(torch.equal(safetensors.load_file(tmp_path / "s.safetensors")[k], v) for k, v in state.items())
+    before = (tmp_path / "s.safetensors").read_bytes()
+    monkeypatch.setattr(nora.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space"):                     # a full disk mid-write
+        nora.write_safetensors(tmp_path / "s.safetensors", {"a": torch.zeros(1000)})
+    assert (tmp_path / "s.safetensors").read_bytes() == before and len(list(tmp_path.iterdir())) == 1
 
 
 # --- Appendix E. The ViT and its weights ------------------------------------------------------
@@ -1518,6 +1627,114 @@ def test_torchrun_with_two_processes_trains_what_one_process_trains(cifar_root, 
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5)
     assert not torch.equal(one["blocks.0.mlp.act.B_P"], torch.zeros_like(one["blocks.0.mlp.act.B_P"]))
+
+
+def test_cifar_batches_cannot_run_code_and_are_checked_for_type_and_range(tmp_path):
+    import os
+    import pickle
+    import train_vit
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+    for name, batch in (("code", {"data": Evil(), "labels": [0]}),
+                        ("float", {"data": np.random.rand(4, 3072), "labels": [0, 1, 2, 3]}),
+                        ("labels", {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 999]})):
+        root = tmp_path / name
+        write_cifar(root, "cifar10")
+        with open(root / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+            pickle.dump(batch, f)
+        with pytest.raises(SystemExit, match="data_batch_2 is not a valid cifar10 batch"):
+            train_vit.main(["--data-root", str(root), *TINY_RUN])
+    assert not (tmp_path / "ran").exists()
+
+
+def test_records_survive_two_writers_and_a_crash(tmp_path):
+    import json
+    import multiprocessing
+    import train_vit
+    out = tmp_path / "r.json"
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.starmap(_append_records, [(str(out), w) for w in range(2)])
+    records = json.loads(out.read_text())
+    assert sorted((r["writer"], r["i"]) for r in records) == [(w, i) for w in range(2) for i in range(25)]
+    before = out.read_bytes()
+    args = type("Args", (), dict(out=str(out), process=0))()
+    real = train_vit.nora.os.replace
+    train_vit.nora.os.replace = lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    try:
+        with pytest.raises(OSError):
+            train_vit.append_record(args, {"writer": 9, "i": 0})
+    finally:
+        train_vit.nora.os.replace = real
+    assert out.read_bytes() == before
+
+
+def _append_records(out, writer):
+    import train_vit
+    args = type("Args", (), dict(out=out, process=0))()
+    for i in range(25):
+        train_vit.append_record(args, {"writer": writer, "i": i})
+
+
+@pytest.mark.parametrize("argv", [
+    ["--save", "same.json", "--out", "same.json"], ["--save", "x.svg", "--plot-activations", "x.svg"],
+    ["--eval-adapter", "a.pt", "--save", "b.safetensors"], ["--train-subset", "-5"], ["--test-subset", "-1"],
+    ["--threads", "-1"], ["--grow-from", "3", "--groups", "8"], ["--groups", "7"], ["--img-size", "8"],
+    ["--out", "list.json"], ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--groups", "7"],
+])
+def test_train_vit_refuses_clashing_outputs_and_impossible_flags_before_reading_data(tmp_path, monkeypatch, capsys, argv):
+    import train_vit
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.pt").write_bytes(b"")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit) as e:
+        train_vit.main(["--data-root", str(tmp_path / "nothing"), "--no-download", *TINY_RUN[:-2], *argv])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_train_vit_stops_with_a_message_where_the_batch_is_larger_than_the_data(cifar_root):
+    import train_vit
+    with pytest.raises(SystemExit, match="--batch-size 64 is more than the 40 training images"):
+        train_vit.main(["--data-root", str(cifar_root), *TINY_RUN, "--batch-size", "64"])
+
+
+def test_eval_adapter_restores_the_seed_and_writes_a_record_and_tables_never_replace_each_other(cifar_root, tmp_path,
+                                                                                                monkeypatch):
+    import json
+    import train_vit
+    monkeypatch.chdir(tmp_path)
+    rec = train_vit.main(["--data-root", str(cifar_root), *TINY_RUN, "--seed", "3", "--save", "a.safetensors"])
+    again = train_vit.main(["--data-root", str(cifar_root), *TINY_RUN, "--eval-adapter", "a.safetensors",
+                            "--out", "e.json"])                             # --weights none: the backbone is the seed's
+    assert again["accuracy"] == rec["accuracy"]
+    assert json.loads((tmp_path / "e.json").read_text())[0]["eval_adapter"] == "a.safetensors"
+    args = train_vit.parse_args(["--table", "methods"])
+    train_vit.write_table(args, "methods", "a finished table")
+    train_vit.write_table(args, "methods", "an empty template")          # a mistyped redraw
+    assert (tmp_path / "table-methods-cifar10-paper.md").read_text() == "a finished table\n"
+    assert (tmp_path / "table-methods-cifar10-paper-2.md").read_text() == "an empty template\n"
+
+
+def test_fit_gelu_reads_images_without_running_code(tmp_path, monkeypatch):
+    import os
+    import fit_gelu
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")          # a common workaround that disarms torch.load
+    with pytest.raises(Exception):
+        fit_gelu.preactivation_ranges("vit_tiny_patch16_224.augreg_in21k_ft_in1k", str(write_checkpoint(tmp_path)),
+                                      str(tmp_path / "evil.pt"), 32)
+    assert not (tmp_path / "ran").exists()
+
+
+def write_checkpoint(folder):
+    torch.manual_seed(0)
+    torch.save(nora.VisionTransformer("tiny", img_size=32, depth=1, num_classes=0).state_dict(), folder / "w.pth")
+    return folder / "w.pth"
 
 
 # --- dev/ scripts -----------------------------------------------------------------------------
