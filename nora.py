@@ -405,7 +405,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(len(ranges), width, rank, device=w.device, dtype=w.dtype))
         for A in self.lora_A:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as in microsoft/LoRA
-        self.register_load_state_dict_post_hook(LoRALinear._after_load)
+        self.register_load_state_dict_post_hook(_after_lora_load)
 
     def delta_weight(self):
         """B A * alpha / r for each row range: (ranges, width, in_features)."""
@@ -468,22 +468,7 @@ class LoRALinear(nn.Module):
                         _lora_settings(self.get_extra_state())[0])
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        # Load unmerged; then (after the base's own tensors, _after_load) the base holds B A only if it
-        # came from a merged layer's state. Merge or not as the layer was: the same function either way.
-        saved = state_dict.get(prefix + "_extra_state")
-        self._loading = self.merged, prefix + "base.weight" in state_dict and saved is not None and _lora_settings(saved)[1]
-        if self.merged:
-            self.unmerge()
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
-    @staticmethod
-    def _after_load(self, incompatible_keys):
-        was_merged, self.merged = getattr(self, "_loading", (self.merged, self.merged))
-        self.__dict__.pop("_loading", None)
-        if was_merged:
-            self.merge()
-        elif self.merged:
-            self.unmerge()
+        _load_lora(self, super()._load_from_state_dict, state_dict, prefix, *args)   # (Appendix B)
 
     def extra_repr(self):
         return (f"rank={self.rank}, scaling={self.scaling:g}, row_ranges={self.row_ranges}"
@@ -505,26 +490,6 @@ class LoRALinear(nn.Module):
 # -----------------------------------------------------------------------------
 
 ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable (LoRAWeight too)
-
-
-def freeze(model):
-    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
-    own = _adapter_parameters(model)
-    for p in model.parameters():
-        if id(p) not in own:
-            p.requires_grad_(False)
-    return model
-
-
-def replace_modules(model, target, make):
-    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count.
-    Every replacement is built before the first is put in, so a failure leaves the model as it was."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if target(child)]
-    made = [make(child) for _, _, child in found]
-    for (parent, name, _), new in zip(found, made):
-        setattr(parent, name, new)
-    return len(found)
 
 
 def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, channel_dim="auto", example=None,
@@ -678,12 +643,6 @@ def param_groups(model, lr, head_lr=None, nora_lr=None, head=("head",)):
             groups["head" if n.startswith(tuple(head)) else "nora" if id(p) in own else "rest"].append(p)
     lrs = {"head": head_lr, "nora": nora_lr, "rest": lr}
     return [dict(params=ps, lr=lr if lrs[k] is None else lrs[k]) for k, ps in groups.items() if ps]
-
-
-def count_parameters(model):
-    """(trainable, total) parameter counts."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def parameter_report(model):
@@ -887,8 +846,35 @@ def use_compiled_rational(enable=True, device=None):
 #   - a weight that no layer owns (nn.MultiheadAttention keeps q | k | v in one in_proj_weight,
 #     which it reads itself): LoRAWeight adds the update as a parametrization of that weight;
 #   - BatchNorm running statistics, which training moves though their weights are frozen.
-# Activations called as functions (F.gelu inside forward) cannot be found this way.
+# Activations called as functions (F.gelu inside forward) cannot be found this way. First, the two
+# tools the adapters are put on with: freeze and replace_modules.
 # =============================================================================
+
+def freeze(model):
+    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
+    own = _adapter_parameters(model)
+    for p in model.parameters():
+        if id(p) not in own:
+            p.requires_grad_(False)
+    return model
+
+
+def replace_modules(model, target, make):
+    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count.
+    Every replacement is built before the first is put in, so a failure leaves the model as it was."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if target(child)]
+    made = [make(child) for _, _, child in found]
+    for (parent, name, _), new in zip(found, made):
+        setattr(parent, name, new)
+    return len(found)
+
+
+def count_parameters(model):
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
 
 @torch.no_grad()
 def activation_name(module):
@@ -1205,6 +1191,25 @@ class LoRAWeight(LoRALinear):
     def unmerge(self):
         raise TypeError("LoRAWeight: nora.merge(model) removed the parametrization, so there is nothing to "
                         "unmerge; build the model again and load the adapter")
+
+
+def _load_lora(layer, load, state_dict, prefix, *args):
+    """LoRALinear's loading: unmerged first; then (after the base's own tensors: _after_lora_load) the
+    base holds B A only if it came from a merged layer's state, as its saved extra state says. It
+    ends merged or not as it was, so a state dict loads right into either, with B A added once."""
+    saved = state_dict.get(prefix + "_extra_state")
+    layer._loading = layer.merged, prefix + "base.weight" in state_dict and saved is not None and _lora_settings(saved)[1]
+    if layer.merged:
+        layer.unmerge()
+    load(state_dict, prefix, *args)
+
+
+def _after_lora_load(layer, incompatible_keys):
+    was_merged, layer.merged = layer.__dict__.pop("_loading", (layer.merged, layer.merged))
+    if was_merged:
+        layer.merge()
+    elif layer.merged:
+        layer.unmerge()
 
 
 def _remove_lora_parametrizations(model):
