@@ -19,7 +19,8 @@ The appendices hold the machinery; none of it changes what the method computes:
   B. Reading other people's models
   C. Checks, files and the fit's optimiser
   D. Drawing what NoRA learned
-  E. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
+  E. The baselines of the paper's tables (DoRA, QLoRA, VPT, adapters, other activations)
+  F. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
 """
 import functools
 import hashlib
@@ -1646,7 +1647,142 @@ def write_svg(path, panels, columns=4, width=240, height=170):
     Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
 
 # =============================================================================
-# Appendix E. A small ViT with timm's names, and pretrained weights
+# Appendix E. The baselines of the paper's tables
+#
+# What Tables 1, 3, 4 and 5 compare NoRA with, on the same frozen ViT, each as small as it can be:
+# DoRA and QLoRA on LoRA's rows, VPT prompts, bottleneck adapters, other learnable activations,
+# and the coefficient-tuning variants. train_vit.prepare puts any of them on a model by name.
+# =============================================================================
+
+class DoRALinear(LoRALinear):
+    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
+    trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
+    the norm is treated as a constant in backward. For (out, in) weights only (nn.Linear)."""
+
+    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
+        if fan_in_fan_out:
+            raise ValueError("DoRALinear: only for layers with an (out, in) weight, such as nn.Linear")
+        super().__init__(base, rank, alpha, row_ranges)
+        self.magnitude = nn.Parameter(base.weight.detach()[self.rows()].norm(dim=1))
+
+    def rows(self):
+        return torch.cat([torch.arange(a, b, device=self.lora_A.device) for a, b in self.row_ranges])
+
+    @property
+    def weight(self):
+        if self.merged:
+            return self.base.weight
+        rows, w = self.rows(), super().weight              # W0 + B A on the adapted rows
+        v = w[rows]
+        return w.index_copy(0, rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.base.bias)
+
+    def unmerge(self):
+        raise NotImplementedError("DoRA's merge rescales rows; it is not undone")
+
+
+# The 16 levels of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
+                           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear stored in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and
+    a 4-bit index into NF4_LEVELS, two indices per byte. The weight is dequantised at every forward.
+    (QLoRA also quantises the absmax values, "double quantisation"; we keep them in float32.)"""
+
+    def __init__(self, linear, block_size=64):
+        super().__init__()
+        w = linear.weight.detach().float()
+        if w.numel() % block_size:
+            raise ValueError(f"NF4Linear: {w.numel()} weights do not split into blocks of {block_size}")
+        blocks = w.reshape(-1, block_size)
+        absmax = blocks.abs().amax(1, keepdim=True).clamp_min(1e-12)
+        levels = NF4_LEVELS.to(w.device)
+        codes = ((blocks / absmax).unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
+        self.register_buffer("codes", codes[:, 0::2] << 4 | codes[:, 1::2])
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("levels", levels, persistent=False)   # on the layer's device: no copy per forward
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.shape = w.shape
+
+    @property
+    def weight(self):
+        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
+        return (self.levels[codes] * self.absmax).view(self.shape)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class PromptTokens(nn.Module):
+    """VPT-shallow (Jia et al. 2022): learnable tokens inserted after the class token, before the first block."""
+
+    def __init__(self, num_tokens, dim):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
+
+    def forward(self, x):
+        return torch.cat([x[:, :1], self.prompts.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter after a block (Houlsby et al. 2019): x + up(GELU(down(x))), up zero-initialised."""
+
+    def __init__(self, dim, bottleneck=48):
+        super().__init__()
+        self.down, self.act, self.up = nn.Linear(dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return x + self.up(self.act(self.down(x)))
+
+
+class DeltaRational(nn.Module):
+    """Frozen base coefficients plus a directly trained, zero-initialised update of the first
+    ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
+    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0)."""
+
+    def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
+        super().__init__()
+        base = GroupRational(groups, init)
+        self.register_buffer("numerator", base.numerator.detach())
+        self.register_buffer("denominator", base.denominator.detach())
+        self.delta_num = nn.Parameter(torch.zeros(groups, num_terms))
+        self.delta_den = nn.Parameter(torch.zeros(groups, den_terms))
+
+    def forward(self, x):
+        pad = lambda d, full: F.pad(d, (0, full.shape[1] - d.shape[1]))
+        return rational(x, self.numerator + pad(self.delta_num, self.numerator),
+                             self.denominator + pad(self.delta_den, self.denominator))
+
+
+class LearnableELU(nn.Module):
+    """ELU with a learnable alpha (Table 3)."""
+
+    def __init__(self, alpha=1.0):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(alpha))
+
+    def forward(self, x):
+        return torch.where(x > 0, x, self.alpha * torch.expm1(x.clamp_max(0)))
+
+
+class AReLU(nn.Module):
+    """AReLU (Chen et al. 2020): (1 + sigmoid(beta)) x for x >= 0, clamp(alpha, 0.01, 0.99) x below (Table 3)."""
+
+    def __init__(self, alpha=0.9, beta=2.0):
+        super().__init__()
+        self.alpha, self.beta = nn.Parameter(torch.tensor(alpha)), nn.Parameter(torch.tensor(beta))
+
+    def forward(self, x):
+        return torch.where(x >= 0, (1 + torch.sigmoid(self.beta)) * x, self.alpha.clamp(0.01, 0.99) * x)
+
+# =============================================================================
+# Appendix F. A small ViT with timm's names, and pretrained weights
 #
 # The paper fine-tunes "ViT-Tiny pretrained on ImageNet-1K": pre-norm blocks of attention and an
 # MLP with exact GELU, a class token whose final state feeds the head. The modules below use

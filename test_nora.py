@@ -510,9 +510,9 @@ def test_lora_state_refuses_other_alpha_and_loads_right_into_merged_or_unmerged_
 
 def test_everything_but_the_vit_works_on_its_own_for_a_copier_with_another_model():
     source = open(nora.__file__).read()
-    cut = source.index("# =============================================================================\n# Appendix E.")
+    cut = source.index("# =============================================================================\n# Appendix F.")
     lib = {}
-    exec(compile(source[:cut], "nora.py without Appendix E", "exec"), lib)        # the ViT and loaders left out
+    exec(compile(source[:cut], "nora.py without Appendix F", "exec"), lib)        # the ViT and loaders left out
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
     lib["add_lora"](lib["add_nora"](model, groups=8, rank=2), targets=("0", "2"))
@@ -560,7 +560,7 @@ def test_adding_an_adapter_keeps_earlier_choices_of_what_trains():
     nora.mark_trainable(model, "head")
     nora.add_lora(model, rank=2)
     assert model.head.weight.requires_grad and model.blocks[0].mlp.act.A_P.requires_grad
-    dora = nora.add_lora(tiny_vit(), rank=2, layer=__import__("train_vit").DoRALinear)
+    dora = nora.add_lora(tiny_vit(), rank=2, layer=nora.DoRALinear)
     nora.add_nora(dora)
     assert dora.blocks[0].attn.qkv.magnitude.requires_grad
     assert not dora.blocks[0].attn.qkv.base.weight.requires_grad and not dora.blocks[0].mlp.fc1.weight.requires_grad
@@ -1202,7 +1202,7 @@ def test_our_safetensors_writer_is_read_by_the_reference_reader_and_written_atom
     assert (tmp_path / "s.safetensors").read_bytes() == before and len(list(tmp_path.iterdir())) == 1
 
 
-# --- Appendix E. The ViT and its weights ------------------------------------------------------
+# --- Appendix F. The ViT and its weights ------------------------------------------------------
 
 def test_vit_state_dict_has_timms_names_and_shapes():
     sd = nora.VisionTransformer("tiny").state_dict()
@@ -1366,8 +1366,7 @@ def test_table5_adapts_one_side_only():
 
 
 def test_nf4_levels_are_a_buffer_that_moves_with_the_layer():
-    import train_vit
-    q = train_vit.NF4Linear(nn.Linear(64, 8))
+    q = nora.NF4Linear(nn.Linear(64, 8))
     assert "levels" in dict(q.named_buffers()) and "levels" not in q.state_dict()
     assert q.to(torch.float64).levels.dtype == torch.float64 and q.weight.dtype == torch.float64
 
@@ -1486,7 +1485,7 @@ def test_efficiency_table_runs_and_reports_ratios(tmp_path, monkeypatch):
     import train_vit
     monkeypatch.chdir(tmp_path)
     train_vit.main(["--table", "efficiency", "--repeats", "1", "--bench-batch", "1", "--threads", "2", "--no-compile"])
-    text = (tmp_path / "table-efficiency-cpu.md").read_text()
+    text = (tmp_path / "table-efficiency-cpu-cifar10-paper.md").read_text()
     for row in ("| LoRA |", "| NoRA |", "| NoRA++ |", "eager rational"):
         assert row in text
     assert "| 624 |" in text                     # NoRA's trainable count at G = 8, r = 2: 12 x 52

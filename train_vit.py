@@ -31,6 +31,11 @@ import torch.nn.functional as F
 
 import nora
 
+try:
+    import fcntl                                          # to lock --out (POSIX)
+except ImportError:
+    fcntl = None
+
 # --- defaults: the paper's protocol (appendix C); every other default is in make_parser, with its flag.
 # --scale presets. 'paper' is appendix C (Table 7); 'small' finishes a table on a 2-core CPU.
 SCALES = {
@@ -187,12 +192,12 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
         pass
     elif method in ("lora", "dora", "qlora"):
         if method == "qlora":
-            nora.replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
-        nora.add_lora(model, lora_rank, lora_alpha, layer=DoRALinear if method == "dora" else nora.LoRALinear)
+            nora.replace_modules(model.blocks, lambda m: type(m) is nn.Linear, nora.NF4Linear)
+        nora.add_lora(model, lora_rank, lora_alpha, layer=nora.DoRALinear if method == "dora" else nora.LoRALinear)
     elif method == "vpt":
-        model.blocks = nn.Sequential(PromptTokens(10, dim), *model.blocks)
+        model.blocks = nn.Sequential(nora.PromptTokens(10, dim), *model.blocks)
     elif method == "adapter":
-        model.blocks = nn.Sequential(*[nn.Sequential(block, Adapter(dim, 48)) for block in model.blocks])
+        model.blocks = nn.Sequential(*[nn.Sequential(block, nora.Adapter(dim, 48)) for block in model.blocks])
     elif method.startswith("nora"):
         if method == "nora-monomial":
             nora_kwargs["basis_scale"] = 1.0
@@ -208,9 +213,9 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
         nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(groups))
     elif method in ("zero-init", "const"):
         nora.replace_modules(model, lambda m: isinstance(m, nn.GELU),
-                             lambda m: DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
+                             lambda m: nora.DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
     else:                                                 # Table 3: other learnable activations
-        make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: LearnableELU(), "arelu": lambda m: AReLU()}[method]
+        make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: nora.LearnableELU(), "arelu": lambda m: nora.AReLU()}[method]
         nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), make)
     return nora.mark_trainable(model, "head")
 
@@ -367,32 +372,23 @@ def record(args, result):
 
 def read_records(path):
     """The records in the --out file ``path`` (a JSON list of records), or none if there is no such file."""
-    if not (path and Path(path).exists()):
-        return []
     try:
-        records = json.loads(Path(path).read_text())
+        records = json.loads(Path(path).read_text()) if path and Path(path).exists() else []
     except (ValueError, UnicodeDecodeError) as e:
-        sys.exit(f"error: {path} is not a JSON list of results ({e}); pass another --out, or repair or move it")
+        records = e
     if not (isinstance(records, list) and all(isinstance(r, dict) for r in records)):
-        sys.exit(f"error: {path} holds JSON but not a list of results; pass another --out")
+        sys.exit(f"error: {path} is not a JSON list of results ({records}); pass another --out, or repair or move it")
     return records
 
 
 @contextlib.contextmanager
 def locked(path):
-    """An exclusive lock on ``path``.lock for a read-change-write of ``path`` that two runs share (none
-    where fcntl is missing, as on Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
+    """An exclusive lock on ``path``.lock for a read-change-write of ``path`` that two runs share
+    (released when the lock file closes; none where fcntl is missing, as on Windows)."""
     with open(f"{path}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def append_record(args, rec):
@@ -491,15 +487,13 @@ def write_table(args, name, text):
 def medians(candidates, repeats, device):
     """Median seconds of each callable after one warm-up round, run round-robin (so drifts in the
     machine's speed hit all alike)."""
-    times = {k: [] for k in candidates}
+    times, sync = {k: [] for k in candidates}, torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for r in range(1 + repeats):
         for k, fn in candidates.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             if r:                                         # round 0 warms up
                 times[k].append(time.perf_counter() - t)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
@@ -546,14 +540,15 @@ def time_models(device, repeats, batch, amp, methods, merged=()):
     forward = medians({k: functools.partial(infer, m) for k, (m, _) in models.items()}, repeats, device)
     results = {}
     for k, (m, opt) in models.items():
-        if device.type == "cuda":
+        if device.type == "cuda":                         # the step's own memory, not the other models'
+            resident = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         saved = saved_bytes(functools.partial(step, m, opt))
         with FlopCounterMode(display=False) as flops:
             infer(m)
         results[k] = dict(trainable=sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and n[:4] != "head"),
                           flops=flops.get_total_flops() / batch, forward=forward[k] / batch, step=steps[k],
-                          memory=torch.cuda.max_memory_allocated() if device.type == "cuda" else saved)
+                          memory=torch.cuda.max_memory_allocated() - resident if device.type == "cuda" else saved)
     return results
 
 
@@ -570,148 +565,8 @@ def efficiency(args):
     lines += [f"| {k} | {v['trainable']:,} | {v['flops'] / 1e9:.3f} | {v['forward'] * 1e3:.2f} | {v['step'] * 1e3:.0f} | "
               f"{v['step'] / r['LoRA']['step']:.2f} | {v['memory'] / 2**20:.0f} | {v['memory'] / r['LoRA']['memory']:.3f} |"
               for k, v in r.items()]
-    text = "\n".join(lines)
-    print(text)
-    md = Path(f"table-efficiency-{args.device.type}.md")
-    if args.process == 0:
-        nora.write_atomic(md, text + "\n")
-    print(f"\nwrote {md}")
+    write_table(args, f"efficiency-{args.device.type}", "\n".join(lines))
     return r
-
-
-# --- baselines for the paper's tables -----------------------------------------------------------
-#
-# The comparisons of Tables 1, 3, 4 and 5 on the same frozen ViT, each as small as it can be:
-# DoRA and QLoRA on the LoRA targets, VPT prompts, bottleneck adapters, other learnable
-# activations, and the coefficient-tuning variants NoRA is compared with. `prepare` (the model
-# section) puts any of them, or NoRA, on a model by name.
-
-class DoRALinear(nora.LoRALinear):
-    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
-    trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
-    the norm is treated as a constant in backward. For (out, in) weights only (nn.Linear)."""
-
-    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
-        if fan_in_fan_out:
-            raise ValueError("DoRALinear: only for layers with an (out, in) weight, such as nn.Linear")
-        super().__init__(base, rank, alpha, row_ranges)
-        self.magnitude = nn.Parameter(base.weight.detach()[self.rows()].norm(dim=1))
-
-    def rows(self):
-        return torch.cat([torch.arange(a, b, device=self.lora_A.device) for a, b in self.row_ranges])
-
-    @property
-    def weight(self):
-        if self.merged:
-            return self.base.weight
-        rows, w = self.rows(), super().weight              # W0 + B A on the adapted rows
-        v = w[rows]
-        return w.index_copy(0, rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.base.bias)
-
-    def unmerge(self):
-        raise NotImplementedError("DoRA's merge rescales rows; it is not undone")
-
-
-# The 16 levels of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
-NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
-                           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear stored in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and
-    a 4-bit index into NF4_LEVELS, two indices per byte. The weight is dequantised at every forward.
-    (QLoRA also quantises the absmax values, "double quantisation"; we keep them in float32.)"""
-
-    def __init__(self, linear, block_size=64):
-        super().__init__()
-        w = linear.weight.detach().float()
-        if w.numel() % block_size:
-            raise ValueError(f"NF4Linear: {w.numel()} weights do not split into blocks of {block_size}")
-        blocks = w.reshape(-1, block_size)
-        absmax = blocks.abs().amax(1, keepdim=True).clamp_min(1e-12)
-        levels = NF4_LEVELS.to(w.device)
-        codes = ((blocks / absmax).unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
-        self.register_buffer("codes", codes[:, 0::2] << 4 | codes[:, 1::2])
-        self.register_buffer("absmax", absmax)
-        self.register_buffer("levels", levels, persistent=False)   # on the layer's device: no copy per forward
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.shape = w.shape
-
-    @property
-    def weight(self):
-        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
-        return (self.levels[codes] * self.absmax).view(self.shape)
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-class PromptTokens(nn.Module):
-    """VPT-shallow (Jia et al. 2022): learnable tokens inserted after the class token, before the first block."""
-
-    def __init__(self, num_tokens, dim):
-        super().__init__()
-        self.prompts = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
-
-    def forward(self, x):
-        return torch.cat([x[:, :1], self.prompts.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
-
-
-class Adapter(nn.Module):
-    """Bottleneck adapter after a block (Houlsby et al. 2019): x + up(GELU(down(x))), up zero-initialised."""
-
-    def __init__(self, dim, bottleneck=48):
-        super().__init__()
-        self.down, self.act, self.up = nn.Linear(dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x):
-        return x + self.up(self.act(self.down(x)))
-
-
-class DeltaRational(nn.Module):
-    """Frozen base coefficients plus a directly trained, zero-initialised update of the first
-    ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
-    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0)."""
-
-    def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
-        super().__init__()
-        base = nora.GroupRational(groups, init)
-        self.register_buffer("numerator", base.numerator.detach())
-        self.register_buffer("denominator", base.denominator.detach())
-        self.delta_num = nn.Parameter(torch.zeros(groups, num_terms))
-        self.delta_den = nn.Parameter(torch.zeros(groups, den_terms))
-
-    def forward(self, x):
-        pad = lambda d, full: F.pad(d, (0, full.shape[1] - d.shape[1]))
-        return nora.rational(x, self.numerator + pad(self.delta_num, self.numerator),
-                             self.denominator + pad(self.delta_den, self.denominator))
-
-
-class LearnableELU(nn.Module):
-    """ELU with a learnable alpha (Table 3)."""
-
-    def __init__(self, alpha=1.0):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.tensor(alpha))
-
-    def forward(self, x):
-        return torch.where(x > 0, x, self.alpha * torch.expm1(x.clamp_max(0)))
-
-
-class AReLU(nn.Module):
-    """AReLU (Chen et al. 2020): (1 + sigmoid(beta)) x for x >= 0, clamp(alpha, 0.01, 0.99) x below (Table 3)."""
-
-    def __init__(self, alpha=0.9, beta=2.0):
-        super().__init__()
-        self.alpha, self.beta = nn.Parameter(torch.tensor(alpha)), nn.Parameter(torch.tensor(beta))
-
-    def forward(self, x):
-        return torch.where(x >= 0, (1 + torch.sigmoid(self.beta)) * x, self.alpha.clamp(0.01, 0.99) * x)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -786,27 +641,20 @@ def make_parser():
 def check_output_paths(p, paths):
     """Fail before any data is read, not after training, if a result could not be written or two
     results would land in one file; ``paths``: {flag: path}."""
-    given = {flag: Path(path) for flag, path in paths.items() if path is not None}
+    given, resolved = {flag: Path(path) for flag, path in paths.items() if path is not None}, {}
     for flag, path in given.items():
         if path.is_dir() or not path.parent.is_dir():
             p.error(f"{flag} {path}: {'is a folder' if path.is_dir() else 'its folder does not exist'}; "
                     f"give a file path in an existing folder")
         if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             p.error(f"{flag} {path}: cannot be written here (no permission); give a path in a folder you can write")
-    resolved = {}
-    for flag, path in given.items():
         if path.resolve() in resolved:
             p.error(f"{flag} and {resolved[path.resolve()]} name the same file {path}; give each its own")
         resolved[path.resolve()] = flag
-    out = paths.get("--out")
-    if out and Path(out).exists():
-        try:
-            records = json.loads(Path(out).read_text())
-            ok = isinstance(records, list) and all(isinstance(r, dict) for r in records)
-        except (ValueError, UnicodeDecodeError):
-            ok = False
-        if not ok:
-            p.error(f"--out {out} exists but is not a JSON list of results; pass another file or delete it")
+    try:
+        read_records(paths.get("--out"))
+    except SystemExit:
+        p.error(f"--out {paths['--out']} exists but is not a JSON list of results; pass another file or delete it")
 
 
 def parse_args(argv=None, parser=None, outputs=()):
@@ -855,9 +703,8 @@ def parse_args(argv=None, parser=None, outputs=()):
 
 
 def load_saved_run(path):
-    """(the run's settings, the adapter) of a --save file: a .safetensors file written by
-    nora.save_adapter, its run's settings in the metadata (or, from before, a torch.save'd
-    {'args', 'state'}, loaded with weights_only=True so that it cannot run code)."""
+    """(the run's settings, the adapter) of a --save file: nora.save_adapter's .safetensors with the run's
+    settings in its metadata (or an older torch.save'd {'args', 'state'}, loaded with weights_only=True)."""
     try:
         _, metadata = nora.read_safetensors(path, metadata=True)
         settings, adapter = json.loads(metadata["train_vit"]), path
