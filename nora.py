@@ -9,12 +9,13 @@ trains (plus the task head). NoRA++ adds LoRA on the weights.
 
 Part one is the method; read it top to bottom, each section building on the last:
   1. The rational function P(x)/Q(x)                paper Eqs. 1, 5, 6
-  2. Fitting its coefficients to GELU (and others)    paper Appendix B
+  2. Fitting its coefficients to GELU (and others)    paper Eqs. 31, 33 (App. B)
   3. GroupRational: learnable coefficients            paper Sec. 3 (after Group-KAN)
   4. NoRA: a low-rank update of the coefficients      paper Eqs. 7, 8
   5. LoRA, for NoRA++                                  paper Eqs. 2, 3
   6. Putting adapters on a model
-The appendices hold the machinery; none of it changes what the method computes:
+The appendices hold the machinery: how it is made fast, how it finds its way onto other
+people's models, checks and files, and what the scripts build on:
   A. Kernels and speed
   B. Reading other people's models
   C. Checks, files and the fit's optimiser
@@ -86,7 +87,7 @@ def rational(x, numerator, denominator, dim=-1):
         dim: the channel dimension, which is cut into G contiguous groups.
 
     Half-precision inputs are computed in float32 (x^5 overflows float16 for |x| > 9.2) and the
-    result is cast back, so it is safe to call under autocast. Beyond |x| ~ 1e7 (float32) the
+    result is cast back, so it is safe to call under autocast. Beyond |x| ~ 5e7 (float32) the
     powers overflow and the result is inf or NaN; a fitted rational means nothing that far out.
     """
     _check_rational_inputs(x, numerator, denominator, dim)
@@ -103,7 +104,7 @@ def rational(x, numerator, denominator, dim=-1):
     return y.view(x.shape).movedim(-1, dim)
 
 # -----------------------------------------------------------------------------
-# 2. Fitting the coefficients (the paper's Appendix B)
+# 2. Fitting the coefficients (Eqs. 31, 33 of the paper's Appendix B, on why rationals approximate)
 #
 # Rationals approximate smooth activations fast (Eq. 33), but only on a bounded range K with no
 # pole (Eq. 31). Our Q >= 1 has no pole, so the question is where to be accurate: where the
@@ -118,8 +119,10 @@ def rational(x, numerator, denominator, dim=-1):
 #       min || w (P(x) - f(x) S(x) - f(x)) ||      (since f = P/(1+S)  <=>  P - f S = f)
 # and repeat, each row also times sqrt(weight(x)) for the weighted fit. That fits P/(1+S), not
 # the module's P/(1+|S|): the two agree only where S >= 0, as it happens to be for GELU, SiLU and
-# ReLU, but not for Hardswish, whose linearised fit is off by 14. So the fit then minimises the
-# true form's weighted error directly (Levenberg-Marquardt, Appendix C) from that start.
+# ReLU, but not for Hardswish (max |error| 13.9 on [-8, 8] as P/(1+|S|)). So the fit then
+# minimises the true form's weighted error directly (Levenberg-Marquardt, Appendix C), from that
+# start and from the same start with each b_j made positive, and keeps the better: the
+# minimisation has several minima (for ReLU6 the second start halves the error).
 # Deterministic: float64, fixed grid.
 # -----------------------------------------------------------------------------
 
@@ -146,7 +149,8 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
     x = torch.linspace(*x_range, points, dtype=torch.float64)
     f = fn(x)
     if not torch.isfinite(f).all():
-        raise ValueError(f"fit_rational: the function is not finite everywhere on {x_range}; fit on a range where it is")
+        raise ValueError(f"fit_rational: the function is not finite everywhere on {x_range}; "
+                         f"fit on a range where it is")
     V = x[:, None] ** torch.arange(num_degree + 1)       # columns x^0 .. x^m
     W = x[:, None] ** torch.arange(1, den_degree + 1)    # columns x^1 .. x^n
     root_weight = torch.ones_like(x) if weight is None else weight(x).sqrt()
@@ -155,8 +159,10 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
         A = torch.cat([V, -f[:, None] * W], dim=1) * w[:, None]
         coeffs = torch.linalg.lstsq(A, (f * w)[:, None], driver="gelsd").solution[:, 0]
         w = root_weight / (1 + (W @ coeffs[num_degree + 1:]).abs())
-    coeffs = _least_squares(coeffs, V, W, f, root_weight)   # the fit: P / (1 + |S|) itself
-    numerator, denominator = coeffs[:num_degree + 1], coeffs[num_degree + 1:]
+    m = num_degree + 1                                   # the fit: P / (1 + |S|) itself, from two starts
+    starts = [coeffs, torch.cat([coeffs[:m], coeffs[m:].abs()])]
+    coeffs = min((_least_squares(c, V, W, f, root_weight) for c in starts), key=lambda fit: fit[1])[0]
+    numerator, denominator = coeffs[:m], coeffs[m:]
     error, at = fit_error(fn, numerator, denominator, x_range)
     if error > warn_above * f.abs().max():
         warnings.warn(f"fit_rational: the best ({num_degree}, {den_degree}) rational on {tuple(x_range)} is off by "
@@ -173,8 +179,8 @@ def fit_error(fn, numerator, denominator, x_range=(-8.0, 8.0), points=16001):
     return error.max().item(), x[error.argmax()].item()
 
 
-# Fitted with `python fit_gelu.py --all` (fit_rational's defaults). Max |error| on [-8, 8]: GELU
-# 0.017 (0.0019 at 0), SiLU 0.0047, ReLU 0.147 (at x = +-7.7; 0.076 at the kink). Off [-12, 12]
+# fit_rational's defaults (fit_gelu.py --all prints them). Max |error| on [-8, 8]: GELU 0.017
+# (0.0020 at 0), SiLU 0.0046, ReLU 0.178 (at x = +-7.3; 0.064 at the kink). Off [-12, 12]
 # they drift linearly, e.g. GELU(-20) -> -1.2. Do not use Group-KAN's published GELU numbers:
 # they were fitted on [-3, 3] and are off by 6 on [-6, 6].
 GELU_COEFFS = (
@@ -233,9 +239,9 @@ class GroupRational(nn.Module):
 # 4. NoRA: low-rank updates of the rational coefficients (Eqs. 7, 8)
 #
 # LoRA changes what a frozen layer's weights compute; NoRA changes the nonlinearity between them.
-# Every MLP of a ViT applies GELU to hundreds of channels, so reshaping that curve per group of
-# channels (steeper here, a different knee there) changes what every block computes, for a few
-# dozen numbers per layer.
+# Every MLP of a ViT applies GELU to hundreds or thousands of channels, so reshaping that curve
+# per group of channels (steeper here, a different knee there) changes what every block computes,
+# for a few dozen numbers per layer.
 #
 # NoRA freezes the base coefficients P_g, Q_g of each group (the GELU fit of section 2) and learns
 # a low-rank perturbation of each (Eq. 7):
@@ -249,7 +255,8 @@ class GroupRational(nn.Module):
 # more groups cost only 2 r numbers each. The paper's Eq. 8 instead gives each group its own
 # A_g in R^{d x r} and B_g in R^{r x 1}, a free d-vector per group ("per_group" form: 192 numbers
 # at G = 8, r = 2). As in LoRA, A starts as small noise (Sec. 3: A ~ N(0, 0.02)) and B at zero,
-# so at step 0 phi' is exactly the base rational and training starts from the pretrained model.
+# so at step 0 phi' is exactly the base rational: training starts from the pretrained model with
+# each GELU replaced by its fit.
 # One departure from the paper, the basis (x/s)^i in which the update is learned, is explained
 # after the class.
 # -----------------------------------------------------------------------------
@@ -265,10 +272,11 @@ class NoRA(nn.Module):
         init: base coefficients, as for :class:`GroupRational`.
         form: 'shared' (released code, dP = B @ A with A shared by all groups) or
             'per_group' (paper text, dP_g = A_g B_g, free in each group).
-        basis_scale: s; the update is learned in the basis (x/s)^i (1: the paper's monomials).
-        channel_dim: the input dimension that holds the channels (-1, or 1 for an (N, C, H, W)
-            feature map); None: the last, refusing inputs of 4 or more dimensions, whose channel
-            axis cannot be told from the shape (:func:`add_nora` sets it from the layers next to it).
+        basis_scale: s; the update is learned in the basis (x/s)^i (default 3, our departure; 1 is the
+            paper's monomials: pass it with A and B taken from the paper's setup).
+        channel_dim: the input dimension that holds the channels: -1 (default), or 1 for an (N, C, H, W)
+            feature map; :func:`add_nora` sets it for each module. None: the last, but inputs of 4
+            or more dimensions are refused, since their channel axis cannot be told from the shape.
     """
 
     def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
@@ -283,13 +291,14 @@ class NoRA(nn.Module):
         self.basis_scale, self.channel_dim = float(basis_scale), channel_dim
         self.where = "NoRA"                               # add_nora puts the module's path here, for errors
         A_shape = (lambda d: (rank, d)) if form == "shared" else (lambda d: (groups, d, rank))
-        self.A_P = nn.Parameter(torch.randn(A_shape(num.shape[1])) * 0.02)    # numerator update, Eq. 8
+        self.A_P = nn.Parameter(torch.randn(A_shape(num.shape[1])) * 0.02)    # numerator update (Eq. 8, A shared)
         self.B_P = nn.Parameter(torch.zeros(groups, rank))
         self.A_Q = nn.Parameter(torch.randn(A_shape(den.shape[1])) * 0.02)    # denominator update
         self.B_Q = nn.Parameter(torch.zeros(groups, rank))
 
     def _delta(self, A, B, first_power):
-        """The update B A * alpha / r (Eq. 8) in the basis (x/s)^i: its column for x^i is divided by s^i."""
+        """The update B A * alpha / r (Eq. 8; A shared by the groups in the shared form) in the basis (x/s)^i:
+        its column for x^i is divided by s^i."""
         dtype = torch.promote_types(A.dtype, torch.float32)              # float32 at least, float64 stays
         A, B = A.to(dtype), B.to(dtype)
         if self.form == "shared":
@@ -370,10 +379,11 @@ class NoRA(nn.Module):
 # the same family of functions (merge folds it into plain coefficients), but well conditioned.
 # GELU's tails are set by tiny leading coefficients, phi(x) ~ (a_5 / |b_4|) x with a_5 = 5.3e-4
 # and b_4 = 1.1e-3, yet over a real ViT's pre-activations the output is 290 times more sensitive
-# to a_5 than to a_1 (`fit_gelu.py --model` prints these sensitivities). Adam moves every entry of
-# A and B by about the same step, so every dp_i moves by about the same amount, and in monomials
-# (da_i = dp_i) the first steps change a_5 and b_4 by more than their own size. Dividing dp_i by
-# s^i evens that out: s^5 = 243 at s = 3 undoes about the 290x. `basis_scale=1` is the paper's form.
+# to a_5 than to a_1. Adam moves every entry of A and B by about the same step, so every dp_i moves
+# by about the same amount, and in monomials (da_i = dp_i) the first steps change a_5 and b_4 by
+# more than their own size. Dividing dp_i by s^i evens that out: over the same inputs, the output's
+# sensitivities to dp_0 .. dp_5 span 6.5x at s = 3 instead of 290x. `basis_scale=1` is the paper's
+# form.
 
 # -----------------------------------------------------------------------------
 # 5. LoRA, for NoRA++ (Eqs. 2, 3)
@@ -556,7 +566,8 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=Non
     attention = _find_attention(model, targets, fused_qkv)                        # nn.MultiheadAttention modules
     if not linears and not attention:
         raise ValueError(f"add_lora: no linear layer named {' or '.join(targets)} in the model; {_linear_names(model)}")
-    weights = [LoRAWeight(m.in_proj_weight, rank, alpha, _qkv_rows(len(m.in_proj_weight), qkv_parts)) for m in attention]
+    weights = [LoRAWeight(m.in_proj_weight, rank, alpha, _qkv_rows(len(m.in_proj_weight), qkv_parts))
+               for m in attention]
     fresh = all(p.requires_grad for p in model.parameters())
     replace_modules(model, lambda m: id(m) in linears,                 # builds all first: errors change nothing
                     lambda m: layer(m, rank=rank, alpha=alpha, row_ranges=linears[id(m)][0],
@@ -968,7 +979,8 @@ def _activation_classes(model, functions):
         if id(m) in functions and not isinstance(m, (nn.Dropout, nn.Identity)) and "act" in name.lower() + "elu":
             counts[name, functions[id(m)]] = counts.get((name, functions[id(m)]), 0) + 1
     if not counts:
-        return "; it has no parameter-free activation modules at all (activations called as functions cannot be replaced)"
+        return ("; it has no parameter-free activation modules at all (activations called as functions "
+                "cannot be replaced)")
     listed = ", ".join(f"{n} x{c} ({f or 'none of ACTIVATIONS'})" for (n, f), c in counts.items())
     (cls, function), _ = next(iter(counts.items()))
     call = (f"add_nora(model, target='{function}')" if function else
@@ -1078,12 +1090,12 @@ def _warn_if_far_at_init(found):
     """Warn where a shipped rational is far from the function it replaces (ReLU: its kink), since the
     model then changes at step 0, before any training."""
     for function in sorted({f for _, f, _, _ in found.values() if f in COEFFS}):
-        error, at = fit_error(ACTIVATIONS[function], *COEFFS[function])
+        (error, at), (at_0, _) = (fit_error(ACTIVATIONS[function], *COEFFS[function], r) for r in ((-8, 8), (0, 0)))
         if error > 0.05:
             count = sum(f == function for _, f, _, _ in found.values())
             warnings.warn(f"add_nora: {count} module(s) compute {function}, whose rational is up to {error:.2g} off "
-                          f"on [-8, 8] (at x = {at:.3g}; {fit_error(ACTIVATIONS[function], *COEFFS[function], (-1e-6, 1e-6), 3)[0]:.2g} "
-                          f"at 0), so the model's outputs move at init; measure the change on your inputs")
+                          f"on [-8, 8] (at x = {at:.3g}; {at_0:.2g} at 0), so the model's outputs move at init; "
+                          f"measure the change on your inputs")
 
 
 # Fused q | k | v projections whose rows are q, k and v in equal thirds, by the class that holds them:
@@ -1120,7 +1132,8 @@ def _find_linears(model, targets, fused_qkv, qkv_parts, rows):
             if holder not in QKV_THIRDS or out_features != 3 * in_features:
                 raise ValueError(f"{where} in {holder}: a fused projection of {out_features} rows whose layout is not "
                                  f"known to be q | k | v in equal thirds (multi-query? per head?); give the rows to "
-                                 f"adapt, e.g. add_lora(model, targets={targets!r}, rows={{'{target}': [(0, q_rows)]}})")
+                                 f"adapt, e.g. add_lora(model, targets={targets!r}, "
+                                 f"rows={{'{target}': [(0, q_rows)]}})")
             ranges = _qkv_rows(out_features, qkv_parts)
         found[id(m)] = (ranges, transposed)
     return found
@@ -1199,7 +1212,8 @@ def _load_lora(layer, load, state_dict, prefix, *args):
     base holds B A only if it came from a merged layer's state, as its saved extra state says. It
     ends merged or not as it was, so a state dict loads right into either, with B A added once."""
     saved = state_dict.get(prefix + "_extra_state")
-    layer._loading = layer.merged, prefix + "base.weight" in state_dict and saved is not None and _lora_settings(saved)[1]
+    base_merged = prefix + "base.weight" in state_dict and saved is not None and _lora_settings(saved)[1]
+    layer._loading = layer.merged, base_merged
     if layer.merged:
         layer.unmerge()
     load(state_dict, prefix, *args)
@@ -1318,7 +1332,8 @@ def _check_adapter_state(model, state, plan, described):
     allowed = adapters | _running_statistics(model) | _merged_weights(model) | {
         n for n, p in model.named_parameters() if p.requires_grad or n.startswith("head.")}
     allowed |= {k for k in (described or {}).get("other", []) if k in own}
-    allowed |= {f"{e['path']}.{e['weight']}" for e in (described or {}).get("adapters", []) if e["kind"] == "merged_weight"}
+    allowed |= {f"{e['path']}.{e['weight']}" for e in (described or {}).get("adapters", [])
+                if e["kind"] == "merged_weight"}
     strangers = sorted(k for k in state if k not in allowed)
     missing = sorted(adapters - set(state))
     if strangers or missing:
@@ -1330,7 +1345,8 @@ def _check_adapter_state(model, state, plan, described):
     if bad:
         raise ValueError(f"load_adapter: the saved adapter was trained with other settings (groups, rank, form or "
                          f"targets; saved vs this model: {', '.join(bad[:3])}); build the model with the saved settings")
-    nan = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()]
+    nan = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()]
     if nan:
         raise ValueError(f"load_adapter: {nan[:3]} hold NaN or inf: the run that saved them diverged; retrain it")
     for k, v in state.items():                            # settings no shape shows: set_extra_state only checks
@@ -1439,9 +1455,10 @@ def _check_rational_inputs(x, numerator, denominator, dim):
     and (G, m+1), (G, n) coefficients on x's device."""
     if not x.is_floating_point():
         raise TypeError(f"rational: expected a floating-point input, got {x.dtype} (convert with x.float())")
-    if numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]:
-        raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G; "
-                         f"got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
+    if (numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]
+            or min(numerator.shape[1], denominator.shape[1]) < 2):
+        raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G, m >= 1 and "
+                         f"n >= 2 (the kernels' Horner steps); got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
     if numerator.device != x.device or denominator.device != x.device:
         raise ValueError(f"rational: the input is on {x.device} but the coefficients on {numerator.device}; "
                          f"move the module to the input's device (model.to(device))")
@@ -1456,7 +1473,7 @@ def _check_rational_inputs(x, numerator, denominator, dim):
 def _least_squares(coeffs, V, W, f, root_weight, iters=200):
     """Levenberg-Marquardt on sum (root_weight (P/(1+|S|) - f))^2 from ``coeffs`` (a_0 .. a_m, b_1 .. b_n),
     P = V a and S = W b on the grid: each step solves the damped normal equations, the damping
-    falling after a step that lowers the error and rising until one does."""
+    falling after a step that lowers the error and rising until one does. Returns (coefficients, error)."""
     m = V.shape[1]
 
     def residual(c):
@@ -1479,7 +1496,7 @@ def _least_squares(coeffs, V, W, f, root_weight, iters=200):
             damping *= 4
         else:
             break                                         # no step lowers the error: a minimum
-    return coeffs
+    return coeffs, cost.item()
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -1744,7 +1761,8 @@ class Adapter(nn.Module):
 class DeltaRational(nn.Module):
     """Frozen base coefficients plus a directly trained, zero-initialised update of the first
     ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
-    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0)."""
+    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0;
+    the paper also tunes b0, which our Q does not have)."""
 
     def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
         super().__init__()

@@ -154,9 +154,8 @@ def timm_models():
     kw = dict(pretrained=False, num_classes=10)
     vit = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, **kw)     # the small ViT-like ones
     create = lambda name, **more: lambda: timm.create_model(name, **more)
-    # per_module: the channel axes add_nora asks for where its probe cannot see them (it still refuses: nora.py's
-    # _probe does not skip the modules that per_module gives a channel_dim; see issue 27's report)
-    glu = {f"blocks.{i}.mlp.act": dict(channel_dim=-1) for i in range(2)}         # SiLU on a chunk of fc1's output
+    # per_module: the channel axes add_nora asks for where its probe cannot see them (LeViT's attention
+    # projections act on attn @ v, which no layer made)
     levit = {p: dict(channel_dim=-1) for p in ["stages.1.downsample.attn_downsample.proj.act",   # on attn @ v, reshaped
                                               "stages.2.downsample.attn_downsample.proj.act",
                                               *(f"stages.1.blocks.{i}.attn.proj.act" for i in range(3))]}
@@ -167,9 +166,9 @@ def timm_models():
         "timm convnext_atto, channels-last MLP": (create("convnext_atto", conv_mlp=False, **kw), img, None, {}),
         "timm MlpMixer (mixer_s16_224's class)": (lambda: MlpMixer(10, 32, patch_size=8, num_blocks=2, embed_dim=32),
                                                   img, None, {}),
-        "timm eva02_tiny_patch14_224 (GluMlp; per_module given)": (
+        "timm eva02_tiny_patch14_224 (GluMlp: SiLU on a chunk)": (
             create("eva02_tiny_patch14_224", **{**vit, "embed_dim": 48, "img_size": 28}), img[..., :28, :28],
-            ("q_proj", "v_proj"), dict(target="silu", per_module=glu)),
+            ("q_proj", "v_proj"), dict(target="silu")),
         "timm ViT, mlp_layer=SwiGLU": (create("vit_tiny_patch16_224", mlp_layer=SwiGLU, act_layer="silu", **vit), img,
                                        ("qkv",), dict(target="silu")),
         "timm levit_128s (Hardswish; per_module given)": (create("levit_128s", img_size=64, **kw), img64, None,
@@ -233,14 +232,10 @@ def hf_models():
         "HF OPT (ReLU)": (lambda: hf.OPTForCausalLM(hf.OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
                                                                    use_cache=False, **small)), ids, qv,
                           dict(target="relu")),
-        # the experts' SiLU gets a chunk of a product with the 3-D expert weights, which no layer makes: per_module
-        # (refused all the same, as EVA02 and LeViT are)
+        # the experts' SiLU gets a chunk of a product with the 3-D expert weights, which no layer makes: add_nora
+        # refuses to guess (at intermediate 16 it once took the routed tokens for channels) and per_module says it
         "HF Mixtral (per_module given)": (lambda: hf.MixtralForCausalLM(hf.MixtralConfig(**moe)), ids, qv,
                                           dict(silu, per_module=experts)),
-        # intermediate 16: the experts' SiLU gets (32 routed tokens, 16), and o_proj made (2, 8, 32) just before,
-        # as many elements: add_nora takes axis 0, the tokens, for the channels (a nora.py bug: issue 27's report)
-        "HF Mixtral, intermediate 16 (wrong axis: dim 0)": (lambda: hf.MixtralForCausalLM(hf.MixtralConfig(
-            **dict(moe, intermediate_size=16))), ids, qv, silu),
         # fused query_key_value is q | k | v per head (2 heads of 16 rows): the rows of each head's q and v
         "HF GPT-NeoX (LoRA rows: q, v per head)": (lambda: hf.GPTNeoXForCausalLM(hf.GPTNeoXConfig(use_cache=False,
                                                                                                   **enc)), ids,
