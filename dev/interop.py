@@ -154,11 +154,6 @@ def timm_models():
     kw = dict(pretrained=False, num_classes=10)
     vit = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, **kw)     # the small ViT-like ones
     create = lambda name, **more: lambda: timm.create_model(name, **more)
-    # per_module: the channel axes add_nora asks for where its probe cannot see them (LeViT's attention
-    # projections act on attn @ v, which no layer made)
-    levit = {p: dict(channel_dim=-1) for p in ["stages.1.downsample.attn_downsample.proj.act",   # on attn @ v, reshaped
-                                              "stages.2.downsample.attn_downsample.proj.act",
-                                              *(f"stages.1.blocks.{i}.attn.proj.act" for i in range(3))]}
     return {
         "timm vit_tiny_patch16_224 (depth 2)": (create("vit_tiny_patch16_224", depth=2, img_size=32, **kw), img,
                                                 ("qkv",), {}),
@@ -168,12 +163,14 @@ def timm_models():
                                                   img, None, {}),
         "timm eva02_tiny_patch14_224 (GluMlp: SiLU on a chunk)": (
             create("eva02_tiny_patch14_224", **{**vit, "embed_dim": 48, "img_size": 28}), img[..., :28, :28],
-            ("q_proj", "v_proj"), dict(target="silu")),
+            ("qkv",), dict(target="silu")),
         "timm ViT, mlp_layer=SwiGLU": (create("vit_tiny_patch16_224", mlp_layer=SwiGLU, act_layer="silu", **vit), img,
                                        ("qkv",), dict(target="silu")),
-        "timm levit_128s (Hardswish; per_module given)": (create("levit_128s", img_size=64, **kw), img64, None,
-                                                          dict(target=torch.nn.Hardswish, per_module=levit,
-                                                               init=nora.fit_rational(F.hardswish))),
+        # LeViT's attention projections act on attn @ v, which no layer made: add_nora asks for the axis, and all
+        # of LeViT's activations have their channels last
+        "timm levit_128s (Hardswish; channel_dim=-1)": (create("levit_128s", img_size=64, **kw), img64, None,
+                                                        dict(target=torch.nn.Hardswish, channel_dim=-1,
+                                                             init=nora.fit_rational(F.hardswish, warn_above=0.05))),
         "timm beit_base_patch16_224": (create("beit_base_patch16_224", **vit), img, ("qkv",), {}),
         "timm deit_tiny_distilled_patch16_224": (create("deit_tiny_distilled_patch16_224", **vit), img, ("qkv",), {}),
         "timm swinv2_tiny_window8_256": (create("swinv2_tiny_window8_256", embed_dim=16, depths=(1, 1),
