@@ -506,26 +506,20 @@ ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves
 def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, channel_dim="auto", example=None,
              per_module=None, **nora_kwargs):
     """Replace each activation module in ``model`` with a :class:`NoRA` module whose base rational
-    equals it; then, if every parameter of the model was trainable, freeze all but the adapters.
+    equals it; then, if every parameter of the model was trainable, freeze all but the adapters
+    (train the head with :func:`mark_trainable`). Every check runs before the first change.
 
     Args:
-        target: which modules to replace: names in ACTIVATIONS (every parameter-free module that
-            computes one of those functions, whatever its class: torch's, timm's or HF's), or an
-            activation class or tuple of classes. Default: both kinds of GELU.
-        init: the base rational (a name in COEFFS or a fit_rational() pair); None: the fit of
-            the function each module computes (see activation_name).
-        channel_dim: the input dimension that holds the channels; "auto": seen on ``example``, else
-            read off the layers next to each activation; refused by name where neither tells.
-        example: an input for ``model`` (a tensor, a tuple of arguments or a dict of keyword
-            arguments), run once in eval mode without gradients to see the tensor each activation
-            gets and the width of the layer that made it: its channel axis and width, against
-            which ``groups`` is checked before anything changes.
-        per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve
-            every activation (e.g. a squeeze-excitation activation of width 4).
+        target: names in ACTIVATIONS (every parameter-free module computing one of those functions,
+            whatever its class), or activation classes. Default: both kinds of GELU.
+        init: the base rational (a name in COEFFS or a fit_rational() pair); None: the fit of the
+            function each module computes.
+        channel_dim: the input axis that holds the channels; "auto": seen on ``example``, else read
+            off the layers next to each activation, refused by name where neither tells.
+        example: an input for ``model`` (a tensor, a tuple or a dict of arguments), run once in eval
+            mode to see each activation's input: its channel axis and the widths ``groups`` must divide.
+        per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve all.
         nora_kwargs: alpha, form, basis_scale (see NoRA).
-
-    A model where some parameters are already frozen keeps the caller's choices. Train the task
-    head with :func:`mark_trainable`.
     """
     found = _find_activations(model, target, init, groups, channel_dim, example, per_module or {})   # all checked
     param = next(model.parameters(), None)
@@ -547,18 +541,14 @@ def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, c
 
 def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=None,
              fused_qkv=("qkv", "c_attn", "to_qkv", "qkv_proj", "query_key_value", "Wqkv"), layer=LoRALinear):
-    """Put LoRA on each linear layer of ``model`` whose name is, or ends with ".", one of ``targets``,
-    and freeze the rest of a fresh model (as :func:`add_nora` does).
-
-    A target named like one of ``fused_qkv`` is a fused projection: where its layout is known to be
-    q | k | v in equal thirds (timm's and torchvision's `qkv`, GPT-2's `c_attn`: Appendix B), only
-    the parts in ``qkv_parts`` (default q and v, as in the paper's C.1) are adapted; any other
-    layout is refused unless ``rows`` gives its rows: {target: [(start, stop), ...]}, ranges of
-    equal width. A fused target also adapts the `in_proj_weight` (q | k | v) of every torch
-    nn.MultiheadAttention, through :class:`LoRAWeight`. Any module with a 2-D ``weight`` that it
-    applies linearly counts as linear, stored (out, in) or (in, out) (HF's Conv1D); ``layer`` is
-    the adapter class (LoRALinear or a subclass of it).
-    """
+    """Put LoRA on each linear layer of ``model`` whose name is, or ends with ".", one of ``targets``
+    (any module applying a 2-D ``weight`` linearly, stored (out, in) or (in, out) as in HF's Conv1D),
+    and freeze the rest of a fresh model, as :func:`add_nora` does. A target named like one of
+    ``fused_qkv`` is a fused q | k | v projection: where its layout is known to be equal thirds
+    (Appendix B), only the ``qkv_parts`` rows are adapted (q and v, as in the paper's C.1); other
+    layouts are refused unless ``rows`` gives them, {target: [(start, stop), ...]} of equal widths.
+    A fused target also adapts every nn.MultiheadAttention's in_proj_weight through :class:`LoRAWeight`.
+    ``layer``: the adapter class (LoRALinear or a subclass)."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not qkv_parts or set(qkv_parts) - set("qkv"):
         raise ValueError(f"add_lora: qkv_parts={qkv_parts!r} must name some of 'q', 'k', 'v', e.g. 'qv'")
@@ -601,11 +591,10 @@ def merge(model):
 
 
 def adapter_state_dict(model, extra=("head",)):
-    """All that a fine-tune changes in the pretrained model, to be loaded back with :func:`load_adapter`:
-    every adapter's tensors and settings (chosen by module type, so freezing the model first loses
-    nothing), the parameters whose names start with ``extra`` (the task head), any other parameter
-    that trains, the running statistics of BatchNorm layers, which training updates even though
-    their weights are frozen, and the weights that merge() folded a LoRAWeight into."""
+    """All that a fine-tune changes in the pretrained model: every adapter's tensors and settings (by
+    module type, so freezing the model first loses nothing), the parameters named ``extra*`` (the
+    head) or still trainable, BatchNorm running statistics (training moves them though their
+    weights are frozen), and the weights merge() folded a LoRAWeight into."""
     state = model.state_dict()
     keep = _adapter_keys(model) | _running_statistics(model) | _merged_weights(model)
     keep |= {name for name, p in model.named_parameters() if p.requires_grad or name.startswith(tuple(extra))}
@@ -613,10 +602,9 @@ def adapter_state_dict(model, extra=("head",)):
 
 
 def save_adapter(model, path, extra=("head",), metadata=None):
-    """Write :func:`adapter_state_dict` to a .safetensors file at ``path``, with a description of every
-    adapter (its kind, module path and settings) from which :func:`load_adapter` rebuilds them on a
-    plain model. Written through a temporary file: a failed write leaves the old file whole.
-    ``metadata``: more {str: str} for the file (train_vit.py keeps its run's settings there)."""
+    """Write :func:`adapter_state_dict` to a .safetensors file, with each adapter's kind, module path
+    and settings, from which :func:`load_adapter` rebuilds them on a plain model; through a temporary
+    file, so a failed write leaves the old one whole. ``metadata``: more {str: str} to keep."""
     state = adapter_state_dict(model, extra)
     described = dict(adapters=_describe_adapters(model), other=sorted(set(state) - _adapter_keys(model)))
     write_safetensors(path, state, {**(metadata or {}), "nora": json.dumps(described)})
@@ -624,12 +612,11 @@ def save_adapter(model, path, extra=("head",), metadata=None):
 
 
 def load_adapter(model, source):
-    """Load what :func:`save_adapter` wrote (a path) or an :func:`adapter_state_dict` (a dict) into
-    ``model``, merged or not. From a file, the adapters the model lacks are built where the file
-    says, so a plain pretrained model will do; a state dict needs the model prepared by the same
-    add_nora / add_lora calls. Everything is checked before anything changes: settings, shapes,
-    NaN or inf, and that every tensor belongs to an adapter, the head, another trained parameter
-    or a BatchNorm's statistics, so a file cannot overwrite the frozen backbone."""
+    """Load a :func:`save_adapter` file (a path) or an :func:`adapter_state_dict` (a dict) into ``model``,
+    merged or not. A file's adapters are built where it says, so a plain model will do; a state dict
+    needs the same add_nora / add_lora calls first. Checked before anything changes: settings,
+    shapes, NaN, and that every tensor is an adapter's, the head's, a trained parameter's or a
+    BatchNorm's statistics (a file cannot overwrite the frozen backbone)."""
     state, described = read_adapter(source) if isinstance(source, (str, os.PathLike)) else (source, None)
     plan = _plan_adapters(model, described, state) if described else []    # what to build; nothing built in yet
     _check_adapter_state(model, state, plan, described)
