@@ -1297,6 +1297,25 @@ def test_pth_without_a_state_dict_is_refused_clearly(tmp_path, obj):
         nora.load_pretrained(tiny_vit(), tmp_path / "pickle.pth")
 
 
+def test_odd_checkpoint_files_are_refused_by_name_and_bad_downloads_leave_the_cache(tmp_path, monkeypatch):
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")                 # an .npy under an .npz name
+    with pytest.raises(ValueError, match="(?s)one.npz is not a ViT .npz.*archive"):
+        nora.load_pretrained(tiny_vit(), tmp_path / "one.npz")
+    (tmp_path / "cache").mkdir()
+    cached = tmp_path / "cache" / "x-wrong.npz"                         # a download of a ViT-S for a ViT-Tiny
+    np.savez(cached, **to_big_vision(nora.VisionTransformer("small", img_size=32, depth=1).state_dict()))
+    with monkeypatch.context() as m:
+        m.setattr(nora, "download", lambda url, cache_dir=None: cached)
+        with pytest.raises(ValueError, match="(?s)does not match this model.*deleted"):
+            nora.load_pretrained(tiny_vit(), "https://example.invalid/x-wrong.npz")
+    assert not cached.exists()
+    long = "http://127.0.0.1:9/" + "a" * 300 + ".safetensors"          # a name longer than a file name may be
+    with pytest.raises(RuntimeError, match="could not download") as e:
+        nora.download(long, cache_dir=tmp_path / "c")
+    assert "too long" not in str(e.value)
+
+
 def test_download_from_loopback_server_caches_and_verifies(tmp_path):
     src = tiny_vit()
     write_safetensors(tmp_path / "w.safetensors", src.state_dict())

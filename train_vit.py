@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -646,8 +647,10 @@ def check_output_paths(p, paths):
         if path.is_dir() or not path.parent.is_dir():
             p.error(f"{flag} {path}: {'is a folder' if path.is_dir() else 'its folder does not exist'}; "
                     f"give a file path in an existing folder")
-        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            p.error(f"{flag} {path}: cannot be written here (no permission); give a path in a folder you can write")
+        try:                                              # a real write, as the result's will be
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as e:
+            p.error(f"{flag} {path}: its folder cannot be written ({e.strerror}); give a path in a folder you can write")
         if path.resolve() in resolved:
             p.error(f"{flag} and {resolved[path.resolve()]} name the same file {path}; give each its own")
         resolved[path.resolve()] = flag
