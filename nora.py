@@ -290,6 +290,7 @@ class NoRA(nn.Module):
         self.scaling = (alpha if alpha is not None else 2 * rank) / rank
         self.basis_scale, self.channel_dim = float(basis_scale), channel_dim
         self.where = "NoRA"                               # add_nora puts the module's path here, for errors
+        self.function = init if isinstance(init, str) and init in ACTIVATIONS else None   # what it replaced
         A_shape = (lambda d: (rank, d)) if form == "shared" else (lambda d: (groups, d, rank))
         self.A_P = nn.Parameter(torch.randn(A_shape(num.shape[1])) * 0.02)    # numerator update (Eq. 8, A shared)
         self.B_P = nn.Parameter(torch.zeros(groups, rank))
@@ -521,6 +522,12 @@ def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, c
         per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve all.
         nora_kwargs: alpha, form, basis_scale (see NoRA).
     """
+    groups = _positive_int(groups, "add_nora: groups")
+    for path, own in (per_module or {}).items():
+        if not isinstance(own, dict) or set(own) - {"groups", "channel_dim"}:
+            raise ValueError(f"add_nora: per_module[{path!r}] must be a dict(groups=..., channel_dim=...), got {own!r}")
+        if "groups" in own:
+            _positive_int(own["groups"], f"add_nora: per_module[{path!r}]['groups']")
     found = _find_activations(model, target, init, groups, channel_dim, example, per_module or {})   # all checked
     param = next(model.parameters(), None)
     device = param.device if param is not None else "cpu"
@@ -528,7 +535,7 @@ def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, c
     def make(m):
         path, function, dim, g = found[id(m)]
         module = NoRA(g, rank, init=init or function, channel_dim=dim, **nora_kwargs).to(device).train(m.training)
-        module.where = path
+        module.where, module.function = path, function
         return module
 
     fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
@@ -617,6 +624,8 @@ def load_adapter(model, source):
     needs the same add_nora / add_lora calls first. Checked before anything changes: settings,
     shapes, NaN, and that every tensor is an adapter's, the head's, a trained parameter's or a
     BatchNorm's statistics (a file cannot overwrite the frozen backbone)."""
+    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        raise FileNotFoundError(f"load_adapter: no file at {source}; pass a file written by save_adapter")
     state, described = read_adapter(source) if isinstance(source, (str, os.PathLike)) else (source, None)
     plan = _plan_adapters(model, described, state) if described else []    # what to build; nothing built in yet
     _check_adapter_state(model, state, plan, described)
@@ -929,7 +938,8 @@ def _find_activations(model, target, init, groups, channel_dim, example, per_mod
                 shape = next((s for s, d in seen[i] if d is None), shapes[0])
                 raise ValueError(f"{where} gets a {shape} input " + ("whose channel axis no layer's output tells"
                                  if None in dims else f"with its channels on different axes {sorted(dims)}") +
-                                 f"; pass per_module={{'{path}': dict(channel_dim=...)}} with its channel axis")
+                                 f"; pass per_module={{'{path}': dict(channel_dim=...)}} with its channel axis (or an "
+                                 f"example whose sizes differ from its width)")
             dim = dims.pop()
         elif dim == "auto":                               # not seen: the neighbours, where they surely tell
             dim, count = _channel_layout(parent, name, {j for j, f in functions.items() if f})
@@ -1045,7 +1055,11 @@ def _probe(model, example, activations):
         with torch.random.fork_rng(devices=[]):
             model.eval()
             example = example if isinstance(example, (tuple, list, dict)) else (example,)
-            model(**example) if isinstance(example, dict) else model(*example)
+            try:
+                model(**example) if isinstance(example, dict) else model(*example)
+            except Exception as e:
+                raise ValueError(f"add_nora: the model fails on the example= input ({type(e).__name__}: {e}); "
+                                 f"pass an input the model takes (a tensor, a tuple of arguments or a dict)") from e
     finally:
         for h in hooks:
             h.remove()
@@ -1066,9 +1080,9 @@ def _channel_axis(x, made):
             if len(axes) != 1:
                 return None
             return -1 if axes[0] == x.dim() - 1 else axes[0]
-    else:
-        out, axis = next(((o, a) for o, a in reversed(made) if o.shape == x.shape), (None, None))
-        if out is None:
+    else:                                                 # a copy: the last layer to run, if it made this shape
+        out, axis = made[-1] if made else (None, None)    # and its channel axis is the only one of that size
+        if out is None or out.shape != x.shape or list(x.shape).count(x.shape[axis]) > 1:
             return None
     return -1 if axis == x.dim() - 1 else axis
 
@@ -1085,9 +1099,10 @@ def _warn_if_far_at_init(found):
                           f"measure the change on your inputs")
 
 
-# Fused q | k | v projections whose rows are q, k and v in equal thirds, by the class that holds them:
-# timm's and our ViT attention, timm's Swin and EVA, torchvision's Swin and MaxViT, HF GPT-2. Any
-# other fused layout (multi-query, grouped-query, interleaved per head) needs its rows given.
+# Fused q | k | v projections whose rows are q, k and v in equal thirds, by the class that holds them
+# (in timm, torchvision, transformers or this file): timm's and our ViT attention, timm's Swin and
+# EVA, torchvision's Swin and MaxViT, HF GPT-2. Any other fused layout (multi-query, grouped-query,
+# interleaved per head, or a class of your own) needs its rows given.
 QKV_THIRDS = {"Attention", "EvaAttention", "WindowAttention", "WindowAttentionV2", "ShiftedWindowAttention",
               "ShiftedWindowAttentionV2", "RelativePositionalMultiHeadAttention", "GPT2Attention"}
 
@@ -1114,9 +1129,16 @@ def _find_linears(model, targets, fused_qkv, qkv_parts, rows):
         transposed = _fan_in_fan_out(m, where)
         out_features, in_features = weight.shape[::-1] if transposed else weight.shape
         ranges = rows.get(target)
+        if ranges is not None and not (isinstance(ranges, (list, tuple)) and ranges and all(
+                isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(i, numbers.Integral) for i in r)
+                and 0 <= r[0] < r[1] <= out_features for r in ranges)):
+            raise ValueError(f"{where}: rows={{'{target}': {ranges!r}}} must be a list of (start, stop) ranges "
+                             f"within its {out_features} output rows, e.g. [(0, {out_features // 3})]")
         if ranges is None and _named(path, fused_qkv):
-            holder = type(model.get_submodule(path.rpartition(".")[0])).__name__
-            if holder not in QKV_THIRDS or out_features != 3 * in_features:
+            cls = type(model.get_submodule(path.rpartition(".")[0]))
+            holder, library = cls.__name__, cls.__module__.partition(".")[0]
+            if holder not in QKV_THIRDS or library not in ("timm", "torchvision", "transformers", __name__) \
+                    or out_features != 3 * in_features:
                 raise ValueError(f"{where} in {holder}: a fused projection of {out_features} rows whose layout is not "
                                  f"known to be q | k | v in equal thirds (multi-query? per head?); give the rows to "
                                  f"adapt, e.g. add_lora(model, targets={targets!r}, "
@@ -1141,6 +1163,9 @@ def _linear_names(model):
             names[path.rpartition(".")[2]] += 1
     if not names:
         return "it has no module with a 2-D weight"
+    done = sum(isinstance(m, LoRALinear) for m in model.modules())
+    if done:
+        return f"{done} of its linear layers already have LoRA (add_lora was called before)"
     listed = ", ".join(f"{n} x{c}" for n, c in names.items())
     return f"its linear layers are named {listed}: pass e.g. add_lora(model, targets={tuple(list(names)[:2])!r})"
 
@@ -1155,6 +1180,7 @@ def _fan_in_fan_out(layer, where):
     if W.is_meta:
         raise ValueError(f"{where} is on the meta device, where its weight layout cannot be seen; add LoRA "
                          f"before moving it there, or pass an nn.Linear")
+    fits = []
     for transposed in (False, True):
         width = W.shape[0] if transposed else W.shape[1]
         x = torch.linspace(-1, 1, 2 * width, device=W.device, dtype=W.dtype).view(2, width)
@@ -1164,9 +1190,16 @@ def _fan_in_fan_out(layer, where):
             continue
         expected = x @ W if transposed else x @ W.T
         if y.shape == expected.shape and torch.allclose(y, expected, rtol=1e-3, atol=1e-3 * expected.abs().max()):
-            return transposed
-    raise ValueError(f"{where} computes neither x @ weight.T nor x @ weight, so LoRA cannot adapt its weight; "
-                     f"leave it out of targets")
+            fits.append(transposed)
+    if len(fits) == 2:                                    # a symmetric (or zero) square weight: both fit
+        if type(layer).__name__ == "Conv1D":              # Hugging Face's, stored (in, out)
+            return True
+        raise ValueError(f"{where}: its square weight is symmetric, so calling it cannot tell x @ weight from "
+                         f"x @ weight.T; wrap it yourself with LoRALinear(layer, fan_in_fan_out=...)")
+    if not fits:
+        raise ValueError(f"{where} computes neither x @ weight.T nor x @ weight, so LoRA cannot adapt its weight; "
+                         f"leave it out of targets")
+    return fits[0]
 
 
 class LoRAWeight(LoRALinear):
@@ -1240,7 +1273,7 @@ def _describe_adapters(model):
     for path, m in model.named_modules():
         if isinstance(m, NoRA):
             out.append(dict(kind="nora", path=path, groups=m.numerator.shape[0], rank=m.rank, alpha=m.scaling * m.rank,
-                            form=m.form, basis_scale=m.basis_scale, channel_dim=m.channel_dim))
+                            form=m.form, basis_scale=m.basis_scale, channel_dim=m.channel_dim, function=m.function))
         elif isinstance(m, LoRALinear) and not isinstance(m, LoRAWeight):
             out.append(dict(kind="lora", path=path, layer=type(m).__name__, rank=m.rank, alpha=m.scaling * m.rank,
                             row_ranges=m.row_ranges, fan_in_fan_out=m.fan_in_fan_out, merged=m.merged))
@@ -1256,29 +1289,38 @@ def _plan_adapters(model, described, state):
     one checked, and every new module built, before any is put in. Refused where the model has no
     such module, or one that cannot take it."""
     plan, where = [], lambda e: f"load_adapter: {e['path'] or 'the model'}"
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
     for e in described.get("adapters", []):
         try:
             m = model.get_submodule(e["path"])
         except AttributeError:
             raise ValueError(f"{where(e)}: the model has no such module; load the adapter into the model it was "
                              f"trained on") from None
+        if e["kind"] == "nora" and isinstance(m, NoRA) and m.channel_dim != e["channel_dim"]:
+            raise ValueError(f"{where(e)}: the adapter groups channel axis {e['channel_dim']}, this model's NoRA "
+                             f"axis {m.channel_dim}; build it with the saved axis (or load into a plain model)")
         if e["kind"] == "nora" and not isinstance(m, NoRA):
-            if next(m.parameters(), None) is not None or any(m.children()):
-                raise ValueError(f"{where(e)} is a {type(m).__name__}, not an activation; load into the model the "
-                                 f"adapter was trained on")
+            leaf = next(m.parameters(), None) is None and not any(m.children())
+            function = activation_name(m) if leaf else None
+            if not (function == e["function"] if e["function"] else leaf and _is_nonlinear(m)):
+                raise ValueError(f"{where(e)} is a {type(m).__name__} computing {function or 'something else'}, not "
+                                 f"the {e['function'] or 'activation'} the adapter replaced; load into the model it "
+                                 f"was trained on")
             init = (state.get(e["path"] + ".numerator"), state.get(e["path"] + ".denominator"))
             if not all(isinstance(t, torch.Tensor) for t in init):
                 raise ValueError(f"{where(e)}: the file has no base coefficients for it; it is damaged or not made by "
                                  f"save_adapter")
             new = NoRA(e["groups"], e["rank"], e["alpha"], init, e["form"], e["basis_scale"], e["channel_dim"])
-            plan.append((e["path"], new))
+            new.where, new.function = e["path"], e["function"]
+            plan.append((e["path"], new.to(device).train(m.training)))
         elif e["kind"] == "lora" and not isinstance(m, LoRALinear):
             if e["layer"] != "LoRALinear":
                 raise ValueError(f"{where(e)} was trained with {e['layer']}, which load_adapter cannot build; put it "
                                  f"on the model as before (e.g. train_vit.prepare) and load again")
             if not (isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2):
                 raise ValueError(f"{where(e)} is a {type(m).__name__} with no 2-D weight to adapt")
-            plan.append((e["path"], LoRALinear(m, e["rank"], e["alpha"], e["row_ranges"], e["fan_in_fan_out"])))
+            plan.append((e["path"], LoRALinear(m, e["rank"], e["alpha"], e["row_ranges"], e["fan_in_fan_out"]).train(m.training)))
         elif e["kind"] == "lora_weight" and not torch.nn.utils.parametrize.is_parametrized(m, e["weight"]):
             weight = getattr(m, e["weight"], None)
             if not isinstance(weight, torch.Tensor):
@@ -1295,6 +1337,18 @@ def _plan_adapters(model, described, state):
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, new)
     return [functools.partial(put, path, new) for path, new in plan]
+
+
+@torch.no_grad()
+def _is_nonlinear(module):
+    """Whether a parameter-free module maps [-8, 8] elementwise and not as the identity (Dropout in eval
+    mode, nn.Identity): a place a NoRA of an unknown function can go."""
+    x = torch.linspace(-8, 8, 33, device="cpu")
+    try:
+        y = module(x.clone())
+    except Exception:
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == x.shape and not torch.allclose(y, x)
 
 
 def _check_adapter_state(model, state, plan, described):
@@ -1316,8 +1370,10 @@ def _check_adapter_state(model, state, plan, described):
             items = {f"{path}.{k}": v for k, v in new.state_dict(keep_vars=True).items()}
         own.update(items)
         adapters |= {k for k in items if ".base." not in k and not k.endswith(".original")}
+    params = dict(model.named_parameters())
+    prepared = not all(p.requires_grad for p in params.values())     # a plain model trains everything: no sign
     allowed = adapters | _running_statistics(model) | _merged_weights(model) | {
-        n for n, p in model.named_parameters() if p.requires_grad or n.startswith("head.")}
+        n for n, p in params.items() if n.startswith("head.") or (prepared and p.requires_grad and described is None)}
     allowed |= {k for k in (described or {}).get("other", []) if k in own}
     allowed |= {f"{e['path']}.{e['weight']}" for e in (described or {}).get("adapters", [])
                 if e["kind"] == "merged_weight"}
@@ -1558,14 +1614,30 @@ def read_adapter(path):
         return state, None
     try:
         described = json.loads(extra["nora"])
-        ok = isinstance(described, dict) and all(isinstance(e, dict) and e.get("kind") in
-                                                 ("nora", "lora", "lora_weight", "merged_weight")
-                                                 and isinstance(e.get("path"), str) for e in described["adapters"])
+        ok = (isinstance(described, dict) and isinstance(described.get("other", []), list)
+              and all(isinstance(k, str) for k in described.get("other", []))
+              and all(_described_right(e) for e in described["adapters"]))
     except (ValueError, KeyError, TypeError):
         ok = False
     if not ok:
         raise ValueError(f"{path}: its description of the adapters is damaged; save the adapter again")
     return state, described
+
+
+def _described_right(e):
+    """Whether ``e`` is an adapter entry as _describe_adapters writes it: each field there, of its type."""
+    integer, number = lambda v: type(v) is int and v > 0, lambda v: type(v) in (int, float) and v > 0
+    rows = lambda v: isinstance(v, list) and v and all(isinstance(r, list) and len(r) == 2 and
+                                                       all(type(i) is int for i in r) and 0 <= r[0] < r[1] for r in v)
+    fields = {"nora": dict(groups=integer, rank=integer, alpha=number, form=lambda v: v in ("shared", "per_group"),
+                           basis_scale=number, channel_dim=lambda v: v is None or type(v) is int,
+                           function=lambda v: v is None or v in ACTIVATIONS),
+              "lora": dict(layer=lambda v: isinstance(v, str), rank=integer, alpha=number, row_ranges=rows,
+                           fan_in_fan_out=lambda v: type(v) is bool, merged=lambda v: type(v) is bool),
+              "lora_weight": dict(weight=lambda v: isinstance(v, str), rank=integer, alpha=number, row_ranges=rows),
+              "merged_weight": dict(weight=lambda v: isinstance(v, str))}
+    return (isinstance(e, dict) and e.get("kind") in fields and isinstance(e.get("path"), str)
+            and all(k in e and check(e[k]) for k, check in fields[e["kind"]].items()))
 
 
 def write_atomic(path, data):

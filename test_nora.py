@@ -763,6 +763,92 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(tmp_path):
     assert not any(isinstance(m, nora.NoRA) for m in plain.modules())
 
 
+def test_a_hostile_user_finds_no_silent_wrong_load(tmp_path):
+    x = torch.randn(4, 8)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    nora.write_safetensors(tmp_path / "full.safetensors", {"0.weight": torch.zeros(16, 8)})
+    with pytest.raises(ValueError, match="no adapter, head or trained tensors"):        # the backbone, on a plain model
+        nora.load_adapter(plain, tmp_path / "full.safetensors")
+    trained = nora.add_nora(copy_of(plain), groups=4, example=x)
+    train_steps(trained, steps=2, x=x, classes=4)
+    nora.save_adapter(trained, tmp_path / "a.safetensors")
+    for wrong in (nn.Identity(), nn.Dropout(0.1), nn.SiLU()):                          # not the activation it replaced
+        other = nn.Sequential(nn.Linear(8, 16), wrong, nn.Linear(16, 4))
+        with pytest.raises(ValueError, match="not the gelu the adapter replaced"):
+            nora.load_adapter(other, tmp_path / "a.safetensors")
+        assert other[1] is wrong
+    axis = nora.add_nora(copy_of(plain), groups=4, channel_dim=0)
+    with pytest.raises(ValueError, match="groups channel axis -1, this model's NoRA axis 0"):
+        nora.load_adapter(axis, tmp_path / "a.safetensors")
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        nora.load_adapter(plain, tmp_path)
+
+
+def copy_of(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("edit", ["missing groups", "bad rows", "kind", "other"])
+def test_a_hand_edited_adapter_description_is_refused_as_damaged(tmp_path, edit):
+    import json
+    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8), rank=2)
+    nora.save_adapter(model, tmp_path / "a.safetensors")
+    state, meta = nora.read_safetensors(tmp_path / "a.safetensors", metadata=True)
+    described = json.loads(meta["nora"])
+    nora_entry = next(e for e in described["adapters"] if e["kind"] == "nora")
+    lora_entry = next(e for e in described["adapters"] if e["kind"] == "lora")
+    {"missing groups": lambda: nora_entry.pop("groups"), "bad rows": lambda: lora_entry.update(row_ranges=5),
+     "kind": lambda: nora_entry.update(kind="lora"), "other": lambda: described.update(other=5)}[edit]()
+    nora.write_safetensors(tmp_path / "b.safetensors", state, {"nora": json.dumps(described)})
+    with pytest.raises(ValueError, match="description of the adapters is damaged"):
+        nora.load_adapter(tiny_vit(), tmp_path / "b.safetensors")
+
+
+def test_add_nora_and_add_lora_refuse_what_they_cannot_get_right_by_name():
+    with pytest.raises(ValueError, match="groups must be a positive integer"):
+        nora.add_nora(tiny_vit(), groups=0)
+    with pytest.raises(ValueError, match="groups must be a positive integer"):
+        nora.add_nora(tiny_vit(), groups=2.5)
+    with pytest.raises(ValueError, match="fails on the example= input"):
+        nora.add_nora(tiny_vit(), example=torch.randn(2, 5))
+
+    class Copy(nn.Module):                                # channels moved to dim 1 by a copy, with equal sizes
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(8, 8), nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.fc(x).transpose(1, 2).contiguous())
+    with pytest.raises(ValueError, match="whose channel axis no layer's output tells"):
+        nora.add_nora(Copy(), groups=4, example=torch.randn(2, 8, 8))
+
+    class Conv1D(nn.Module):                              # a symmetric square weight: both layouts fit
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(6, 6))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    class MyAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+    with pytest.raises(ValueError, match="symmetric"):
+        nora.add_lora(nn.Sequential(type("Square", (Conv1D,), {})()), targets=("0",))
+    assert nora.add_lora(nn.Sequential(Conv1D()), targets=("0",))[0].fan_in_fan_out     # HF's class: (in, out)
+    attention = type("Attention", (MyAttention,), {})             # a user's own class called Attention
+    with pytest.raises(ValueError, match="not known to be q"):
+        nora.add_lora(nn.Sequential(attention()), targets=("qkv",))
+    for rows in ([(4, 2)], [(-3, 3)], (0, 3)):
+        with pytest.raises(ValueError, match="must be a list of \\(start, stop\\) ranges"):
+            nora.add_lora(nn.Sequential(MyAttention()), targets=("qkv",), rows={"qkv": rows})
+    twice = nora.add_lora(nn.Sequential(MyAttention()), targets=("qkv",), rows={"qkv": [(0, 4)]})
+    with pytest.raises(ValueError, match="already have LoRA"):
+        nora.add_lora(twice, targets=("qkv",), rows={"qkv": [(0, 4)]})
+
+
 # --- Appendix A. Kernels and speed ------------------------------------------------------------
 
 def test_blocked_eager_kernels_and_compiled_path_match_the_whole_tensor_kernels(monkeypatch):
@@ -1709,6 +1795,22 @@ def test_train_vit_refuses_clashing_outputs_and_impossible_flags_before_reading_
     with pytest.raises(SystemExit) as e:
         train_vit.main(["--data-root", str(tmp_path / "nothing"), "--no-download", *TINY_RUN[:-2], *argv])
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_train_vit_never_writes_over_what_it_reads(cifar_root, tmp_path, capsys):
+    import shutil
+    import train_vit
+    data = tmp_path / "data"
+    shutil.copytree(cifar_root, data)
+    (tmp_path / "keep.safetensors").write_bytes(b"x")
+    (tmp_path / "w.pth").write_bytes(b"x")
+    for argv in (["--eval-adapter", str(tmp_path / "keep.safetensors"), "--plot-activations", str(tmp_path / "keep.safetensors")],
+                 ["--weights", str(tmp_path / "w.pth"), "--save", str(tmp_path / "w.pth")],
+                 ["--save", str(data / "cifar-10-batches-py" / "test_batch")]):
+        with pytest.raises(SystemExit) as e:
+            train_vit.main(["--data-root", str(data), *TINY_RUN[2:], *argv])
+        assert e.value.code == 2 and "would be overwritten" in capsys.readouterr().err
+    assert (tmp_path / "keep.safetensors").read_bytes() == b"x" and (tmp_path / "w.pth").read_bytes() == b"x"
 
 
 def test_train_vit_stops_with_a_message_where_the_batch_is_larger_than_the_data(cifar_root):

@@ -159,9 +159,9 @@ def balanced_subset(labels, n, seed):
 
 
 def preprocess(x, img_size, mean, std, device, flip=None):
-    """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S) on ``device``, mirrored where the bool
-    tensor ``flip`` (B,) says. The uint8 batch moves first (if it is not there yet): resizing to
-    224 px on the CPU would starve a GPU. ``mean`` and ``std`` are (3, 1, 1) tensors on ``device``."""
+    """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S) on ``device``, mirrored where ``flip`` (B,)
+    says; ``mean``, ``std``: (3, 1, 1) on ``device``. The uint8 batch moves first: resizing on the
+    CPU would starve a GPU."""
     x = x.to(device).float() / 255
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -250,11 +250,9 @@ def input_pipeline(args):
 
 
 def evaluate(model, x, y, prep, batch_size, amp=None):
-    """Top-1 accuracy (%) of ``model`` on the uint8 images ``x``; ``prep`` makes a batch its input.
-    ``amp``: the autocast dtype, or None. One host-device sync, at the end. Under torchrun only
-    rank 0 evaluates, and sends the result to the others, so all take the same decisions."""
+    """Top-1 accuracy (%) on uint8 images ``x`` (``prep``: batch -> input; ``amp``: autocast dtype), one sync."""
     result, device = [None], next(model.parameters()).device
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:   # torchrun: rank 0 alone
         model.eval()
         correct = torch.zeros((), dtype=torch.long, device=device)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -268,12 +266,11 @@ def evaluate(model, x, y, prep, batch_size, amp=None):
 
 
 class Diverged(Exception):
-    pass
+    """The loss stopped being finite."""
 
 
 def train(args, data, eval_name="test"):
-    """Fine-tune on data[:2]; after each epoch, report the accuracy on data[2:] (the test set, or
-    the validation split in --table study)."""
+    """Fine-tune on data[:2]; after each epoch, report the accuracy on data[2:] (test or validation)."""
     train_x, train_y, test_x, test_y = data
     model, total = build_model(args)
     trainable = nora.count_parameters(model)[0]
@@ -348,9 +345,8 @@ def train(args, data, eval_name="test"):
 
 
 def activation_drift(model, x_range=8.0):
-    """How far training moved NoRA's activations: the largest |phi(x) - GELU(x)| on the fit range over
-    all layers and groups, and in how many layers a group's leading denominator coefficient b_n
-    (GELU's fit: 1.1e-3; it sets the tails) went below zero."""
+    """How far training moved NoRA's activations: the largest |phi(x) - GELU(x)| on [-8, 8] over all
+    layers and groups, and in how many layers a group's b_n (which sets the tails) went below zero."""
     x = torch.linspace(-x_range, x_range, 161)
     noras = [m for m in model.modules() if isinstance(m, nora.NoRA)]
     if not noras:
@@ -556,13 +552,14 @@ def time_models(device, repeats, batch, amp, methods, merged=()):
 def efficiency(args):
     """Paper Table 6 on ViT-Tiny: LoRA, NoRA and NoRA++, each against LoRA in the same run, with the
     rational as this run has it (compiled unless --no-compile). dev/bench.py times the rational alone."""
-    r = time_models(args.device, args.repeats, args.bench_batch, args.amp, {"LoRA": "lora", "NoRA": "nora", "NoRA++": "nora++"})
-    memory = "peak memory" if args.device.type == "cuda" else "saved for backward"
+    r = time_models(args.device, args.repeats, args.bench_batch, args.amp,
+                    {"LoRA": "lora", "NoRA": "nora", "NoRA++": "nora++"})
     lines = [f"Paper Table 6 on {args.device.type} ({torch.get_num_threads()} threads, torch {torch.__version__}, "
              f"{'eager' if nora._kernels['chunk'] else 'compiled'} rational): ViT-Tiny, 224 px, batch {args.bench_batch}, "
              f"median of {args.repeats} interleaved repeats.\n",
              f"| method | trainable (excl. head) | matmul GFLOPs / image | forward ms / image | train step ms | x LoRA "
-             f"| {memory} (MB) | x LoRA |", "|---|---|---|---|---|---|---|---|"]
+             f"| {'peak memory' if args.device.type == 'cuda' else 'saved for backward'} (MB) | x LoRA |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['trainable']:,} | {v['flops'] / 1e9:.3f} | {v['forward'] * 1e3:.2f} | {v['step'] * 1e3:.0f} | "
               f"{v['step'] / r['LoRA']['step']:.2f} | {v['memory'] / 2**20:.0f} | {v['memory'] / r['LoRA']['memory']:.3f} |"
               for k, v in r.items()]
@@ -639,10 +636,10 @@ def make_parser():
     return p
 
 
-def check_output_paths(p, paths):
-    """Fail before any data is read, not after training, if a result could not be written or two
-    results would land in one file; ``paths``: {flag: path}."""
-    given, resolved = {flag: Path(path) for flag, path in paths.items() if path is not None}, {}
+def check_output_paths(p, paths, inputs=()):
+    """Fail before any data is read, not after training, if a result could not be written, two results
+    would land in one file, or a result would replace an input; ``paths``, ``inputs``: {flag: path}."""
+    given, resolved, inputs = {flag: Path(path) for flag, path in paths.items() if path is not None}, {}, dict(inputs)
     for flag, path in given.items():
         if path.is_dir() or not path.parent.is_dir():
             p.error(f"{flag} {path}: {'is a folder' if path.is_dir() else 'its folder does not exist'}; "
@@ -654,6 +651,10 @@ def check_output_paths(p, paths):
         if path.resolve() in resolved:
             p.error(f"{flag} and {resolved[path.resolve()]} name the same file {path}; give each its own")
         resolved[path.resolve()] = flag
+    for flag, path in inputs.items():                     # nor over what the run reads
+        if path and (Path(path).resolve() in resolved or Path(path).is_dir() and any(
+                Path(path).resolve() in out.parents for out in resolved)):
+            p.error(f"{flag} {path} would be overwritten by an output of this run; give the outputs other paths")
     try:
         read_records(paths.get("--out"))
     except SystemExit:
@@ -668,12 +669,12 @@ def parse_args(argv=None, parser=None, outputs=()):
     for k, v in SCALES[args.scale].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for k in ("epochs", "batch_size", "log_every", "groups", "rank", "lora_rank", "img_size", "repeats", "bench_batch"):
-        if getattr(args, k) <= 0:
-            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    for k in ("train_subset", "test_subset", "threads", "grow_from", "seed"):
-        if getattr(args, k) < 0:
-            p.error(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
+    at_least = {**dict.fromkeys(("epochs", "batch_size", "log_every", "groups", "rank", "lora_rank", "img_size",
+                                 "repeats", "bench_batch"), 1),
+                **dict.fromkeys(("train_subset", "test_subset", "threads", "grow_from", "seed"), 0)}
+    for k, low in at_least.items():
+        if getattr(args, k) < low:
+            p.error(f"--{k.replace('_', '-')} must be at least {low}, got {getattr(args, k)}")
     for k in ("steps", "depth", "alpha", "lr", "head_lr", "nora_lr", "basis_scale"):
         v = getattr(args, k)
         if v is not None and not (v > 0 and math.isfinite(v)):
@@ -695,7 +696,9 @@ def parse_args(argv=None, parser=None, outputs=()):
     if args.eval_adapter and not Path(args.eval_adapter).is_file():
         p.error(f"--eval-adapter: no file at {args.eval_adapter}")
     check_output_paths(p, {"--save": args.save, "--out": args.out, "--plot-activations": args.plot_activations,
-                           **{flag: getattr(args, flag[2:].replace("-", "_")) for flag in outputs}})
+                           **{flag: getattr(args, flag[2:].replace("-", "_")) for flag in outputs}},
+                       {"--eval-adapter": args.eval_adapter, "--weights": args.weights,
+                        "--data-root": Path(args.data_root) / CIFAR[args.dataset][0]})
     args.device = torch.device(args.device)
     args.amp = getattr(torch, args.amp_dtype) if args.device.type == "cuda" and not args.no_amp else None
     args.mean, args.std = record["mean"], record["std"]
@@ -709,16 +712,13 @@ def load_saved_run(path):
     """(the run's settings, the adapter) of a --save file: nora.save_adapter's .safetensors with the run's
     settings in its metadata (or an older torch.save'd {'args', 'state'}, loaded with weights_only=True)."""
     try:
-        _, metadata = nora.read_safetensors(path, metadata=True)
-        settings, adapter = json.loads(metadata["train_vit"]), path
-    except ValueError:                                    # not a safetensors file: an older --save
+        settings, adapter = json.loads(nora.read_safetensors(path, metadata=True)[1].get("train_vit", "null")), path
+    except ValueError as e:                               # not a safetensors file (or a damaged one)
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            sys.exit(f"error: {path} could not be read as a saved adapter ({type(e).__name__}: {e})")
-        settings, adapter = (saved.get("args"), saved.get("state")) if isinstance(saved, dict) else (None, None)
-    except KeyError:
-        settings = None
+            settings, adapter = (saved.get("args"), saved.get("state")) if isinstance(saved, dict) else (None, None)
+        except Exception:                                 # neither: the safetensors reading says why
+            sys.exit(f"error: {path} could not be read as a saved adapter: {e}")
     if not (isinstance(settings, dict) and all(k in settings for k in SAVED_SETTINGS[:-2])):
         sys.exit(f"error: {path} is not a train_vit.py --save file (it has no run settings: load it in Python "
                  f"with nora.load_adapter(model, path))")
@@ -726,11 +726,9 @@ def load_saved_run(path):
 
 
 def start_processes(args):
-    """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the process group, NCCL on
-    GPUs and gloo on CPUs, and take this process's GPU. Sets args.process (its rank) and
-    args.world (0 and 1 without torchrun). Every process runs the same code on the same data, but
-    only rank 0 evaluates (sending the result to the others, so that all take the same decisions),
-    prints and writes."""
+    """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): join the process group (NCCL on GPUs, gloo on
+    CPUs), take this process's GPU, set args.process and args.world. Every process runs the same code
+    on the same data; only rank 0 evaluates (sending the result to the others), prints and writes."""
     args.process, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.world == 1:
         return

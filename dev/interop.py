@@ -151,6 +151,7 @@ def timm_models():
     from timm.models.mlp_mixer import MlpMixer
     img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     img64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    img96 = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))   # no map as wide as it is deep
     kw = dict(pretrained=False, num_classes=10)
     vit = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, **kw)     # the small ViT-like ones
     create = lambda name, **more: lambda: timm.create_model(name, **more)
@@ -175,7 +176,7 @@ def timm_models():
         "timm deit_tiny_distilled_patch16_224": (create("deit_tiny_distilled_patch16_224", **vit), img, ("qkv",), {}),
         "timm swinv2_tiny_window8_256": (create("swinv2_tiny_window8_256", embed_dim=16, depths=(1, 1),
                                                 num_heads=(1, 2), window_size=4, img_size=32, **kw), img, ("qkv",), {}),
-        "timm mobilevit_xxs (SiLU)": (create("mobilevit_xxs", **kw), img64, ("qkv",), dict(target="silu")),
+        "timm mobilevit_xxs (SiLU; 96 px example)": (create("mobilevit_xxs", **kw), img96, ("qkv",), dict(target="silu")),
     }
 
 
