@@ -120,8 +120,7 @@ def main(argv=None):
         results[name] = {"range": list(args.range), "numerator": num.tolist(), "denominator": den.tolist(),
                          "errors": [{"range": r, "max": mx, "mean": mean} for r, mx, mean in table]}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        nora.write_atomic(args.out, json.dumps(results, indent=2))
         print(f"\nwrote {args.out}")
     if args.plot:
         nora.write_svg(args.plot, panels, columns=2, width=360)

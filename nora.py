@@ -1699,7 +1699,7 @@ def hue(degrees):
 
 def write_svg(path, panels, columns=4, width=240, height=170):
     """Draw ``panels``, a list of (title, [(x, y, colour, dashed), ...]) line plots, as a grid in an
-    SVG file at ``path``."""
+    SVG file at ``path`` (through a temporary file, as every file here is written)."""
     rows = -(-len(panels) // columns)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{columns * width}" height="{rows * height}" '
            f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>']
@@ -1720,7 +1720,7 @@ def write_svg(path, panels, columns=4, width=240, height=170):
             points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(x.tolist(), y.tolist()))
             out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.2"'
                        + (' stroke-dasharray="4 3"/>' if dashed else "/>"))
-    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
+    write_atomic(path, "\n".join(out + ["</svg>"]) + "\n")
 
 # =============================================================================
 # Appendix E. The baselines of the paper's tables
