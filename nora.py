@@ -23,7 +23,6 @@ people's models, checks and files, and what the scripts build on:
   E. The baselines of the paper's tables (DoRA, QLoRA, VPT, adapters, other activations)
   F. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
 """
-import functools
 import hashlib
 import json
 import math
@@ -627,10 +626,10 @@ def load_adapter(model, source):
     if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
         raise FileNotFoundError(f"load_adapter: no file at {source}; pass a file written by save_adapter")
     state, described = read_adapter(source) if isinstance(source, (str, os.PathLike)) else (source, None)
-    plan = _plan_adapters(model, described, state) if described else []    # what to build; nothing built in yet
+    plan = _plan_adapters(model, described, state) if described else []    # [(path, new)]: nothing built in yet
     _check_adapter_state(model, state, plan, described)
-    for put in plan:                                      # each builds its adapter into the model
-        put()
+    for path, new in plan:                                # now build each adapter into the model
+        _build_in(model, path, new)
     model.load_state_dict(state, strict=False)           # (LoRA loads right into merged layers too)
     for entry in (described or {}).get("adapters", []):   # a model that was saved merged is merged again
         if entry.get("merged"):
@@ -1285,9 +1284,9 @@ def _describe_adapters(model):
 
 
 def _plan_adapters(model, described, state):
-    """For each adapter the file describes and ``model`` lacks, a function that builds it in; every
-    one checked, and every new module built, before any is put in. Refused where the model has no
-    such module, or one that cannot take it."""
+    """[(path, new module, or (weight name, LoRAWeight))] for each adapter the file describes and
+    ``model`` lacks; every one checked, and every new module built, before any is put in (_build_in).
+    Refused where the model has no such module, or one that cannot take it."""
     plan, where = [], lambda e: f"load_adapter: {e['path'] or 'the model'}"
     param = next(model.parameters(), None)
     device = param.device if param is not None else "cpu"
@@ -1320,7 +1319,8 @@ def _plan_adapters(model, described, state):
                                  f"on the model as before (e.g. train_vit.prepare) and load again")
             if not (isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2):
                 raise ValueError(f"{where(e)} is a {type(m).__name__} with no 2-D weight to adapt")
-            plan.append((e["path"], LoRALinear(m, e["rank"], e["alpha"], e["row_ranges"], e["fan_in_fan_out"]).train(m.training)))
+            new = LoRALinear(m, e["rank"], e["alpha"], e["row_ranges"], e["fan_in_fan_out"])
+            plan.append((e["path"], new.train(m.training)))
         elif e["kind"] == "lora_weight" and not torch.nn.utils.parametrize.is_parametrized(m, e["weight"]):
             weight = getattr(m, e["weight"], None)
             if not isinstance(weight, torch.Tensor):
@@ -1329,14 +1329,16 @@ def _plan_adapters(model, described, state):
         elif e["kind"] == "merged_weight" and torch.nn.utils.parametrize.is_parametrized(m, e["weight"]):
             raise ValueError(f"{where(e)}: the file holds its merged {e['weight']}; load it into a model without "
                              f"add_lora (a plain one), or merge this one first")
+    return plan
 
-    def put(path, new):
-        if isinstance(new, tuple):                        # a LoRAWeight: a parametrization of a weight
-            torch.nn.utils.parametrize.register_parametrization(model.get_submodule(path), *new)
-        else:
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent), name, new)
-    return [functools.partial(put, path, new) for path, new in plan]
+
+def _build_in(model, path, new):
+    """Put a _plan_adapters entry into ``model``."""
+    if isinstance(new, tuple):                            # a LoRAWeight: a parametrization of a weight
+        torch.nn.utils.parametrize.register_parametrization(model.get_submodule(path), *new)
+    else:
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, new)
 
 
 @torch.no_grad()
@@ -1356,8 +1358,7 @@ def _check_adapter_state(model, state, plan, described):
     built in), its BatchNorms' statistics, its head, trained parameters or merged weights (a file must
     not overwrite the frozen backbone); missing adapter tensors; other shapes or settings; NaN or inf."""
     own, adapters = dict(model.state_dict(keep_vars=True)), set(_adapter_keys(model))   # the state it will have
-    for put in plan:
-        path, new = put.args
+    for path, new in plan:
         if isinstance(new, tuple):                        # LoRAWeight: the weight moves under parametrizations
             weight, lora = new
             own.pop(f"{path}.{weight}", None)
@@ -1376,7 +1377,7 @@ def _check_adapter_state(model, state, plan, described):
         n for n, p in params.items() if n.startswith("head.") or (prepared and p.requires_grad and described is None)}
     allowed |= {k for k in (described or {}).get("other", []) if k in own}
     allowed |= {f"{e['path']}.{e['weight']}" for e in (described or {}).get("adapters", [])
-                if e["kind"] == "merged_weight"}
+                if e["kind"] == "merged_weight" and f"{e['path']}.{e['weight']}" in own}
     strangers = sorted(k for k in state if k not in allowed)
     missing = sorted(adapters - set(state))
     if strangers or missing:
@@ -1401,8 +1402,7 @@ def _check_adapter_state(model, state, plan, described):
 def _extra_state_owner(model, plan, key):
     """The module (in the model, or to be built in by ``plan``) whose extra state ``key`` is."""
     path = key[:-len("._extra_state")] if key != "_extra_state" else ""
-    for put in plan:
-        where, new = put.args
+    for where, new in plan:
         if isinstance(new, tuple) and path == f"{where}.parametrizations.{new[0]}.0":
             return new[1]
         if not isinstance(new, tuple) and path == where:
