@@ -16,6 +16,7 @@ the paper's monomial basis and in NoRA's (x/3)^i:
 """
 import argparse
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -90,10 +91,21 @@ def main(argv=None):
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--plot", help="draw each activation and its fitted rational, and the error, into this .svg file")
     args = p.parse_args(argv)
-    if not args.range[0] < args.range[1]:
-        p.error(f"--range LO HI needs LO < HI, got {args.range[0]:g} {args.range[1]:g}")
     if args.img_size < 1:
         p.error(f"--img-size must be positive, got {args.img_size}")
+    outputs = [Path(f) for f in (args.out, args.plot) if f]      # checked before any work, never over an input
+    inputs = {Path(f).resolve() for f in (args.weights, args.images) if f and "://" not in f}
+    for path in outputs:
+        why = "is a folder" if path.is_dir() else "is an input of this run" if path.resolve() in inputs else \
+            None if path.resolve().parent.is_dir() else "has no folder"
+        if why:
+            p.error(f"{path} {why}; give the output a new file path in an existing folder")
+    if len({path.resolve() for path in outputs}) < len(outputs):
+        p.error("--out and --plot name the same file; give each its own")
+    try:
+        nora.fit_rational(F.gelu, x_range=tuple(args.range), iters=1, warn_above=float("inf"))
+    except ValueError as e:                               # (the range, before the real fits)
+        p.error(f"--range: {e}")
 
     results, panels = {}, []
     for name in (ACTIVATIONS if args.all else ["gelu"]):

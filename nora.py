@@ -19,17 +19,18 @@ people's models, checks and files, and what the scripts build on:
   A. Kernels and speed
   B. Reading other people's models
   C. Checks, files and the fit's optimiser
-  D. Drawing what NoRA learned
-  E. The baselines of the paper's tables (DoRA, QLoRA, VPT, adapters, other activations)
-  F. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
+  D. Drawing
+  E. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
 """
 import hashlib
 import json
 import math
 import numbers
 import os
+import stat
 import struct
 import sys
+import tempfile
 import urllib.error
 import urllib.parse
 import warnings
@@ -88,9 +89,10 @@ def rational(x, numerator, denominator, dim=-1):
     Half-precision inputs are computed in float32 (x^5 overflows float16 for |x| > 9.2) and the
     result is cast back, so it is safe to call under autocast. Beyond |x| ~ 5e7 (float32) the
     powers overflow and the result is inf or NaN; a fitted rational means nothing that far out.
+    A contiguous input gives a contiguous output (code that calls .view() after it keeps working).
     """
     _check_rational_inputs(x, numerator, denominator, dim)
-    C = x.shape[dim]
+    C, contiguous = x.shape[dim], x.is_contiguous()
     if x.numel() == 0:
         return x.clone()
     x = x.movedim(dim, -1)                                # the kernels take channels last
@@ -99,8 +101,8 @@ def rational(x, numerator, denominator, dim=-1):
     with torch.autocast(x.device.type, enabled=False):
         if torch.jit.is_tracing():                        # torch.jit.trace, torch.onnx.export: plain Eq. 6 in the graph
             return rational_reference(x.to(dtype), numerator, denominator).to(x.dtype).movedim(-1, dim)
-        y = _RationalFunction.apply(x.reshape(-1, C), numerator, denominator)
-    return y.view(x.shape).movedim(-1, dim)
+        y = _RationalFunction.apply(x.reshape(-1, C), numerator, denominator).view(x.shape).movedim(-1, dim)
+    return y.contiguous() if contiguous else y
 
 # -----------------------------------------------------------------------------
 # 2. Fitting the coefficients (Eqs. 31, 33 of the paper's Appendix B, on why rationals approximate)
@@ -121,7 +123,8 @@ def rational(x, numerator, denominator, dim=-1):
 # ReLU, but not for Hardswish (max |error| 13.9 on [-8, 8] as P/(1+|S|)). So the fit then
 # minimises the true form's weighted error directly (Levenberg-Marquardt, Appendix C), from that
 # start and from the same start with each b_j made positive, and keeps the better: the
-# minimisation has several minima (for ReLU6 the second start halves the error).
+# minimisation has several minima (for ReLU6 fitted unweighted, the second start has the smaller
+# max error, 0.19 against 0.27; at the default weighting the first wins, 0.49 against 0.97).
 # Deterministic: float64, fixed grid.
 # -----------------------------------------------------------------------------
 
@@ -140,20 +143,28 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
 
     Returns (numerator (num_degree+1,), denominator (den_degree,)) as float64 tensors.
     """
-    if num_degree < 1 or den_degree < 2 or iters < 1 or points < num_degree + den_degree + 1:
-        raise ValueError(f"fit_rational: need num_degree >= 1, den_degree >= 2, iters >= 1 and more points than "
-                         f"coefficients; got {num_degree}, {den_degree}, {iters}, {points}")
-    if not (len(x_range) == 2 and x_range[0] < x_range[1]):
-        raise ValueError(f"fit_rational: x_range must be (low, high) with low < high, got {x_range}")
-    x = torch.linspace(*x_range, points, dtype=torch.float64)
+    num_degree, den_degree, iters, points = (_positive_int(v, f"fit_rational: {k}") for k, v in
+                                             dict(num_degree=num_degree, den_degree=den_degree, iters=iters,
+                                                  points=points).items())
+    if den_degree < 2 or points <= num_degree + den_degree:
+        raise ValueError(f"fit_rational: need den_degree >= 2 (the module's Q) and more points than coefficients; "
+                         f"got den_degree={den_degree}, points={points}")
+    if not (isinstance(x_range, (tuple, list)) and len(x_range) == 2 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in x_range)
+            and -1e4 <= x_range[0] <= x_range[1] - 1e-3 and x_range[1] <= 1e4):
+        raise ValueError(f"fit_rational: x_range must be (low, high) within [-1e4, 1e4] with high - low >= 1e-3 "
+                         f"(where an activation's inputs lie), got {x_range!r}")
+    x = torch.linspace(*map(float, x_range), points, dtype=torch.float64)
     f = fn(x)
     if not torch.isfinite(f).all():
         raise ValueError(f"fit_rational: the function is not finite everywhere on {x_range}; "
                          f"fit on a range where it is")
     V = x[:, None] ** torch.arange(num_degree + 1)       # columns x^0 .. x^m
     W = x[:, None] ** torch.arange(1, den_degree + 1)    # columns x^1 .. x^n
-    root_weight = torch.ones_like(x) if weight is None else weight(x).sqrt()
-    w = root_weight
+    root_weight = torch.ones_like(x) if weight is None else weight(x)
+    if not (torch.isfinite(root_weight).all() and (root_weight >= 0).all() and root_weight.any()):
+        raise ValueError("fit_rational: weight(x) must be finite and >= 0, and > 0 somewhere")
+    w = root_weight = root_weight.sqrt()
     for _ in range(iters):                               # the start: P / (1 + S), linearised
         A = torch.cat([V, -f[:, None] * W], dim=1) * w[:, None]
         coeffs = torch.linalg.lstsq(A, (f * w)[:, None], driver="gelsd").solution[:, 0]
@@ -274,22 +285,22 @@ class NoRA(nn.Module):
         basis_scale: s; the update is learned in the basis (x/s)^i (default 3, our departure; 1 is the
             paper's monomials: pass it with A and B taken from the paper's setup).
         channel_dim: the input dimension that holds the channels: -1 (default), or 1 for an (N, C, H, W)
-            feature map; :func:`add_nora` sets it for each module. None: the last, but inputs of 4
-            or more dimensions are refused, since their channel axis cannot be told from the shape.
+            feature map; :func:`add_nora` sets it for each module.
     """
 
     def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
         super().__init__()
-        _check_arguments(form, rank, alpha, basis_scale)
+        rank, alpha, basis_scale = _check_arguments(rank, alpha, form, basis_scale)
         num, den = _init_coefficients(init, groups)
-        groups, rank = num.shape[0], int(rank)
+        groups = num.shape[0]
         self.register_buffer("numerator", num)            # frozen base coefficients P_g, Q_g
         self.register_buffer("denominator", den)
         self.rank, self.form = rank, form
         self.scaling = (alpha if alpha is not None else 2 * rank) / rank
-        self.basis_scale, self.channel_dim = float(basis_scale), channel_dim
-        self.where = "NoRA"                               # add_nora puts the module's path here, for errors
-        self.function = init if isinstance(init, str) and init in ACTIVATIONS else None   # what it replaced
+        self.basis_scale, self.channel_dim = basis_scale, _check_axis(channel_dim, "NoRA: channel_dim")
+        # what it replaced, set by add_nora: its path (for errors), the module's class, function and widths
+        self.where, self.replaced, self.channels = "NoRA", None, None
+        self.function = init if isinstance(init, str) and init in ACTIVATIONS else None
         A_shape = (lambda d: (rank, d)) if form == "shared" else (lambda d: (groups, d, rank))
         self.A_P = nn.Parameter(torch.randn(A_shape(num.shape[1])) * 0.02)    # numerator update (Eq. 8, A shared)
         self.B_P = nn.Parameter(torch.zeros(groups, rank))
@@ -317,12 +328,8 @@ class NoRA(nn.Module):
                     self.denominator + self._delta(self.A_Q, self.B_Q, 1))
 
     def forward(self, x):
-        dim = self.channel_dim
-        if dim is None and x.dim() >= 4:
-            raise ValueError(f"{self.where}: cannot tell which axis of a {tuple(x.shape)} input holds the channels; "
-                             f"pass channel_dim=1 (N, C, H, W) or channel_dim=-1 (channels last) to add_nora")
         try:
-            return rational(x, *self.coefficients(), dim=-1 if dim is None else dim)
+            return rational(x, *self.coefficients(), dim=self.channel_dim)
         except ValueError as e:
             raise ValueError(f"{self.where}: {e}") from None
 
@@ -347,8 +354,8 @@ class NoRA(nn.Module):
         repeated in place with repeat_interleave. The trainable tensors are replaced, so grow
         before building the optimizer.
         """
-        old = self.numerator.shape[0]
-        if not isinstance(groups, int) or groups < 1 or groups % old:
+        old, groups = self.numerator.shape[0], _positive_int(groups, "NoRA.grow: groups")
+        if groups % old:
             raise ValueError(f"NoRA.grow: new group count {groups} must be a multiple of {old}")
         k = groups // old
         for name in ("numerator", "denominator"):
@@ -365,8 +372,6 @@ class NoRA(nn.Module):
         return torch.tensor([self.scaling, self.basis_scale], dtype=torch.float64)
 
     def set_extra_state(self, state):
-        if isinstance(state, dict):                       # saved by an older nora.py
-            state = torch.tensor([state["scaling"], state["basis_scale"]], dtype=torch.float64)
         _check_settings(self, "scaling, basis_scale", state, self.get_extra_state())
 
     def extra_repr(self):
@@ -406,17 +411,14 @@ class LoRALinear(nn.Module):
         rank, alpha = _positive_int(rank, "LoRALinear: rank"), _positive_number(alpha, "LoRALinear: alpha")
         w = base.weight
         out_features, in_features = w.T.shape if fan_in_fan_out else w.shape
-        ranges = row_ranges or [(0, out_features)]
+        ranges = _check_rows(row_ranges, out_features, "LoRALinear") or [(0, out_features)]
         width = ranges[0][1] - ranges[0][0]
-        if any(stop - start != width for start, stop in ranges) or max(stop for _, stop in ranges) > out_features:
-            raise ValueError(f"LoRALinear: row ranges {ranges} must have equal widths within {out_features} rows")
         self.base, self.rank, self.scaling, self.merged = base, rank, alpha / rank, False
-        self.row_ranges, self.fan_in_fan_out = [(start, stop) for start, stop in ranges], fan_in_fan_out
+        self.row_ranges, self.fan_in_fan_out = ranges, bool(fan_in_fan_out)
         self.lora_A = nn.Parameter(torch.empty(len(ranges), rank, in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(len(ranges), width, rank, device=w.device, dtype=w.dtype))
         for A in self.lora_A:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))     # as in microsoft/LoRA
-        self.register_load_state_dict_post_hook(_after_lora_load)
 
     def delta_weight(self):
         """B A * alpha / r for each row range: (ranges, width, in_features)."""
@@ -455,31 +457,38 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
+        """Fold B A into the base weight; A and B stop training (they no longer reach the output)."""
         if not isinstance(self.base.weight, nn.Parameter):   # e.g. a quantised weight rebuilt at each call
             raise TypeError(f"LoRALinear.merge: the base {type(self.base).__name__} has no stored weight to "
                             f"merge into (a quantised layer?); keep the model unmerged")
         if not self.merged:
             self.base.weight.copy_(self.weight)
             self.merged = True
+            self.requires_grad_(False)
 
     @torch.no_grad()
     def unmerge(self):
+        """Take B A out of the base weight again; A and B train again."""
         if self.merged:
             self._add_to_weight(self.base.weight, -self.delta_weight())
             self.merged = False
+            self.lora_A.requires_grad_(True)
+            self.lora_B.requires_grad_(True)
 
-    # As NoRA's: the settings no shape shows, and whether the base weight holds B A (merged), so that a
-    # state dict loads right into a merged or an unmerged layer (see _load_from_state_dict).
+    # As NoRA's: the settings no shape shows, and whether the base weight holds B A (merged), so that
+    # a state dict of a merged layer is refused by an unmerged one (and the other way round), checked
+    # before any tensor is copied, rather than adding B A twice.
     def get_extra_state(self):
         return torch.tensor([self.scaling, self.fan_in_fan_out, self.merged, *(i for r in self.row_ranges for i in r)],
                             dtype=torch.float64)
 
     def set_extra_state(self, state):
-        _check_settings(self, "scaling, fan_in_fan_out, row ranges", _lora_settings(state)[0],
-                        _lora_settings(self.get_extra_state())[0])
+        _check_settings(self, "scaling, fan_in_fan_out, merged, row ranges", state, self.get_extra_state())
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        _load_lora(self, super()._load_from_state_dict, state_dict, prefix, *args)   # (Appendix B)
+        if prefix + "_extra_state" in state_dict:
+            self.set_extra_state(state_dict[prefix + "_extra_state"])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self):
         return (f"rank={self.rank}, scaling={self.scaling:g}, row_ranges={self.row_ranges}"
@@ -488,107 +497,91 @@ class LoRALinear(nn.Module):
 # -----------------------------------------------------------------------------
 # 6. Putting adapters on a model
 #
-# NoRA needs nothing from the model but its activation modules: `add_nora` swaps each one for a
-# NoRA module and freezes everything else, so it works the same on our ViT, timm's, torchvision's
-# or a Hugging Face model. Three things must be right, and none may depend on the user
-# remembering them (Appendix B finds them from the model itself):
-#   - which function each activation computes, so the base rational starts equal to it;
-#   - which axis of its input holds the channels that the groups cut: the last one after a linear
-#     layer, dim 1 in a convolutional stage's (N, C, H, W) maps;
-#   - for LoRA, how each layer stores its weight: (out, in) for nn.Linear, (in, out) for Conv1D.
-# Every check runs before the first module is replaced, so a refused call leaves the model as it
-# was. The adapter file holds everything training changes: adapters, head, BatchNorm statistics.
+# NoRA needs nothing from a model but its activation modules: `add_nora` swaps each one for a NoRA
+# module and freezes the rest, so it works the same on our ViT, timm's, torchvision's or a Hugging
+# Face model. Three things must be right; each is found by one sure means, or asked for:
+#   - which function an activation computes, so that the base rational starts equal to it: known
+#     from its class (torch's, timm's and Hugging Face's GELU and SiLU classes, Appendix B), never
+#     by calling it; for another class, target= names the class and init= its rational;
+#   - which axis of its input holds the channels that the groups cut: add_nora runs the model once
+#     on `example` and sees the layer whose output each activation gets (a linear layer's channels
+#     are last, a convolution's are dim 1), through reshapes and transposes; where no layer's
+#     output arrives whole (a chunk, a copy, a product), it asks for channel_dim;
+#   - for LoRA, how a layer stores its weight ((out, in) in nn.Linear, (in, out) in HF's Conv1D)
+#     and where a fused q | k | v projection keeps q and v: known for the classes of Appendix B,
+#     asked for (rows=) elsewhere.
+# Every check runs before the first module is replaced, and a refusal lists every module in
+# trouble with the call to make, so a refused call leaves the model as it was. An adapter file
+# holds the tensors and the calls that made them, each module's settings written out; load_adapter
+# makes the same calls on a plain model, with the same checks, and loads exactly their tensors.
 # -----------------------------------------------------------------------------
 
 ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable (LoRAWeight too)
 
 
-def add_nora(model, groups=8, rank=2, target=("gelu", "gelu_tanh"), init=None, channel_dim="auto", example=None,
+def add_nora(model, groups=8, rank=2, *, example=None, target=("gelu", "gelu_tanh"), init=None, channel_dim=None,
              per_module=None, **nora_kwargs):
-    """Replace each activation module in ``model`` with a :class:`NoRA` module whose base rational
-    equals it; then, if every parameter of the model was trainable, freeze all but the adapters
-    (train the head with :func:`mark_trainable`). Every check runs before the first change.
+    """Replace each activation module of ``model`` that ``target`` names with a :class:`NoRA` module
+    whose base rational equals it; then, if every parameter of the model was trainable, freeze all
+    but the adapters (train the head with :func:`mark_trainable`).
 
     Args:
-        target: names in ACTIVATIONS (every parameter-free module computing one of those functions,
-            whatever its class), or activation classes. Default: both kinds of GELU.
-        init: the base rational (a name in COEFFS or a fit_rational() pair); None: the fit of the
+        example: an input for ``model`` (a tensor, a tuple of arguments or a dict of keyword
+            arguments), run once in eval mode to see each activation's input: its channel axis and
+            the widths ``groups`` must divide. An activation the example does not run is refused.
+        target: names in ACTIVATIONS (the modules of a known class computing one of them), or
+            module classes (exactly those; init= for a class whose function is not known).
+        init: the base rational, a name in COEFFS or a fit_rational() pair; None: the fit of the
             function each module computes.
-        channel_dim: the input axis that holds the channels; "auto": seen on ``example``, else read
-            off the layers next to each activation, refused by name where neither tells.
-        example: an input for ``model`` (a tensor, a tuple or a dict of arguments), run once in eval
-            mode to see each activation's input: its channel axis and the widths ``groups`` must divide.
-        per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve all.
+        channel_dim: the axis of the activations' inputs that holds their channels (-1: the last,
+            1: (N, C, H, W)), needed where the example cannot show it; refused where it contradicts
+            what the example showed.
+        per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve
+            all, or {module path: None} to leave that module as it is.
         nora_kwargs: alpha, form, basis_scale (see NoRA).
     """
-    groups = _positive_int(groups, "add_nora: groups")
-    for path, own in (per_module or {}).items():
-        if not isinstance(own, dict) or set(own) - {"groups", "channel_dim"}:
-            raise ValueError(f"add_nora: per_module[{path!r}] must be a dict(groups=..., channel_dim=...), got {own!r}")
-        if "groups" in own:
-            _positive_int(own["groups"], f"add_nora: per_module[{path!r}]['groups']")
-    found = _find_activations(model, target, init, groups, channel_dim, example, per_module or {})   # all checked
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else "cpu"
-
-    def make(m):
-        path, function, dim, g = found[id(m)]
-        module = NoRA(g, rank, init=init or function, channel_dim=dim, **nora_kwargs).to(device).train(m.training)
-        module.where, module.function = path, function
-        return module
-
-    fresh = all(p.requires_grad for p in model.parameters())   # else the caller has chosen what trains
-    replace_modules(model, lambda m: id(m) in found, make)     # builds all first: errors change nothing
-    if fresh:
-        freeze(model)
-    _warn_if_far_at_init(found)
+    plan = _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs)
+    _build_in(model, plan)
+    if init is None:
+        _warn_if_far_at_init([new for _, new in plan])
     return model
 
 
-def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=None,
-             fused_qkv=("qkv", "c_attn", "to_qkv", "qkv_proj", "query_key_value", "Wqkv"), layer=LoRALinear):
-    """Put LoRA on each linear layer of ``model`` whose name is, or ends with ".", one of ``targets``
-    (any module applying a 2-D ``weight`` linearly, stored (out, in) or (in, out) as in HF's Conv1D),
-    and freeze the rest of a fresh model, as :func:`add_nora` does. A target named like one of
-    ``fused_qkv`` is a fused q | k | v projection: where its layout is known to be equal thirds
-    (Appendix B), only the ``qkv_parts`` rows are adapted (q and v, as in the paper's C.1); other
-    layouts are refused unless ``rows`` gives them, {target: [(start, stop), ...]} of equal widths.
-    A fused target also adapts every nn.MultiheadAttention's in_proj_weight through :class:`LoRAWeight`.
-    ``layer``: the adapter class (LoRALinear or a subclass)."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not qkv_parts or set(qkv_parts) - set("qkv"):
-        raise ValueError(f"add_lora: qkv_parts={qkv_parts!r} must name some of 'q', 'k', 'v', e.g. 'qv'")
-    linears = _find_linears(model, targets, fused_qkv, qkv_parts, rows or {})   # {id: (rows, fan_in_fan_out)}
-    attention = _find_attention(model, targets, fused_qkv)                        # nn.MultiheadAttention modules
-    if not linears and not attention:
-        raise ValueError(f"add_lora: no linear layer named {' or '.join(targets)} in the model; {_linear_names(model)}")
-    weights = [LoRAWeight(m.in_proj_weight, rank, alpha, _qkv_rows(len(m.in_proj_weight), qkv_parts))
-               for m in attention]
-    fresh = all(p.requires_grad for p in model.parameters())
-    replace_modules(model, lambda m: id(m) in linears,                 # builds all first: errors change nothing
-                    lambda m: layer(m, rank=rank, alpha=alpha, row_ranges=linears[id(m)][0],
-                                    fan_in_fan_out=linears[id(m)][1]).train(m.training))
-    for m, lora in zip(attention, weights):
-        torch.nn.utils.parametrize.register_parametrization(m, "in_proj_weight", lora)
-    if fresh:
-        freeze(model)
+def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=None, layer=LoRALinear):
+    """Put LoRA on each linear layer of ``model`` (an nn.Linear, or HF's Conv1D, which stores its
+    weight (in, out)) whose path is, or ends with "." and, one of ``targets``; then freeze the rest
+    of a fresh model, as :func:`add_nora` does. In a fused q | k | v projection of a class whose
+    layout is known (FUSED_QKV, Appendix B) only the ``qkv_parts`` rows are adapted (q and v, as in
+    the paper's C.1); a projection named like one (FUSED_NAMES) in any other class is refused unless
+    ``rows`` gives its rows, {target: [(start, stop), ...]} of equal widths. A target naming an
+    nn.MultiheadAttention, or a fused name, adapts nn.MultiheadAttention's q | k | v weight too.
+    ``layer``: LoRALinear or a subclass."""
+    plan = _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer)
+    _build_in(model, plan)
     return model
 
 
-def mark_trainable(model, *prefixes):
-    """Make the parameters whose names start with any of ``prefixes`` trainable (e.g. 'head')."""
-    prefixes = tuple(p for group in prefixes for p in ([group] if isinstance(group, str) else group))
-    if not prefixes:
-        raise ValueError("mark_trainable: name at least one parameter prefix, e.g. mark_trainable(model, 'head')")
-    hits = [p.requires_grad_(True) for name, p in model.named_parameters() if name.startswith(prefixes)]
+def mark_trainable(model, *names):
+    """Make the parameters under each of ``names`` trainable: a module path such as 'head' (its
+    parameters) or a parameter's name. save_adapter keeps them unless told otherwise."""
+    names = tuple(n for group in names for n in ([group] if isinstance(group, str) else group))
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"mark_trainable: name the modules or parameters to train, e.g. mark_trainable(model, "
+                         f"'head'); got {names!r}")
+    hits = [p for n, p in model.named_parameters() if _under(n, names)]
     if not hits:
-        raise ValueError(f"mark_trainable: no parameter name starts with {prefixes}")
+        raise ValueError(f"mark_trainable: no parameter is under {names}; the model's modules are "
+                         f"{[n for n, _ in model.named_children()][:8]}")
+    for p in hits:
+        p.requires_grad_(True)
+    model.nora_trainable = tuple(dict.fromkeys(getattr(model, "nora_trainable", ()) + names))
     return model
 
 
 def merge(model):
     """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
-    inference costs what the base model costs (NoRA: one rational per activation)."""
+    inference costs what the base model costs (NoRA: one rational per activation). The merged LoRA
+    parameters stop training. Save the adapter first: a merged model's is refused."""
     _remove_lora_parametrizations(model)                  # LoRAWeight: the weight keeps W0 + B A, plainly
     for m in model.modules():
         if isinstance(m, ADAPTERS):
@@ -596,68 +589,63 @@ def merge(model):
     return model
 
 
-def adapter_state_dict(model, extra=("head",)):
-    """All that a fine-tune changes in the pretrained model: every adapter's tensors and settings (by
-    module type, so freezing the model first loses nothing), the parameters named ``extra*`` (the
-    head) or still trainable, BatchNorm running statistics (training moves them though their
-    weights are frozen), and the weights merge() folded a LoRAWeight into."""
+def adapter_state_dict(model, extra=None, statistics=None):
+    """All that a fine-tune changed in the pretrained model: every adapter's own tensors and
+    settings, the tensors under ``extra`` (module paths; default: 'head' and what mark_trainable
+    named), and, with ``statistics=True``, the running statistics of BatchNorm layers (training in
+    train mode moves them though their weights are frozen; a model that has them must say True or
+    False). Refused after merge, and where a trainable parameter would be left out."""
+    model = _unwrap(model)
+    extra = _check_names(("head", *getattr(model, "nora_trainable", ())) if extra is None else extra, "extra")
+    merged = [p for p, m in model.named_modules() if getattr(m, "nora_merged", False) or isinstance(m, LoRALinear)
+              and m.merged]
+    if merged:
+        raise ValueError(f"adapter_state_dict: {merged[:3]} are merged: their update is in the base weights, in no "
+                         f"adapter tensor; save before merge (a merged LoRALinear can unmerge())")
+    stats = _running_statistics(model)
+    if stats and statistics is None:
+        raise ValueError(f"adapter_state_dict: the model has {len(stats) // 3} BatchNorm layers, whose running "
+                         f"statistics training moves in train mode: pass statistics=True to keep them, or "
+                         f"statistics=False if they did not train")
     state = model.state_dict()
-    keep = _adapter_keys(model) | _running_statistics(model) | _merged_weights(model)
-    keep |= {name for name, p in model.named_parameters() if p.requires_grad or name.startswith(tuple(extra))}
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if k in keep}
+    keep = _adapter_keys(model) | {k for k in state if _under(k, extra)} | (stats if statistics else set())
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in keep]
+    if lost:
+        raise ValueError(f"adapter_state_dict: {lost[:4]} train but are no adapter's and not under extra={extra}; "
+                         f"name their module in extra= (e.g. its classifier) or freeze them")
+    return {k: v.detach().clone() for k, v in state.items() if k in keep}
 
 
-def save_adapter(model, path, extra=("head",), metadata=None):
-    """Write :func:`adapter_state_dict` to a .safetensors file, with each adapter's kind, module path
-    and settings, from which :func:`load_adapter` rebuilds them on a plain model; through a temporary
-    file, so a failed write leaves the old one whole. ``metadata``: more {str: str} to keep."""
-    state = adapter_state_dict(model, extra)
-    described = dict(adapters=_describe_adapters(model), other=sorted(set(state) - _adapter_keys(model)))
-    write_safetensors(path, state, {**(metadata or {}), "nora": json.dumps(described)})
+def save_adapter(model, path, extra=None, statistics=None, metadata=None):
+    """Write :func:`adapter_state_dict` to a .safetensors file, with the add_nora and add_lora calls
+    that built the adapters (each module's settings written out), from which :func:`load_adapter`
+    builds them again on a plain model; through a temporary file, so a failed write leaves the old
+    one whole. ``metadata``: more {str: str} to keep."""
+    state = adapter_state_dict(model, extra, statistics)
+    calls = _describe_calls(_unwrap(model))
+    write_safetensors(path, state, {**(metadata or {}), "nora": json.dumps(calls)})
     return state
 
 
-def load_adapter(model, source):
-    """Load a :func:`save_adapter` file (a path) or an :func:`adapter_state_dict` (a dict) into ``model``,
-    merged or not. A file's adapters are built where it says, so a plain model will do; a state dict
-    needs the same add_nora / add_lora calls first. Checked before anything changes: settings,
-    shapes, NaN, and that every tensor is an adapter's, the head's, a trained parameter's or a
-    BatchNorm's statistics (a file cannot overwrite the frozen backbone)."""
-    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
-        raise FileNotFoundError(f"load_adapter: no file at {source}; pass a file written by save_adapter")
-    state, described = read_adapter(source) if isinstance(source, (str, os.PathLike)) else (source, None)
-    plan = _plan_adapters(model, described, state) if described else []    # [(path, new)]: nothing built in yet
-    _check_adapter_state(model, state, plan, described)
-    for path, new in plan:                                # now build each adapter into the model
-        _build_in(model, path, new)
-    model.load_state_dict(state, strict=False)           # (LoRA loads right into merged layers too)
-    for entry in (described or {}).get("adapters", []):   # a model that was saved merged is merged again
-        if entry.get("merged"):
-            model.get_submodule(entry["path"]).merge()
+def load_adapter(model, path, example=None, extra=("head",), statistics=False):
+    """Build the adapters of a :func:`save_adapter` file on ``model`` (the plain pretrained model) by
+    making the calls the file holds again, with every check add_nora and add_lora make (NoRA's need
+    ``example``, as add_nora does), then load their tensors and those under ``extra`` (module paths)
+    and, with ``statistics=True``, BatchNorm statistics. Anything else in the file is refused, as are
+    shapes the calls would not build, NaN, inf and values beyond 1e6; all before anything changes."""
+    model = _unwrap(model)
+    extra = _check_names(extra, "load_adapter: extra")
+    state, calls = read_adapter(path)
+    try:
+        plan = _replay(model, calls, state, example)      # checked and built, not yet in the model
+    except (KeyError, TypeError, AttributeError, IndexError) as e:   # a value no add_* call takes
+        raise ValueError(f"{path}: its description of the calls is damaged ({type(e).__name__}: {e}); save the "
+                         f"adapter again") from None
+    _check_adapter_state(model, plan, state, extra, statistics)
+    _build_in(model, plan)
+    model.load_state_dict(state, strict=False)
     return model
 
-
-def param_groups(model, lr, head_lr=None, nora_lr=None, head=("head",)):
-    """AdamW parameter groups: the trainable parameters whose names start with ``head`` at
-    ``head_lr``, those of NoRA modules at ``nora_lr``, all other trainable ones (LoRA, ...) at
-    ``lr`` (either left None: ``lr``). A fresh linear head wants a larger step than a low-rank
-    update of a pretrained model, and NoRA's update in the (x/3)^i basis a larger one than
-    LoRA's (train_vit.py's defaults: head 1e-2, NoRA 3e-2, LoRA 1e-3)."""
-    own = _adapter_parameters(model, NoRA)
-    groups = {"head": [], "nora": [], "rest": []}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            groups["head" if n.startswith(tuple(head)) else "nora" if id(p) in own else "rest"].append(p)
-    lrs = {"head": head_lr, "nora": nora_lr, "rest": lr}
-    return [dict(params=ps, lr=lr if lrs[k] is None else lrs[k]) for k, ps in groups.items() if ps]
-
-
-def parameter_report(model):
-    """'trainable T of N parameters (P%)', for logs."""
-    trainable, total = count_parameters(model)
-    if total == 0:
-        raise ValueError("parameter_report: the model has no parameters")
-    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
 
 # =============================================================================
 # Appendix A. Kernels and speed
@@ -682,12 +670,12 @@ def _per_channel(coeffs, channels):
 
 
 def _horner(x, c, derivative=False):
-    """p(x) = c0 + c1 x + ... (and p'(x) if asked) for x (N, C) and per-channel coefficients c (k, C)."""
+    """p(x) = c0 + c1 x + ... (and p'(x) if asked) for x (N, C) and per-channel coefficients c (k >= 2, C)."""
     p = torch.addcmul(c[-2], c[-1], x)                    # c_{k-2} + c_{k-1} x (c has k rows): a new tensor
-    dp = c[-1]                                            # its derivative: a (C,) row that broadcasts
-    for i, ci in enumerate(c.flip(0)[2:]):
+    dp = c[-1].expand_as(x).clone() if derivative else None   # its derivative, as a tensor of its own
+    for ci in c.flip(0)[2:]:
         if derivative:                                    # (p x + c)' = p + x p'
-            dp = torch.addcmul(p, dp, x) if i == 0 else torch.addcmul(p, dp, x, out=dp)
+            dp = torch.addcmul(p, dp, x, out=dp)
         p = torch.addcmul(ci, p, x, out=p)                # p x + c_i
     return (p, dp) if derivative else p
 
@@ -843,26 +831,26 @@ def use_compiled_rational(enable=True, device=None):
 # =============================================================================
 # Appendix B. Reading other people's models
 #
-# What add_nora and add_lora find from a model rather than ask its user:
-#   - an activation's function: call the module on [-8, 8] and compare with ACTIVATIONS (torch's,
-#     timm's and HF's GELU classes differ; GPT-2's is the tanh approximation, LLaMA's is SiLU);
-#   - its channel axis: read off the layer registered next to it (before it, which makes its
-#     input, else after it, which takes its output); inside an nn.Sequential those surely are its
-#     neighbours, so the channel count, and the group count with it, is checked there too;
-#   - a layer's weight layout: call it once and see which of x @ W.T and x @ W it computes;
-#   - a weight that no layer owns (nn.MultiheadAttention keeps q | k | v in one in_proj_weight,
-#     which it reads itself): LoRAWeight adds the update as a parametrization of that weight;
-#   - BatchNorm running statistics, which training moves though their weights are frozen.
-# Activations called as functions (F.gelu inside forward) cannot be found this way. First, the two
-# tools the adapters are put on with: freeze and replace_modules.
+# What add_nora and add_lora learn from a model, each by one means that cannot be fooled, and
+# asked for where that means does not tell:
+#   - an activation's function: from its class, in ACTIVATION_CLASSES (classes whose source we have
+#     read), never by calling the module, which may hold state (a quantisation observer);
+#   - its channel axis: the example runs once with hooks. The layers whose output layout is certain
+#     (linear: the last axis; convolution and BatchNorm: dim 1) note their outputs, and an
+#     activation's input has their channel axis only if it is one of those outputs, or a view of one
+#     that keeps the axis whole (reshapes, transposes), not a chunk, a copy or a product of one;
+#   - a layer's weight layout, (out, in) or (in, out): nn.Linear or HF's Conv1D, by class;
+#   - a fused q | k | v projection's rows: equal thirds only in the classes of FUSED_QKV;
+#   - a weight no layer owns (nn.MultiheadAttention keeps q | k | v in one in_proj_weight and reads
+#     it itself): LoRAWeight adds the update as a parametrization of that weight.
+# Activations called as functions (F.gelu inside forward) cannot be replaced.
 # =============================================================================
 
 def freeze(model):
     """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
     own = _adapter_parameters(model)
     for p in model.parameters():
-        if id(p) not in own:
-            p.requires_grad_(False)
+        p.requires_grad_(id(p) in own and p.requires_grad)
     return model
 
 
@@ -883,232 +871,249 @@ def count_parameters(model):
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-@torch.no_grad()
+# Activation classes whose source we have read, by full name, and the function each computes
+# (torch's nn.GELU computes 'gelu', or 'gelu_tanh' with approximate='tanh'). No other class is guessed.
+ACTIVATION_CLASSES = {
+    "torch.nn.modules.activation.SiLU": "silu", "torch.nn.modules.activation.ReLU": "relu",
+    "timm.layers.activations.GELU": "gelu", "timm.layers.activations.GELUTanh": "gelu_tanh",
+    "timm.layers.activations.Swish": "silu", "transformers.activations.GELUActivation": "gelu",
+    "transformers.activations.GELUTanh": "gelu_tanh", "transformers.activations.PytorchGELUTanh": "gelu_tanh",
+    "transformers.activations.NewGELUActivation": "gelu_tanh",
+    "transformers.activations.FastGELUActivation": "gelu_tanh", "transformers.activations.SiLUActivation": "silu",
+    "transformers.models.bloom.modeling_bloom.BloomGelu": "gelu_tanh",
+}
+
+
 def activation_name(module):
-    """The name in ACTIVATIONS of the function ``module`` computes (to within 1e-4 on [-8, 8] and at
-    +-20, 50, 100, so that a GELU clipped at 10 is not GELU), or None."""
-    far = torch.tensor([20.0, 50.0, 100.0], device="cpu")              # cpu even under `with torch.device("meta")`
-    x = torch.cat([-far.flip(0), torch.linspace(-8, 8, 161, device="cpu"), far])
-    try:
-        y = module(x.clone())
-    except Exception:                                     # not an elementwise function of one tensor
-        return None
-    return next((name for name, fn in ACTIVATIONS.items() if isinstance(y, torch.Tensor) and y.shape == x.shape
-                 and ((y - fn(x)).abs() <= 1e-4 * (1 + fn(x).abs())).all()), None)
+    """The name in ACTIVATIONS of the function ``module`` computes, known from its class; else None."""
+    if type(module) is nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    return ACTIVATION_CLASSES.get(_full_name(type(module)))
 
 
-def _find_activations(model, target, init, groups, channel_dim, example, per_module):
-    """{id(module): (path, function name, channel dim, groups)} for every activation add_nora replaces,
-    each checked before anything changes: its function known (or ``init`` given), its channel axis
-    seen on ``example`` or read off its neighbours, and its group count dividing every width it sees."""
-    names = (target,) if isinstance(target, (str, type)) else tuple(target)
-    by_name = all(isinstance(t, str) for t in names)
-    if by_name and set(names) - set(ACTIVATIONS):
-        raise ValueError(f"add_nora: target {target!r} names no function in ACTIVATIONS {list(ACTIVATIONS)}; "
-                         f"pass those names or activation classes")
-    with torch.random.fork_rng(devices=[]):               # calling a Dropout must not move the global RNG
-        leaves = [m for m in model.modules() if not any(m.children()) and next(m.parameters(), None) is None]
-        functions = {id(m): activation_name(m) for m in leaves}
-    paths = {id(m): path for path, m in model.named_modules()}
-    chosen = {}                                           # id -> (parent, name, module), first place each is found
-    for parent in model.modules():
-        for name, m in parent.named_children():
-            if id(m) not in chosen and (functions.get(id(m)) in names if by_name else isinstance(m, names)):
-                chosen[id(m)] = (parent, name, m)
-    if not chosen:
-        raise ValueError(f"add_nora: the model has no {' or '.join(n if by_name else n.__name__ for n in names)} "
-                         f"module{_activation_classes(model, functions)}")
-    unknown = set(per_module) - {paths[i] for i in chosen}
-    if unknown:
-        raise ValueError(f"add_nora: per_module names {sorted(unknown)}, which are not activations it replaces; "
-                         f"those are {[paths[i] for i in chosen][:8]}")
-    seen = _probe(model, example, [m for _, _, m in chosen.values()]) if example is not None else {}
-    found, misfits, suggestion = {}, [], {}
-    for i, (parent, name, m) in chosen.items():
-        path, own = paths[i], per_module.get(paths[i], {})
-        where = f"add_nora: {path} ({type(m).__name__})"
-        if init is None and functions.get(i) is None:
-            raise ValueError(f"{where} computes none of {list(ACTIVATIONS)}; pass init=nora.fit_rational(fn) for "
-                             f"its function fn, or a target= that leaves it out")
-        dim, shapes, counts = own.get("channel_dim", channel_dim), [shape for shape, _ in seen.get(i, [])], []
-        if dim == "auto" and shapes:                      # seen on the example: every call must agree
-            dims = {d for _, d in seen[i]}
-            if None in dims or len(dims) > 1:
-                shape = next((s for s, d in seen[i] if d is None), shapes[0])
-                raise ValueError(f"{where} gets a {shape} input " + ("whose channel axis no layer's output tells"
-                                 if None in dims else f"with its channels on different axes {sorted(dims)}") +
-                                 f"; pass per_module={{'{path}': dict(channel_dim=...)}} with its channel axis (or an "
-                                 f"example whose sizes differ from its width)")
-            dim = dims.pop()
-        elif dim == "auto":                               # not seen: the neighbours, where they surely tell
-            dim, count = _channel_layout(parent, name, {j for j, f in functions.items() if f})
-            counts = [count] if count else []
-            if dim is None:
-                ran = " (it did not run on the example)" if example is not None else ""
-                raise ValueError(f"{where}: nothing next to it tells which axis of its input holds the channels"
-                                 f"{ran}; pass example= an input for the model (add_nora runs it once to see), or "
-                                 f"per_module={{'{path}': dict(channel_dim=1)}} (or -1)")
-        if not all(-len(shape) <= dim < len(shape) for shape in shapes):
-            raise ValueError(f"{where} gets {shapes[0]} inputs, which have no axis {dim}; pass its channel axis")
-        widths = [shape[dim] for shape in shapes] or counts
+def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs):
+    """[(path, NoRA)] for every activation add_nora replaces, each checked (its function known or
+    ``init`` given, its channel axis seen or given, ``groups`` dividing every width seen) and built
+    before anything changes; a refusal names every module in trouble."""
+    groups, per_module = _positive_int(groups, "add_nora: groups"), _check_per_module(per_module)
+    channel_dim = None if channel_dim is None else _check_axis(channel_dim, "add_nora: channel_dim")
+    _check_arguments(rank, **nora_kwargs)
+    if example is None:
+        raise ValueError("add_nora: pass example=, an input for the model (a tensor, a tuple or a dict of "
+                         "arguments): it runs once to see each activation's channel axis and widths")
+    found = _find_activations(model, target, init, per_module)
+    seen = _probe(model, example, [m for m, _ in found.values()])
+    plan, trouble = [], []
+    for path, (m, function) in found.items():
+        own = per_module.get(path, {})
+        if own is None:                                   # per_module says: leave it as it is
+            continue
         g = own.get("groups", groups)
-        if any(w % g for w in widths):                    # the largest count below g that divides them all
-            fits = max(d for d in range(1, g + 1) if all(w % d == 0 for w in widths))
-            misfits.append(f"{where} acts on {widths[0]} channels, which cannot be split into {g} equal groups")
-            suggestion[path] = fits
-        found[i] = (path, functions.get(i), dim, g)
-    if misfits:
-        raise ValueError("\n".join(misfits[:5] + [f"(and {len(misfits) - 5} more)"] * (len(misfits) > 5)) +
-                         f"\nuse group counts that divide them, e.g. per_module="
-                         f"{ {p: dict(groups=g, **per_module.get(p, {})) for p, g in suggestion.items()} }")
+        dim, widths, said = _settle(path, seen[id(m)], g, own.get("channel_dim", channel_dim), own.get("channels"))
+        trouble += [f"{path} ({type(m).__name__}) {s}" for s in said]
+        if not trouble:
+            new = NoRA(g, rank, init=init or function, channel_dim=dim, **nora_kwargs).train(m.training)
+            new.where, new.replaced, new.channels = path, _full_name(type(m)), widths
+            new.function = function or (init if isinstance(init, str) else None)
+            plan.append((path, new.to(next(model.parameters(), torch.empty(0)).device)))
+    if trouble:
+        raise ValueError("add_nora: " + "\nadd_nora: ".join(trouble[:16]) + f"\n({len(trouble)} modules in all)")
+    return plan
+
+
+def _find_activations(model, target, init, per_module):
+    """{path: (module, function name or None)} of every module ``target`` names, once each (at its first
+    path; never the model itself)."""
+    targets = (target,) if isinstance(target, (str, type)) else tuple(target)
+    if not targets or not all(t in ACTIVATIONS if isinstance(t, str) else isinstance(t, type) for t in targets):
+        raise ValueError(f"add_nora: target must name functions in {list(ACTIVATIONS)} or module classes, got {target!r}")
+    found, done = {}, set()
+    for path, m in model.named_modules():
+        function = activation_name(m)
+        if path and id(m) not in done and (type(m) in targets or function in targets):
+            if function is None and init is None:
+                raise ValueError(f"add_nora: {path} is a {type(m).__name__}, whose function add_nora does not know; "
+                                 f"pass init=nora.fit_rational(fn) with fn its function (or init='gelu')")
+            found[path] = m, function
+            done.add(id(m))
+    if not found:
+        names = " or ".join(t if isinstance(t, str) else t.__name__ for t in targets)
+        raise ValueError(f"add_nora: the model has no {names} module; {_what_it_has(model)}")
+    if set(per_module) - set(found):
+        raise ValueError(f"add_nora: per_module names {sorted(set(per_module) - set(found))}, which are not "
+                         f"activations it replaces; those are {list(found)[:8]}")
     return found
 
 
-def _activation_classes(model, functions):
-    """What a refusal should list: the parameter-free leaf modules that look like activations."""
-    done = sum(isinstance(m, NoRA) for m in model.modules())
-    if done:
-        return f" left: {done} of its activations already are NoRA (add_nora was called before)"
+def _what_it_has(model):
+    """A refusal's list of the parameter-free modules that could be activations."""
     counts = {}
     for m in model.modules():
-        name = type(m).__name__
-        if id(m) in functions and not isinstance(m, (nn.Dropout, nn.Identity)) and "act" in name.lower() + "elu":
-            counts[name, functions[id(m)]] = counts.get((name, functions[id(m)]), 0) + 1
-    if not counts:
-        return ("; it has no parameter-free activation modules at all (activations called as functions "
-                "cannot be replaced)")
-    listed = ", ".join(f"{n} x{c} ({f or 'none of ACTIVATIONS'})" for (n, f), c in counts.items())
-    (cls, function), _ = next(iter(counts.items()))
-    call = (f"add_nora(model, target='{function}')" if function else
-            f"add_nora(model, target={cls}, init=nora.fit_rational(fn)) with fn its function")
-    return f"; it has {listed}: pass e.g. {call}"
+        if not any(m.children()) and next(m.parameters(), None) is None and type(m) not in (nn.Dropout, nn.Identity):
+            key = type(m).__name__, activation_name(m)
+            counts[key] = counts.get(key, 0) + 1
+    listed = ", ".join(f"{n} x{c}" + (f" ({f})" if f else "") for (n, f), c in list(counts.items())[:8])
+    return (f"it has {listed or 'no parameter-free modules'}: pass target= a function they compute, or target=TheirClass, init=nora.fit_rational(fn) "
+            f"for a class computing fn (NoRA modules are not replaced again)")
 
 
-def _channel_layout(parent, name, elementwise):
-    """(channel dim, channel count) of the input of ``parent``'s child ``name``, read off the layer
-    registered before it (which makes that input), or, where none is, the one after it (which takes
-    its output). In an nn.Sequential, a sibling linear, convolution or norm layer gives both; elsewhere
-    only a linear layer does (the last axis, no count: the layer registered before may not be the
-    one that runs before). (None, None) where nothing tells surely: a norm or a convolution outside
-    an nn.Sequential may work on a reshaped or transposed tensor (LeViT, wav2vec2). Modules in
-    ``elementwise`` (ids of activations), dropouts and identities are looked past."""
-    children = list(parent.named_children())
-    i = [n for n, _ in children].index(name)
-    sequential = isinstance(parent, nn.Sequential)
-    for neighbours, makes_input in ((children[:i][::-1], True), (children[i + 1:], False)):
-        for _, m in neighbours:
-            if isinstance(m, (nn.Dropout, nn.Identity, NoRA, GroupRational)) or id(m) in elementwise:
-                continue
-            if isinstance(m, nn.Linear) or getattr(getattr(m, "weight", None), "ndim", 0) == 2:   # nn.Linear, Conv1D
-                count = (m.out_features if makes_input else m.in_features) if isinstance(m, nn.Linear) else None
-                return -1, count if sequential else None
-            if sequential and type(m) is nn.LayerNorm:
-                return -1, m.normalized_shape[-1]
-            if sequential and isinstance(m, nn.modules.conv._ConvNd):
-                return 1, m.out_channels if makes_input else m.in_channels
-            if sequential and isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-                return 1, getattr(m, "num_features", getattr(m, "num_channels", None))
-            return None, None                             # a layer that may change the layout: nothing sure
-    return None, None
+def _settle(path, calls, groups, given, channels):
+    """(channel axis, widths, troubles) of one activation from the inputs the example gave it,
+    ``calls`` [(shape, axis seen or None)], and the axis ``given``: the axis is what the example shows,
+    else what is given, and the same in every call; ``groups`` must divide every width (and the
+    widths be ``channels``, where given)."""
+    fix = lambda **own: f"; pass per_module={{'{path}': dict({', '.join(f'{k}={v}' for k, v in own.items())})}}"
+    if not calls:
+        return None, None, [f"did not run on the example: add_nora replaces only what it sees run; pass an example "
+                            f"that runs it, or per_module={{'{path}': None}} to leave it"]
+    dims = set()
+    for shape, axis in calls:
+        if axis is None and given is None:
+            return None, None, [f"gets {shape} inputs whose channel axis no layer's output shows (a chunk, a copy or a "
+                                f"product reached it): say which axis holds its channels" + fix(channel_dim="...")]
+        if axis is not None and given is not None and given % len(shape) != axis % len(shape):
+            return None, None, [f"gets its channels on axis {axis} of its {shape} input, not on channel_dim={given}"
+                                + fix(channel_dim=axis)]
+        if not -len(shape) <= (given if axis is None else axis) < len(shape):
+            return None, None, [f"gets {shape} inputs, which have no axis {given}" + fix(channel_dim="...")]
+        dims.add((given if axis is None else axis) % len(shape) - len(shape))   # (-1: channels last, any rank)
+    if len(dims) > 1:
+        return None, None, [f"gets its channels on different axes {sorted(dims)}: one NoRA cannot serve both"]
+    dim = dims.pop()
+    widths = sorted({shape[dim] for shape, _ in calls})
+    if any(w % groups for w in widths):
+        fits = max(d for d in range(1, groups + 1) if all(w % d == 0 for w in widths))
+        return None, None, [f"acts on {widths} channels, which cannot be split into {groups} equal groups"
+                            + fix(groups=fits)]
+    if channels is not None and channels != widths:
+        return None, None, [f"acts on {widths} channels, not on the {channels} of the model the adapter was trained on"]
+    return (-1 if dim == -1 else dim + len(calls[0][0])), widths, []
 
 
-def _width(m, out):
-    """(axis, width) of the channels in the tensor layer ``m`` made, or None for layers that tell nothing."""
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return 1, m.out_channels
-    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-        return 1, getattr(m, "num_features", getattr(m, "num_channels", None))
-    if isinstance(m, nn.LayerNorm):                       # timm's LayerNorm2d normalises dim 1: matched by width
-        return -1, m.normalized_shape[-1]
-    if isinstance(m, nn.Embedding):
-        return -1, m.embedding_dim
-    if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2:   # nn.Linear, Conv1D, ...
-        return -1, out.shape[-1]
+def _output_axis(layer):
+    """The axis of ``layer``'s output that holds its channels, for layers whose layout is certain; else None."""
+    if isinstance(layer, nn.Linear) or _full_name(type(layer)) == CONV1D or type(layer) in (nn.LayerNorm, nn.Embedding):
+        return -1
+    if isinstance(layer, nn.modules.conv._ConvNd):      # (N, C, *spatial) or unbatched (C, *spatial)
+        return -1 - len(layer.kernel_size)
+    if isinstance(layer, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        return 1
     return None
 
 
 @torch.no_grad()
 def _probe(model, example, activations):
-    """Run ``example`` through ``model`` once (eval mode, no gradients, the RNG left as it was) and
-    see every tensor each module in ``activations`` gets: {id: [(shape, channel dim or None)]}.
-    The channel axis follows the layer that made the tensor: the last one whose output it is a view
-    of (through reshapes, transposes, slices and chunks: the axis with that layer's channel stride),
-    else the last whose output has its very shape (an elementwise step between, as in timm's
-    BatchNormAct2d). None where no layer tells, e.g. after a matmul with a weight that is no layer's."""
-    made, calls, act_ids = [], {id(m): [] for m in activations}, {id(m) for m in activations}
-
-    def after(m, args, out):                              # kept alive, so no later tensor reuses its memory
-        layout = _width(m, out) if isinstance(out, torch.Tensor) and id(m) not in act_ids else None
-        if layout and layout[1] and out.dim():
-            made.append((out, layout[0] % out.dim()))
-
-    def before(m, args):
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if x is not None and x.dim() > 0:
-            calls[id(m)].append((tuple(x.shape), _channel_axis(x, made)))
-
-    hooks = [m.register_forward_hook(after) for m in model.modules() if _width(m, torch.empty(1)) is not None]
-    hooks += [m.register_forward_pre_hook(before) for m in activations]
-    training = {m: m.training for m in model.modules()}
+    """Run ``example`` through ``model`` once (eval mode, no gradients; the RNG, the modes and every
+    buffer left as they were) and see each input of the modules in ``activations``:
+    {id: [(shape, channel axis or None)]}."""
+    made, seen = [], {id(m): [] for m in activations}     # made: kept alive, so no output is mistaken for another
+    record = lambda layer, args, out: made.append((out, _output_axis(layer))) if isinstance(out, torch.Tensor) else None
+    hooks = [m.register_forward_hook(record) for m in model.modules() if _output_axis(m) is not None]
+    hooks += [m.register_forward_pre_hook(lambda m, args: seen[id(m)].append(_input_of(args, made)))
+              for m in activations]
+    modes, fast = {m: m.training for m in model.modules()}, torch.backends.mha.get_fastpath_enabled()
+    buffers = [(m, k, b, b.clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
+    args = example if isinstance(example, (tuple, list, dict)) else (example,)
     try:
         with torch.random.fork_rng(devices=[]):
             model.eval()
-            example = example if isinstance(example, (tuple, list, dict)) else (example,)
-            try:
-                model(**example) if isinstance(example, dict) else model(*example)
-            except Exception as e:
-                raise ValueError(f"add_nora: the model fails on the example= input ({type(e).__name__}: {e}); "
-                                 f"pass an input the model takes (a tensor, a tuple of arguments or a dict)") from e
+            torch.backends.mha.set_fastpath_enabled(False)   # else nn.TransformerEncoderLayer skips its activation
+            model(**args) if isinstance(args, dict) else model(*args)
+    except Exception as e:
+        raise ValueError(f"add_nora: the model fails on the example= input ({type(e).__name__}: {e}); pass an "
+                         f"input the model takes (a tensor, a tuple of arguments or a dict)") from e
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
         for h in hooks:
             h.remove()
-        for m, mode in training.items():
+        for m, mode in modes.items():
             m.training = mode
-    return {i: c for i, c in calls.items() if c}
+        for m, k, b, before in buffers:                   # (a quantisation observer's range, say)
+            m._buffers[k] = b.copy_(before)
+    return seen
 
 
-def _channel_axis(x, made):
-    """The axis of ``x`` that holds the channels of the latest (tensor, channel axis) in ``made`` that
-    ``x`` is a view of, or that has x's shape; -1 for the last axis; None where none tells."""
-    for out, axis in reversed(made):
-        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-            if out.shape == x.shape and out.stride() == x.stride():
-                break
-            stride = out.stride(axis)                     # the channel axis keeps its stride in a view
-            axes = [d for d in range(x.dim()) if x.stride(d) == stride and x.shape[d] > 1]
-            if len(axes) != 1:
-                return None
-            return -1 if axes[0] == x.dim() - 1 else axes[0]
-    else:                                                 # a copy: the last layer to run, if it made this shape
-        out, axis = made[-1] if made else (None, None)    # and its channel axis is the only one of that size
-        if out is None or out.shape != x.shape or list(x.shape).count(x.shape[axis]) > 1:
-            return None
-    return -1 if axis == x.dim() - 1 else axis
+def _input_of(args, made):
+    """(shape, channel axis or None) of an activation's input: the axis of the layer output in ``made``
+    that it is, or is a view of with that axis whole (its size and stride kept, nothing cut away)."""
+    x = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else None
+    root = lambda t: t if t._base is None else t._base    # the tensor a view is of (meta tensors too)
+    for out, axis in reversed(made if x is not None else []):
+        if root(out) is root(x):
+            axes = [d for d in range(x.dim()) if (x.shape[d], x.stride(d)) == (out.shape[axis], out.stride(axis))]
+            whole = len(axes) == 1 and x.numel() == out.numel() and x.storage_offset() == out.storage_offset()
+            return tuple(x.shape), axes[0] if whole else None
+    return (tuple(x.shape), None) if x is not None else ((), None)
 
 
-def _warn_if_far_at_init(found):
+def _warn_if_far_at_init(modules):
     """Warn where a shipped rational is far from the function it replaces (ReLU: its kink), since the
     model then changes at step 0, before any training."""
-    for function in sorted({f for _, f, _, _ in found.values() if f in COEFFS}):
+    functions = [m.function for m in modules]
+    for function in sorted({f for f in functions if f in COEFFS}):
         (error, at), (at_0, _) = (fit_error(ACTIVATIONS[function], *COEFFS[function], r) for r in ((-8, 8), (0, 0)))
         if error > 0.05:
-            count = sum(f == function for _, f, _, _ in found.values())
-            warnings.warn(f"add_nora: {count} module(s) compute {function}, whose rational is up to {error:.2g} off "
-                          f"on [-8, 8] (at x = {at:.3g}; {at_0:.2g} at 0), so the model's outputs move at init; "
-                          f"measure the change on your inputs")
+            warnings.warn(f"add_nora: {functions.count(function)} module(s) compute {function}, whose rational is up "
+                          f"to {error:.2g} off on [-8, 8] (at x = {at:.3g}; {at_0:.2g} at 0), so the model's outputs "
+                          f"move at init; measure the change on your inputs")
 
 
 # Fused q | k | v projections whose rows are q, k and v in equal thirds, by the class that holds them
-# (in timm, torchvision, transformers or this file): timm's and our ViT attention, timm's Swin and
-# EVA, torchvision's Swin and MaxViT, HF GPT-2. Any other fused layout (multi-query, grouped-query,
-# interleaved per head, or a class of your own) needs its rows given.
-QKV_THIRDS = {"Attention", "EvaAttention", "WindowAttention", "WindowAttentionV2", "ShiftedWindowAttention",
-              "ShiftedWindowAttentionV2", "RelativePositionalMultiHeadAttention", "GPT2Attention"}
+# and the projection's name there (each class's source read: it reshapes the output to (..., 3, heads,
+# head_dim) or splits it in three). Another class's projection named like
+# one of FUSED_NAMES (multi-query, grouped-query, per head: who knows) is refused unless its rows are given.
+FUSED_QKV = {
+    "timm.layers.attention.Attention": "qkv", "timm.models.beit.Attention": "qkv", "timm.models.eva.EvaAttention": "qkv",
+    "timm.models.swin_transformer.WindowAttention": "qkv", "timm.models.swin_transformer_v2.WindowAttention": "qkv",
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": "qkv",
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": "qkv",
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": "to_qkv",
+    "transformers.models.gpt2.modeling_gpt2.GPT2Attention": "c_attn",
+    f"{__name__}.Attention": "qkv",                      # ours (Appendix E), under whatever name this file has
+}
+FUSED_NAMES = ("qkv", "c_attn", "to_qkv", "qkv_proj", "query_key_value", "Wqkv", "in_proj")
+CONV1D = "transformers.pytorch_utils.Conv1D"              # HF's linear layer that stores its weight (in, out)
 
 
-def _qkv_rows(rows, parts):
-    """The (start, stop) row ranges of the ``parts`` ('q', 'k', 'v') of a fused q | k | v projection."""
-    return [(i * rows // 3, (i + 1) * rows // 3) for i, part in enumerate("qkv") if part in parts]
+def _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer):
+    """[(path, LoRA layer, or (weight name, LoRAWeight))] for every layer add_lora adapts, each checked
+    and built before anything changes; a refusal names every layer in trouble."""
+    targets, rows = _check_names(targets, "add_lora: targets"), {} if rows is None else rows
+    _positive_int(rank, "add_lora: rank"), _positive_number(alpha, "add_lora: alpha")
+    if not (isinstance(qkv_parts, str) and qkv_parts and set(qkv_parts) <= set("qkv")):
+        raise ValueError(f"add_lora: qkv_parts={qkv_parts!r} must name some of 'q', 'k', 'v', e.g. 'qv'")
+    if not isinstance(rows, dict) or set(rows) - set(targets):
+        raise ValueError(f"add_lora: rows must be a dict {{target: [(start, stop), ...]}} keyed by targets, got {rows!r}")
+    thirds = lambda n: [(i * n // 3, (i + 1) * n // 3) for i, part in enumerate("qkv") if part in qkv_parts]
+    plan, trouble = [], []
+    for path, m in model.named_modules():
+        target, parent = _named(path, targets), model.get_submodule(path.rpartition(".")[0]) if path else None
+        where, name = f"{path} ({type(m).__name__})", path.rpartition(".")[2]
+        if isinstance(m, nn.MultiheadAttention) and (target or set(targets) & set(FUSED_NAMES)):
+            if isinstance(m.in_proj_weight, torch.Tensor) and not hasattr(m, "parametrizations"):
+                ranges = _check_rows(rows.get(target) or thirds(len(m.in_proj_weight)), len(m.in_proj_weight), where)
+                plan.append((path, ("in_proj_weight", LoRAWeight(m.in_proj_weight, rank, alpha, ranges))))
+            elif target:
+                trouble.append(f"{where} has no fused in_proj_weight without LoRA: leave it out of targets")
+        if not target or not isinstance(getattr(m, "weight", None), torch.Tensor) or isinstance(parent, LoRALinear):
+            continue
+        if isinstance(m, LoRALinear) or not (isinstance(m, nn.Linear) or _full_name(type(m)) == CONV1D):
+            trouble.append(f"{where} " + ("has LoRA already" if isinstance(m, LoRALinear) else "is neither an nn.Linear "
+                           "nor HF's Conv1D, so its weight's layout is not known: wrap it with LoRALinear(layer, ...)"))
+            continue
+        out_features, in_features = m.weight.shape[::-1] if not isinstance(m, nn.Linear) else m.weight.shape
+        known = FUSED_QKV.get(_full_name(type(parent))) == name
+        ranges = rows.get(target, thirds(out_features) if known and out_features == 3 * in_features else None)
+        if ranges is None and name in FUSED_NAMES:
+            trouble.append(f"{where} in {type(parent).__name__} is a fused projection of {out_features} rows whose "
+                           f"layout is not known to be q | k | v in equal thirds; pass rows={{'{target}': [(0, q_rows)]}}")
+        elif not trouble:
+            fan_in_fan_out = not isinstance(m, nn.Linear)
+            plan.append((path, layer(m, rank, alpha, _check_rows(ranges, out_features, where), fan_in_fan_out)))
+    if trouble or not plan:
+        raise ValueError("add_lora: " + ("\nadd_lora: ".join(trouble[:16]) if trouble else
+                                         f"no linear layer named {' or '.join(targets)}; {_linear_names(model)}"))
+    return [(path, new if isinstance(new, tuple) else new.train(model.get_submodule(path).training)) for path, new in plan]
 
 
 def _named(path, names):
@@ -1116,97 +1121,20 @@ def _named(path, names):
     return next((n for n in names if path == n or path.endswith("." + n)), None)
 
 
-def _find_linears(model, targets, fused_qkv, qkv_parts, rows):
-    """{id(layer): (row ranges or None, fan_in_fan_out)} for every linear layer add_lora wraps; a fused
-    projection of unknown layout is refused unless ``rows`` gives its rows."""
-    found = {}
-    for path, m in model.named_modules():
-        weight, target = getattr(m, "weight", None), _named(path, targets)
-        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and target and not isinstance(m, LoRALinear)):
-            continue
-        where = f"add_lora: {path} ({type(m).__name__})"
-        transposed = _fan_in_fan_out(m, where)
-        out_features, in_features = weight.shape[::-1] if transposed else weight.shape
-        ranges = rows.get(target)
-        if ranges is not None and not (isinstance(ranges, (list, tuple)) and ranges and all(
-                isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(i, numbers.Integral) for i in r)
-                and 0 <= r[0] < r[1] <= out_features for r in ranges)):
-            raise ValueError(f"{where}: rows={{'{target}': {ranges!r}}} must be a list of (start, stop) ranges "
-                             f"within its {out_features} output rows, e.g. [(0, {out_features // 3})]")
-        if ranges is None and _named(path, fused_qkv):
-            cls = type(model.get_submodule(path.rpartition(".")[0]))
-            holder, library = cls.__name__, cls.__module__.partition(".")[0]
-            if holder not in QKV_THIRDS or library not in ("timm", "torchvision", "transformers", __name__) \
-                    or out_features != 3 * in_features:
-                raise ValueError(f"{where} in {holder}: a fused projection of {out_features} rows whose layout is not "
-                                 f"known to be q | k | v in equal thirds (multi-query? per head?); give the rows to "
-                                 f"adapt, e.g. add_lora(model, targets={targets!r}, "
-                                 f"rows={{'{target}': [(0, q_rows)]}})")
-            ranges = _qkv_rows(out_features, qkv_parts)
-        found[id(m)] = (ranges, transposed)
-    return found
-
-
-def _find_attention(model, targets, fused_qkv):
-    """The nn.MultiheadAttention modules whose in_proj_weight (q | k | v) a fused-qkv target adapts."""
-    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and set(targets) & set(fused_qkv)
-            and m.in_proj_weight is not None and not torch.nn.utils.parametrize.is_parametrized(m)]
-
-
 def _linear_names(model):
-    """What add_lora's refusal lists: the names of the model's linear layers, and a call with two of them."""
+    """A refusal's list of the names of the model's linear layers."""
     names = {}
     for path, m in model.named_modules():
-        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2 and path:
-            names.setdefault(path.rpartition(".")[2], 0)
-            names[path.rpartition(".")[2]] += 1
-    if not names:
-        return "it has no module with a 2-D weight"
-    done = sum(isinstance(m, LoRALinear) for m in model.modules())
-    if done:
-        return f"{done} of its linear layers already have LoRA (add_lora was called before)"
-    listed = ", ".join(f"{n} x{c}" for n, c in names.items())
-    return f"its linear layers are named {listed}: pass e.g. add_lora(model, targets={tuple(list(names)[:2])!r})"
-
-
-@torch.no_grad()
-def _fan_in_fan_out(layer, where):
-    """Whether ``layer`` computes x @ weight, its weight stored (in, out) as in HF's Conv1D, rather
-    than nn.Linear's x @ weight.T: call it once and see which of the two its output follows."""
-    if isinstance(layer, nn.Linear):
-        return False
-    W = layer.weight
-    if W.is_meta:
-        raise ValueError(f"{where} is on the meta device, where its weight layout cannot be seen; add LoRA "
-                         f"before moving it there, or pass an nn.Linear")
-    fits = []
-    for transposed in (False, True):
-        width = W.shape[0] if transposed else W.shape[1]
-        x = torch.linspace(-1, 1, 2 * width, device=W.device, dtype=W.dtype).view(2, width)
-        try:
-            y = layer(x) - layer(torch.zeros_like(x))     # the bias cancels
-        except (RuntimeError, ValueError):                # the wrong width for this layer
-            continue
-        expected = x @ W if transposed else x @ W.T
-        if y.shape == expected.shape and torch.allclose(y, expected, rtol=1e-3, atol=1e-3 * expected.abs().max()):
-            fits.append(transposed)
-    if len(fits) == 2:                                    # a symmetric (or zero) square weight: both fit
-        if type(layer).__name__ == "Conv1D":              # Hugging Face's, stored (in, out)
-            return True
-        raise ValueError(f"{where}: its square weight is symmetric, so calling it cannot tell x @ weight from "
-                         f"x @ weight.T; wrap it yourself with LoRALinear(layer, fan_in_fan_out=...)")
-    if not fits:
-        raise ValueError(f"{where} computes neither x @ weight.T nor x @ weight, so LoRA cannot adapt its weight; "
-                         f"leave it out of targets")
-    return fits[0]
+        if path and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2:
+            names[path.rpartition(".")[2]] = names.get(path.rpartition(".")[2], 0) + 1
+    return f"its linear layers are named {', '.join(f'{n} x{c}' for n, c in names.items()) or 'nothing'}"
 
 
 class LoRAWeight(LoRALinear):
     """LoRA on a weight that no layer owns, as a parametrization (torch.nn.utils.parametrize): torch's
     nn.MultiheadAttention keeps q | k | v in one `in_proj_weight` and reads it itself, so there is
     no layer to wrap; registered on that weight, it makes the module read W0 + B A * alpha / r.
-    It is never merged itself: :func:`merge` removes the parametrization, leaving W0 + B A as the
-    module's plain weight."""
+    :func:`merge` removes the parametrization, leaving W0 + B A as the module's plain weight."""
 
     def __init__(self, weight, rank=8, alpha=16, row_ranges=None):
         holder = nn.Module()
@@ -1218,41 +1146,136 @@ class LoRAWeight(LoRALinear):
         return self._add_to_rows(weight.clone(), self.delta_weight(), dim=0)
 
     def merge(self):
-        raise TypeError("LoRAWeight: merge the whole model with nora.merge(model), which folds the update into "
-                        "the weight by removing the parametrization")
+        raise TypeError("LoRAWeight: merge the whole model with nora.merge(model)")
 
     def unmerge(self):
-        raise TypeError("LoRAWeight: nora.merge(model) removed the parametrization, so there is nothing to "
-                        "unmerge; build the model again and load the adapter")
-
-
-def _load_lora(layer, load, state_dict, prefix, *args):
-    """LoRALinear's loading: unmerged first; then (after the base's own tensors: _after_lora_load) the
-    base holds B A only if it came from a merged layer's state, as its saved extra state says. It
-    ends merged or not as it was, so a state dict loads right into either, with B A added once."""
-    saved = state_dict.get(prefix + "_extra_state")
-    base_merged = prefix + "base.weight" in state_dict and saved is not None and _lora_settings(saved)[1]
-    layer._loading = layer.merged, base_merged
-    if layer.merged:
-        layer.unmerge()
-    load(state_dict, prefix, *args)
-
-
-def _after_lora_load(layer, incompatible_keys):
-    was_merged, layer.merged = layer.__dict__.pop("_loading", (layer.merged, layer.merged))
-    if was_merged:
-        layer.merge()
-    elif layer.merged:
-        layer.unmerge()
+        raise TypeError("LoRAWeight: nora.merge(model) removed it; build the model again and load the adapter")
 
 
 def _remove_lora_parametrizations(model):
-    """Remove every LoRAWeight parametrization, leaving W0 + B A as the plain weight."""
+    """Remove every LoRAWeight parametrization, leaving W0 + B A as the plain weight, and a mark for
+    adapter_state_dict: the update is in no adapter's tensors any more."""
     for m in list(model.modules()):
         for name, chain in list(getattr(m, "parametrizations", {}).items()):
             if any(isinstance(p, LoRAWeight) for p in chain):
                 torch.nn.utils.parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-                m._nora_merged = getattr(m, "_nora_merged", ()) + (name,)   # adapter_state_dict keeps the weight
+                m.nora_merged = True
+
+
+def _build_in(model, plan):
+    """Put each planned adapter into ``model`` (a module in its place, or a LoRAWeight as a
+    parametrization of its weight); then, if every parameter was trainable, freeze all but the adapters."""
+    fresh = all(p.requires_grad for p in model.parameters())
+    for path, new in plan:
+        if isinstance(new, tuple):
+            torch.nn.utils.parametrize.register_parametrization(model.get_submodule(path), *new)
+            continue
+        parent, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent)
+        setattr(parent, name, new)
+        if isinstance(parent, nn.TransformerEncoderLayer) and name == "activation":
+            parent.activation_relu_or_gelu = 0            # else its eval-mode fast path computes GELU itself
+    if fresh:
+        freeze(model)
+
+
+def _describe_calls(model):
+    """What save_adapter writes beside the tensors: the add_nora and add_lora calls that built the
+    adapters, one per setting, with each module's settings written out (None: a module of add_nora's
+    targets that it left as it was)."""
+    calls = {}
+    for path, m in model.named_modules():
+        if type(m) is NoRA:
+            degrees = [m.numerator.shape[1] - 1, m.denominator.shape[1]]
+            call = calls.setdefault(("nora", m.rank, m.scaling, m.form, m.basis_scale, *degrees), dict(
+                rank=m.rank, alpha=m.scaling * m.rank, form=m.form, basis_scale=m.basis_scale, degrees=degrees,
+                target=[], per_module={}))
+            call["target"] += [m.function or m.replaced] * ((m.function or m.replaced) not in call["target"])
+            call["per_module"][path] = dict(groups=len(m.numerator), channel_dim=m.channel_dim, channels=m.channels)
+        elif type(m) in (LoRALinear, LoRAWeight):
+            call = calls.setdefault(("lora", m.rank, m.scaling), dict(rank=m.rank, alpha=m.scaling * m.rank, per_module={}))
+            layout = None if type(m) is LoRAWeight else m.fan_in_fan_out
+            call["per_module"][path.partition(".parametrizations.")[0]] = dict(rows=m.row_ranges, fan_in_fan_out=layout)
+        elif isinstance(m, (*ADAPTERS, GroupRational)):
+            raise ValueError(f"save_adapter: {path} is a {type(m).__name__}, which load_adapter cannot build again; "
+                             f"keep it with adapter_state_dict and torch.save")
+    for call in (c for k, c in calls.items() if k[0] == "nora"):
+        call["per_module"].update({p: None for p, m in model.named_modules() if p and (
+            activation_name(m) in call["target"] or _full_name(type(m)) in call["target"])})
+    return {kind: [c for k, c in calls.items() if k[0] == kind[4:]] for kind in ("add_nora", "add_lora")}
+
+
+def _replay(model, calls, state, example):
+    """The plan of the calls an adapter file holds, made again on ``model`` with every check of add_nora
+    and add_lora; the sizes the calls give are first checked against the file's own tensors, so that
+    nothing the file does not hold is allocated."""
+    claims = {f"{p}.{k}": (own["groups"], d) for c in calls["add_nora"] for p, own in c["per_module"].items() if own
+              for k, d in (("numerator", c["degrees"][0] + 1), ("denominator", c["degrees"][1]), ("B_P", c["rank"]))}
+    claims.update({f"{p}.parametrizations.in_proj_weight.0.lora_B" if own["fan_in_fan_out"] is None else f"{p}.lora_B":
+                   (len(own["rows"]), own["rows"][0][1] - own["rows"][0][0], c["rank"])
+                   for c in calls["add_lora"] for p, own in c["per_module"].items()})
+    wrong = [f"{k} {tuple(state[k].shape) if k in state else 'missing'} for {v}" for k, v in claims.items()
+             if k not in state or tuple(state[k].shape) != v]
+    if wrong:
+        raise ValueError(f"load_adapter: the file's tensors are not those its calls build ({', '.join(wrong[:3])}); "
+                         f"it is damaged, or not written by save_adapter")
+    plan, classes = [], {_full_name(type(m)): type(m) for m in model.modules()}
+    for c in calls["add_nora"]:
+        target = [t if t in ACTIVATIONS else classes.get(t, t) for t in c["target"]]
+        if any(isinstance(t, str) and t not in ACTIVATIONS for t in target):
+            raise ValueError(f"load_adapter: the adapter replaced {c['target']} modules, and this model has none; "
+                             f"load it into the model it was trained on")
+        init = (torch.zeros(c["degrees"][0] + 1), torch.zeros(c["degrees"][1]))   # the base is the file's
+        try:
+            plan += _plan_nora(model, 1, c["rank"], example, target, init, None, c["per_module"],
+                               dict(alpha=c["alpha"], form=c["form"], basis_scale=c["basis_scale"]))
+        except ValueError as e:
+            raise ValueError(f"load_adapter, making the adapter's add_nora call again: {e}") from None
+    for c in calls["add_lora"]:
+        own = c["per_module"]
+        try:
+            lora = _plan_lora(model, c["rank"], c["alpha"], tuple(own), "qkv", {p: v["rows"] for p, v in own.items()},
+                              LoRALinear)
+        except ValueError as e:
+            raise ValueError(f"load_adapter, making the adapter's add_lora call again: {e}") from None
+        odd = [p for p, new in lora if p not in own or own[p]["fan_in_fan_out"] != getattr(new, "fan_in_fan_out", None)]
+        if odd:
+            raise ValueError(f"load_adapter: {odd[:3]} are other layers than the ones the adapter was trained on (their "
+                             f"weights are stored another way round); load it into the model it was trained on")
+        plan += lora
+    return plan
+
+
+def _check_adapter_state(model, plan, state, extra, statistics):
+    """Refuse ``state`` before anything changes: a tensor that is neither one of the planned adapters'
+    nor under ``extra`` (nor, with ``statistics``, a BatchNorm statistic); a planned adapter's tensor
+    missing; another shape; NaN, inf (in the dtype it loads into) or values beyond 1e6 in an adapter;
+    settings no shape shows (NoRA's and LoRA's extra state)."""
+    mine = model.state_dict()
+    own = {k: v for k, v in mine.items() if _under(k, extra) or statistics and k in _running_statistics(model)}
+    adapters, settings = {}, {}
+    for path, new in plan:
+        module, prefix = (new[1], f"{path}.parametrizations.{new[0]}.0.") if isinstance(new, tuple) else (new, f"{path}.")
+        adapters.update({prefix + k: v for k, v in module.state_dict().items() if not k.startswith("base.")})
+        settings[prefix + "_extra_state"] = module
+    strangers, missing = sorted(set(state) - set(own) - set(adapters)), sorted(set(adapters) - set(state))
+    if strangers or missing:
+        raise ValueError(f"load_adapter: the file holds {strangers[:4]}, which are neither the adapters its calls build "
+                         f"nor under extra={extra}, and lacks {missing[:4]}. Name the modules whose tensors it may "
+                         f"write in extra= (e.g. 'classifier'), statistics=True for BatchNorm statistics; or load it "
+                         f"into the model it was trained on")
+    own.update(adapters)
+    for k, v in state.items():
+        loaded = v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
+        if v.shape != own[k].shape:
+            raise ValueError(f"load_adapter: the file's {k} is {tuple(v.shape)}, this model's {tuple(own[k].shape)}; "
+                             f"load it into the model it was trained on")
+        if v.is_floating_point() and v.numel() and not (loaded.isfinite().all() and (k not in adapters or
+                                                                                     v.abs().max() <= 1e6)):
+            raise ValueError(f"load_adapter: {k} holds NaN, inf (as {own[k].dtype}) or values beyond 1e6: the run that "
+                             f"saved it diverged; retrain it")
+    for k, module in settings.items():                    # scaling, basis_scale, row ranges: checks only
+        module.set_extra_state(state[k])
 
 
 def _adapter_keys(model):
@@ -1261,188 +1284,59 @@ def _adapter_keys(model):
             for k in m.state_dict() if not k.startswith("base.")}
 
 
-def _merged_weights(model):
-    """State-dict keys of the weights that merge() folded a LoRAWeight into (nn.MultiheadAttention's in_proj_weight)."""
-    return {f"{name}.{w}" if name else w for name, m in model.named_modules() for w in getattr(m, "_nora_merged", ())}
-
-
-def _describe_adapters(model):
-    """What save_adapter writes beside the tensors: each adapter's kind, module path and settings."""
-    out = []
-    for path, m in model.named_modules():
-        if isinstance(m, NoRA):
-            out.append(dict(kind="nora", path=path, groups=m.numerator.shape[0], rank=m.rank, alpha=m.scaling * m.rank,
-                            form=m.form, basis_scale=m.basis_scale, channel_dim=m.channel_dim, function=m.function))
-        elif isinstance(m, LoRALinear) and not isinstance(m, LoRAWeight):
-            out.append(dict(kind="lora", path=path, layer=type(m).__name__, rank=m.rank, alpha=m.scaling * m.rank,
-                            row_ranges=m.row_ranges, fan_in_fan_out=m.fan_in_fan_out, merged=m.merged))
-        for weight, chain in getattr(m, "parametrizations", {}).items():
-            out += [dict(kind="lora_weight", path=path, weight=weight, rank=p.rank, alpha=p.scaling * p.rank,
-                         row_ranges=p.row_ranges) for p in chain if isinstance(p, LoRAWeight)]
-        out += [dict(kind="merged_weight", path=path, weight=w) for w in getattr(m, "_nora_merged", ())]
-    return out
-
-
-def _plan_adapters(model, described, state):
-    """[(path, new module, or (weight name, LoRAWeight))] for each adapter the file describes and
-    ``model`` lacks; every one checked, and every new module built, before any is put in (_build_in).
-    Refused where the model has no such module, or one that cannot take it."""
-    plan, where = [], lambda e: f"load_adapter: {e['path'] or 'the model'}"
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else "cpu"
-    for e in described.get("adapters", []):
-        try:
-            m = model.get_submodule(e["path"])
-        except AttributeError:
-            raise ValueError(f"{where(e)}: the model has no such module; load the adapter into the model it was "
-                             f"trained on") from None
-        if e["kind"] == "nora" and isinstance(m, NoRA) and m.channel_dim != e["channel_dim"]:
-            raise ValueError(f"{where(e)}: the adapter groups channel axis {e['channel_dim']}, this model's NoRA "
-                             f"axis {m.channel_dim}; build it with the saved axis (or load into a plain model)")
-        if e["kind"] == "nora" and not isinstance(m, NoRA):
-            leaf = next(m.parameters(), None) is None and not any(m.children())
-            function = activation_name(m) if leaf else None
-            if not (function == e["function"] if e["function"] else leaf and _is_nonlinear(m)):
-                raise ValueError(f"{where(e)} is a {type(m).__name__} computing {function or 'something else'}, not "
-                                 f"the {e['function'] or 'activation'} the adapter replaced; load into the model it "
-                                 f"was trained on")
-            init = (state.get(e["path"] + ".numerator"), state.get(e["path"] + ".denominator"))
-            if not all(isinstance(t, torch.Tensor) for t in init):
-                raise ValueError(f"{where(e)}: the file has no base coefficients for it; it is damaged or not made by "
-                                 f"save_adapter")
-            new = NoRA(e["groups"], e["rank"], e["alpha"], init, e["form"], e["basis_scale"], e["channel_dim"])
-            new.where, new.function = e["path"], e["function"]
-            plan.append((e["path"], new.to(device).train(m.training)))
-        elif e["kind"] == "lora" and not isinstance(m, LoRALinear):
-            if e["layer"] != "LoRALinear":
-                raise ValueError(f"{where(e)} was trained with {e['layer']}, which load_adapter cannot build; put it "
-                                 f"on the model as before (e.g. train_vit.prepare) and load again")
-            if not (isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2):
-                raise ValueError(f"{where(e)} is a {type(m).__name__} with no 2-D weight to adapt")
-            new = LoRALinear(m, e["rank"], e["alpha"], e["row_ranges"], e["fan_in_fan_out"])
-            plan.append((e["path"], new.train(m.training)))
-        elif e["kind"] == "lora_weight" and not torch.nn.utils.parametrize.is_parametrized(m, e["weight"]):
-            weight = getattr(m, e["weight"], None)
-            if not isinstance(weight, torch.Tensor):
-                raise ValueError(f"{where(e)} has no weight {e['weight']!r}")
-            plan.append((e["path"], (e["weight"], LoRAWeight(weight, e["rank"], e["alpha"], e["row_ranges"]))))
-        elif e["kind"] == "merged_weight" and torch.nn.utils.parametrize.is_parametrized(m, e["weight"]):
-            raise ValueError(f"{where(e)}: the file holds its merged {e['weight']}; load it into a model without "
-                             f"add_lora (a plain one), or merge this one first")
-    return plan
-
-
-def _build_in(model, path, new):
-    """Put a _plan_adapters entry into ``model``."""
-    if isinstance(new, tuple):                            # a LoRAWeight: a parametrization of a weight
-        torch.nn.utils.parametrize.register_parametrization(model.get_submodule(path), *new)
-    else:
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, new)
-
-
-@torch.no_grad()
-def _is_nonlinear(module):
-    """Whether a parameter-free module maps [-8, 8] elementwise and not as the identity (Dropout in eval
-    mode, nn.Identity): a place a NoRA of an unknown function can go."""
-    x = torch.linspace(-8, 8, 33, device="cpu")
-    try:
-        y = module(x.clone())
-    except Exception:
-        return False
-    return isinstance(y, torch.Tensor) and y.shape == x.shape and not torch.allclose(y, x)
-
-
-def _check_adapter_state(model, state, plan, described):
-    """Refuse ``state`` before anything changes: keys that are not the model's adapters' (with ``plan``
-    built in), its BatchNorms' statistics, its head, trained parameters or merged weights (a file must
-    not overwrite the frozen backbone); missing adapter tensors; other shapes or settings; NaN or inf."""
-    own, adapters = dict(model.state_dict(keep_vars=True)), set(_adapter_keys(model))   # the state it will have
-    for path, new in plan:
-        if isinstance(new, tuple):                        # LoRAWeight: the weight moves under parametrizations
-            weight, lora = new
-            own.pop(f"{path}.{weight}", None)
-            prefix = f"{path}.parametrizations.{weight}."
-            own[prefix + "original"] = getattr(model.get_submodule(path), weight)
-            items = {f"{prefix}0.{k}": v for k, v in lora.state_dict(keep_vars=True).items()}
-        else:
-            for k in [k for k in own if k.startswith(path + ".")]:
-                own.pop(k)
-            items = {f"{path}.{k}": v for k, v in new.state_dict(keep_vars=True).items()}
-        own.update(items)
-        adapters |= {k for k in items if ".base." not in k and not k.endswith(".original")}
-    params = dict(model.named_parameters())
-    prepared = not all(p.requires_grad for p in params.values())     # a plain model trains everything: no sign
-    allowed = adapters | _running_statistics(model) | _merged_weights(model) | {
-        n for n, p in params.items() if n.startswith("head.") or (prepared and p.requires_grad and described is None)}
-    allowed |= {k for k in (described or {}).get("other", []) if k in own}
-    allowed |= {f"{e['path']}.{e['weight']}" for e in (described or {}).get("adapters", [])
-                if e["kind"] == "merged_weight" and f"{e['path']}.{e['weight']}" in own}
-    strangers = sorted(k for k in state if k not in allowed)
-    missing = sorted(adapters - set(state))
-    if strangers or missing:
-        raise ValueError(f"load_adapter: the file's {strangers[:4]} are no adapter, head or trained tensors of this "
-                         f"model, and it lacks {missing[:4]}; build the model with the same add_nora / add_lora "
-                         f"settings (groups, rank, targets, depth) before loading, or pass a file made by save_adapter")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-           if not k.endswith("_extra_state") and v.shape != own[k].shape]
-    if bad:
-        raise ValueError(f"load_adapter: the saved adapter was trained with other settings (groups, rank, form or "
-                         f"targets; saved vs this model: {', '.join(bad[:3])}); build the model with the saved settings")
-    nan = [k for k, v in state.items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()]
-    if nan:
-        raise ValueError(f"load_adapter: {nan[:3]} hold NaN or inf: the run that saved them diverged; retrain it")
-    for k, v in state.items():                            # settings no shape shows: set_extra_state only checks
-        module = _extra_state_owner(model, plan, k) if k.endswith("_extra_state") else None
-        if module is not None:
-            module.set_extra_state(v)
-
-
-def _extra_state_owner(model, plan, key):
-    """The module (in the model, or to be built in by ``plan``) whose extra state ``key`` is."""
-    path = key[:-len("._extra_state")] if key != "_extra_state" else ""
-    for where, new in plan:
-        if isinstance(new, tuple) and path == f"{where}.parametrizations.{new[0]}.0":
-            return new[1]
-        if not isinstance(new, tuple) and path == where:
-            return new
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def _running_statistics(model):
-    """State-dict keys of the running statistics of BatchNorm-like layers (torchvision's MaxViT has them)."""
-    return {f"{name}.{k}" for name, m in model.named_modules() if getattr(m, "track_running_stats", False)
-            for k, _ in m.named_buffers(recurse=False)}
+    """State-dict keys of the running statistics of BatchNorm layers (torchvision's CNNs and MaxViT have them)."""
+    return {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+            and m.track_running_stats for k, _ in m.named_buffers(recurse=False)}
 
 
 def _adapter_parameters(model, types=ADAPTERS):
     """Ids of the parameters that adapters of ``types`` own (not those of the layers they wrap)."""
     return {id(p) for m in model.modules() if isinstance(m, types) for p in m.parameters(recurse=False)}
 
+
+def _unwrap(model):
+    """The model inside torch.compile's and DistributedDataParallel's wrappers, whose names it has."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(getattr(model, "_orig_mod", None),
+                                                                                nn.Module):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
+
+
+def _under(name, paths):
+    """Whether the parameter or module ``name`` is one of ``paths`` or inside one (at a ".")."""
+    return any(name == p or name.startswith(p + ".") for p in paths)
+
+
+def _full_name(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
 # =============================================================================
 # Appendix C. Checks, files and the fit's optimiser
 #
-# Kept out of the method so that it reads plainly: the checks of NoRA's arguments, of the settings
-# saved with an adapter (NoRA's and LoRALinear's extra state), of coefficients and group counts;
-# safetensors files, read and written with the standard library; and the Levenberg-Marquardt
-# steps that fit_rational takes.
+# Kept out of the method so that it reads plainly: the checks of every argument, made when it is
+# given (a constructor, an add_* call), not at the first forward or at save; the checks of saved
+# settings; safetensors files, read and written with the standard library, and adapter files'
+# descriptions; one atomic writer for every file; the Levenberg-Marquardt steps of fit_rational.
 # =============================================================================
 
 def _init_coefficients(init, groups):
-    """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair."""
+    """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair
+    of 1-D (shared by the groups) or (G, .) tensors."""
     groups = _positive_int(groups, "groups")
     if isinstance(init, str):
         if init not in COEFFS:
             raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
                              f"or pass (numerator, denominator) tensors, e.g. from fit_rational()")
         init = COEFFS[init]
-    num, den = (torch.as_tensor(c, dtype=torch.float32, device="cpu") for c in init)   # checked here, moved later
-    num = num.expand(groups, -1) if num.dim() == 1 else num
-    den = den.expand(groups, -1) if den.dim() == 1 else den
+    try:
+        num, den = (torch.as_tensor(c, dtype=torch.float32, device="cpu") for c in init)   # checked here, moved later
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"init must be a name in COEFFS or a (numerator, denominator) pair of tensors ({e})") from None
+    if not (num.dim() == den.dim() and num.dim() in (1, 2) and num.shape[-1] >= 2 and den.shape[-1] >= 2):
+        raise ValueError(f"init: the coefficients must be 1-D, or (groups, .) 2-D, with at least 2 a side (m >= 1, "
+                         f"n >= 2); got shapes {tuple(num.shape)} and {tuple(den.shape)}")
+    num, den = (c.expand(groups, -1) if c.dim() == 1 else c for c in (num, den))
     if num.shape[0] != groups or den.shape[0] != groups:
         raise ValueError(f"coefficients have {num.shape[0]} and {den.shape[0]} rows, expected {groups} groups")
     if not (torch.isfinite(num).all() and torch.isfinite(den).all()):
@@ -1450,13 +1344,15 @@ def _init_coefficients(init, groups):
     return num.clone(), den.clone()
 
 
-def _check_arguments(form, rank, alpha, basis_scale):
+def _check_arguments(rank, alpha=None, form="shared", basis_scale=3.0):
+    """NoRA's arguments, as add_nora checks them before building any."""
     if form not in ("shared", "per_group"):
         raise ValueError(f"NoRA: form must be 'shared' or 'per_group', got {form!r}")
-    _positive_int(rank, "NoRA: rank")
-    if alpha is not None:
-        _positive_number(alpha, "NoRA: alpha (or None for 2 * rank)")
-    _positive_number(basis_scale, "NoRA: basis_scale")
+    rank = _positive_int(rank, "NoRA: rank")
+    alpha = None if alpha is None else _positive_number(alpha, "NoRA: alpha (or None for 2 * rank)")
+    if not 1e-3 <= _positive_number(basis_scale, "NoRA: basis_scale") <= 1e3:
+        raise ValueError(f"NoRA: basis_scale must lie in [1e-3, 1e3] (3 is ours, 1 the paper's); got {basis_scale}")
+    return rank, alpha, float(basis_scale)
 
 
 def _positive_int(value, what):
@@ -1467,10 +1363,54 @@ def _positive_int(value, what):
 
 
 def _positive_number(value, what):
-    """``value`` as a float if it is a finite positive real number but bool; else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{what} must be a positive number, got {value!r}")
+    """``value`` as a float if it is a positive real number (not bool) that float32 can hold; else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= torch.finfo(torch.float32).max:
+        raise ValueError(f"{what} must be a positive number float32 can hold, got {value!r}")
     return float(value)
+
+
+def _check_axis(value, what):
+    """``value`` as an int if it is an integer (not bool) naming an axis; else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what} must be an integer axis (-1: the last, 1: (N, C, H, W)), got {value!r}")
+    return int(value)
+
+
+def _check_per_module(per_module):
+    """add_nora's per_module as plain Python: {path: dict(groups=int, channel_dim=int, channels=[int]) or None}
+    (channels, the widths the example must show, as an adapter file records them)."""
+    checks = dict(groups=_positive_int, channel_dim=_check_axis, channels=lambda v, what: [_positive_int(w, what) for w in v])
+    if per_module is None:
+        return {}
+    if not (isinstance(per_module, dict) and all(isinstance(p, str) and (own is None or isinstance(own, dict) and own
+                                                 and set(own) <= set(checks)) for p, own in per_module.items())):
+        raise ValueError(f"add_nora: per_module must be a dict {{module path: dict(groups=..., channel_dim=...) or "
+                         f"None}}, got {per_module!r}")
+    return {p: own and {k: checks[k](v, f"add_nora: per_module[{p!r}][{k!r}]") for k, v in own.items()}
+            for p, own in per_module.items()}
+
+
+def _check_rows(ranges, rows, what):
+    """LoRA's row ranges as [(start, stop), ...]: integers, 0 <= start < stop <= rows, one width, no overlap;
+    None for all the rows."""
+    if ranges is None:
+        return None
+    ok = isinstance(ranges, (list, tuple)) and ranges and all(
+        isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                             for i in r) and 0 <= r[0] < r[1] <= rows for r in ranges)
+    ranges = sorted((int(a), int(b)) for a, b in ranges) if ok else ranges
+    if not ok or len({b - a for a, b in ranges}) > 1 or any(b > a2 for (_, b), (a2, _) in zip(ranges, ranges[1:])):
+        raise ValueError(f"{what}: rows must be (start, stop) ranges of one width within its {rows} output rows, not "
+                         f"overlapping, e.g. [(0, {rows // 3})]; got {ranges!r}")
+    return ranges
+
+
+def _check_names(names, what):
+    """A tuple of module or parameter names (non-empty strings), from one name or several."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{what} must name modules or parameters (non-empty strings), got {names!r}")
+    return names
 
 
 def _check_settings(module, names, saved, mine):
@@ -1479,18 +1419,6 @@ def _check_settings(module, names, saved, mine):
         saved = saved.tolist() if isinstance(saved, torch.Tensor) else saved
         raise ValueError(f"{type(module).__name__}: the saved adapter was trained with other settings ({names}: "
                          f"saved {saved}, this model {mine.tolist()}); build the model with the saved settings")
-
-
-def _lora_settings(state):
-    """(settings, merged) from a LoRALinear's saved extra state: [scaling, fan_in_fan_out, merged,
-    row ranges ...]; files from before the merged flag have an even length and were unmerged."""
-    if isinstance(state, dict):                           # saved by an older nora.py still
-        state = torch.tensor([state["scaling"], False, *(i for r in state["row_ranges"] for i in r)], dtype=torch.float64)
-    if not isinstance(state, torch.Tensor) or state.dim() != 1 or len(state) < 2:
-        return state, False
-    if len(state) % 2:
-        return torch.cat([state[:2], state[3:]]), bool(state[2])
-    return state, False
 
 
 def _check_rational_inputs(x, numerator, denominator, dim):
@@ -1513,6 +1441,10 @@ def _check_rational_inputs(x, numerator, denominator, dim):
                          f"into {G} equal groups; {_divisors_hint(C)}")
 
 
+def _divisors_hint(C):
+    return f"use a group count that divides {C}, e.g. one of {[d for d in range(1, min(C, 64) + 1) if C % d == 0]}"
+
+
 def _least_squares(coeffs, V, W, f, root_weight, iters=200):
     """Levenberg-Marquardt on sum (root_weight (P/(1+|S|) - f))^2 from ``coeffs`` (a_0 .. a_m, b_1 .. b_n),
     P = V a and S = W b on the grid: each step solves the damped normal equations, the damping
@@ -1530,8 +1462,9 @@ def _least_squares(coeffs, V, W, f, root_weight, iters=200):
         J = torch.cat([V / Q[:, None], -(P * S.sgn() / Q ** 2)[:, None] * W], dim=1) * root_weight[:, None]
         scale = J.norm(dim=0).clamp_min(1e-300)           # columns of norm 1: x^5 and x^0 differ by 1e5
         A, g = (J / scale).T @ (J / scale), (J / scale).T @ r
+        D = torch.diag(torch.where(A.diagonal() > 0, A.diagonal(), 1.0))   # Marquardt's diag(A); 1 for a zero column
         while damping < 1e12:
-            step = -torch.linalg.solve(A + damping * torch.diag(A.diagonal()), g) / scale
+            step = -torch.linalg.solve(A + damping * D, g) / scale
             r_new, P_new, S_new = residual(coeffs + step)
             if r_new.square().sum() < cost:
                 coeffs, r, P, S, cost, damping = coeffs + step, r_new, P_new, S_new, r_new.square().sum(), damping / 3
@@ -1569,6 +1502,9 @@ def read_safetensors(path, metadata=False):
     library and torch, so no safetensors package is needed. Every entry is checked: a known dtype,
     a shape of non-negative integers whose size is its byte range, and ranges that lie in the file
     without overlapping (overlapping ranges would make a small file huge in memory)."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path} is {'a folder' if Path(path).is_dir() else 'missing'}, not a .safetensors file; "
+                         f"pass the path of one")
     data = Path(path).read_bytes()
 
     def unique(pairs):
@@ -1599,7 +1535,7 @@ def read_safetensors(path, metadata=False):
         extra = header.get("__metadata__") or {}
         if not (isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values())):
             raise ValueError("its __metadata__ is not a map of strings")
-    except (struct.error, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+    except (struct.error, ValueError, KeyError, TypeError, RuntimeError, AttributeError, RecursionError) as e:
         what = f"unknown dtype {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         raise ValueError(f"{path} is not a valid .safetensors file ({what}); it may be truncated or an "
                          f"error page. Download it again, or pass another file") from None
@@ -1607,87 +1543,57 @@ def read_safetensors(path, metadata=False):
 
 
 def read_adapter(path):
-    """(state, description) from a save_adapter file; the description is None for a plain safetensors
-    state dict, which then needs a model prepared like the saved one."""
+    """(state, calls) from a save_adapter file. The calls' values are checked where the replay uses them,
+    by add_nora's and add_lora's own checks."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_adapter takes the path of a save_adapter file, not a {type(path).__name__} (a state "
+                        f"dict loads with model.load_state_dict(state, strict=False))")
     state, extra = read_safetensors(path, metadata=True)
-    if "nora" not in extra:
-        return state, None
     try:
-        described = json.loads(extra["nora"])
-        ok = (isinstance(described, dict) and isinstance(described.get("other", []), list)
-              and all(isinstance(k, str) for k in described.get("other", []))
-              and all(_described_right(e) for e in described["adapters"]))
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{path}: its description of the adapters is damaged; save the adapter again")
-    return state, described
+        calls = json.loads(extra["nora"])
+        if not (set(calls) == {"add_nora", "add_lora"} and all(isinstance(c["per_module"], dict) for k in calls
+                                                                 for c in calls[k])):
+            raise ValueError("not two lists of calls")
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} holds no readable description of the calls that made its adapters ({e!r}): it is "
+                         f"damaged, or not written by save_adapter (a plain state dict loads with "
+                         f"model.load_state_dict)") from None
+    return state, calls
 
 
-def _described_right(e):
-    """Whether ``e`` is an adapter entry as _describe_adapters writes it: each field there, of its type."""
-    integer, number = lambda v: type(v) is int and v > 0, lambda v: type(v) in (int, float) and v > 0
-    rows = lambda v: isinstance(v, list) and v and all(isinstance(r, list) and len(r) == 2 and
-                                                       all(type(i) is int for i in r) and 0 <= r[0] < r[1] for r in v)
-    fields = {"nora": dict(groups=integer, rank=integer, alpha=number, form=lambda v: v in ("shared", "per_group"),
-                           basis_scale=number, channel_dim=lambda v: v is None or type(v) is int,
-                           function=lambda v: v is None or v in ACTIVATIONS),
-              "lora": dict(layer=lambda v: isinstance(v, str), rank=integer, alpha=number, row_ranges=rows,
-                           fan_in_fan_out=lambda v: type(v) is bool, merged=lambda v: type(v) is bool),
-              "lora_weight": dict(weight=lambda v: isinstance(v, str), rank=integer, alpha=number, row_ranges=rows),
-              "merged_weight": dict(weight=lambda v: isinstance(v, str))}
-    return (isinstance(e, dict) and e.get("kind") in fields and isinstance(e.get("path"), str)
-            and all(k in e and check(e[k]) for k, check in fields[e["kind"]].items()))
-
-
-def write_atomic(path, data):
-    """Write ``data`` (bytes or str) to ``path`` through a temporary file in the same folder, then
-    os.replace it into place: a crash or a full disk mid-write leaves the old file whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_atomic(path, data, replace=True):
+    """Write ``data`` (bytes or str) to ``path`` through a new temporary file in the same folder (made
+    with an unpredictable name, never through a planted link), then move it into place: a crash or
+    a full disk mid-write leaves the old file whole. A symlink is followed (its target gets the data,
+    the link stays), the old file's permissions are kept, and a file with other hard links is refused
+    (a new file would break them). ``replace=False``: never replace a file (FileExistsError)."""
+    path = Path(os.path.realpath(path))
+    old = os.stat(path) if path.exists() and replace else None
+    if old is not None and old.st_nlink > 1:
+        raise OSError(f"{path} has {old.st_nlink - 1} other hard link(s), which writing through a temporary file "
+                      f"would break; copy it to a file of its own first")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, stat.S_IMODE(old.st_mode) if old else 0o666 & ~umask)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)                            # fails if a file is there, however new
     finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _divisors_hint(C):
-    return f"use a group count that divides {C}, e.g. one of {[d for d in range(1, min(C, 64) + 1) if C % d == 0]}"
+        Path(tmp).unlink(missing_ok=True)
 
 # =============================================================================
-# Appendix D. Drawing what NoRA learned
+# Appendix D. Drawing
 #
-# Plain SVG text that any browser shows, so drawing adds no dependency.
+# Plain SVG line plots that any browser shows, so drawing adds no dependency (the scripts draw
+# what NoRA learned, the fits and the sweeps with it).
 # =============================================================================
-
-def group_curves(module, x):
-    """(len(x), G): each group's function of a NoRA or GroupRational ``module`` at the points ``x``."""
-    num, den = module.coefficients() if isinstance(module, NoRA) else (module.numerator, module.denominator)
-    with torch.no_grad():                                 # column g of (N, G) inputs goes through group g's rational
-        return rational(x[:, None].expand(-1, len(num)).contiguous(), num.detach().cpu(), den.detach().cpu())
-
-
-def plot_activations(model, path, x_range=8.0):
-    """Two panels per rational activation in ``model``: each group's function (colours) against GELU
-    (grey, dashed), and its difference from GELU, on [-x_range, x_range]. Returns the number of layers
-    drawn; writes nothing where there are none."""
-    x = torch.linspace(-x_range, x_range, 161)
-    panels = []
-    for name, m in model.named_modules():
-        if isinstance(m, (NoRA, GroupRational)):
-            y = group_curves(m, x)
-            colours = [hue(300 * g / y.shape[1]) for g in range(y.shape[1])]
-            layer = name.replace(".mlp.act", "")
-            panels.append((layer, [(x, F.gelu(x), "#888", True)] + [(x, y[:, g], c, False) for g, c in enumerate(colours)]))
-            panels.append((f"{layer}: minus GELU", [(x, y[:, g] - F.gelu(x), c, False) for g, c in enumerate(colours)]))
-    if panels:
-        write_svg(path, panels)
-    return len(panels) // 2
-
 
 def hue(degrees):
     """A strong colour ``degrees`` round the colour wheel, as '#rrggbb' (not CSS hsl(), which some
@@ -1723,143 +1629,7 @@ def write_svg(path, panels, columns=4, width=240, height=170):
     write_atomic(path, "\n".join(out + ["</svg>"]) + "\n")
 
 # =============================================================================
-# Appendix E. The baselines of the paper's tables
-#
-# What Tables 1, 3, 4 and 5 compare NoRA with, on the same frozen ViT, each as small as it can be:
-# DoRA and QLoRA on LoRA's rows, VPT prompts, bottleneck adapters, other learnable activations,
-# and the coefficient-tuning variants. train_vit.prepare puts any of them on a model by name.
-# =============================================================================
-
-class DoRALinear(LoRALinear):
-    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
-    trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
-    the norm is treated as a constant in backward. For (out, in) weights only (nn.Linear)."""
-
-    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
-        if fan_in_fan_out:
-            raise ValueError("DoRALinear: only for layers with an (out, in) weight, such as nn.Linear")
-        super().__init__(base, rank, alpha, row_ranges)
-        self.magnitude = nn.Parameter(base.weight.detach()[self.rows()].norm(dim=1))
-
-    def rows(self):
-        return torch.cat([torch.arange(a, b, device=self.lora_A.device) for a, b in self.row_ranges])
-
-    @property
-    def weight(self):
-        if self.merged:
-            return self.base.weight
-        rows, w = self.rows(), super().weight              # W0 + B A on the adapted rows
-        v = w[rows]
-        return w.index_copy(0, rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.base.bias)
-
-    def unmerge(self):
-        raise NotImplementedError("DoRA's merge rescales rows; it is not undone")
-
-
-# The 16 levels of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
-NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
-                           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear stored in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and
-    a 4-bit index into NF4_LEVELS, two indices per byte. The weight is dequantised at every forward.
-    (QLoRA also quantises the absmax values, "double quantisation"; we keep them in float32.)"""
-
-    def __init__(self, linear, block_size=64):
-        super().__init__()
-        w = linear.weight.detach().float()
-        if w.numel() % block_size:
-            raise ValueError(f"NF4Linear: {w.numel()} weights do not split into blocks of {block_size}")
-        blocks = w.reshape(-1, block_size)
-        absmax = blocks.abs().amax(1, keepdim=True).clamp_min(1e-12)
-        levels = NF4_LEVELS.to(w.device)
-        codes = ((blocks / absmax).unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
-        self.register_buffer("codes", codes[:, 0::2] << 4 | codes[:, 1::2])
-        self.register_buffer("absmax", absmax)
-        self.register_buffer("levels", levels, persistent=False)   # on the layer's device: no copy per forward
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.shape = w.shape
-
-    @property
-    def weight(self):
-        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
-        return (self.levels[codes] * self.absmax).view(self.shape)
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-class PromptTokens(nn.Module):
-    """VPT-shallow (Jia et al. 2022): learnable tokens inserted after the class token, before the first block."""
-
-    def __init__(self, num_tokens, dim):
-        super().__init__()
-        self.prompts = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
-
-    def forward(self, x):
-        return torch.cat([x[:, :1], self.prompts.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
-
-
-class Adapter(nn.Module):
-    """Bottleneck adapter after a block (Houlsby et al. 2019): x + up(GELU(down(x))), up zero-initialised."""
-
-    def __init__(self, dim, bottleneck=48):
-        super().__init__()
-        self.down, self.act, self.up = nn.Linear(dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x):
-        return x + self.up(self.act(self.down(x)))
-
-
-class DeltaRational(nn.Module):
-    """Frozen base coefficients plus a directly trained, zero-initialised update of the first
-    ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
-    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0;
-    the paper also tunes b0, which our Q does not have)."""
-
-    def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
-        super().__init__()
-        base = GroupRational(groups, init)
-        self.register_buffer("numerator", base.numerator.detach())
-        self.register_buffer("denominator", base.denominator.detach())
-        self.delta_num = nn.Parameter(torch.zeros(groups, num_terms))
-        self.delta_den = nn.Parameter(torch.zeros(groups, den_terms))
-
-    def forward(self, x):
-        pad = lambda d, full: F.pad(d, (0, full.shape[1] - d.shape[1]))
-        return rational(x, self.numerator + pad(self.delta_num, self.numerator),
-                             self.denominator + pad(self.delta_den, self.denominator))
-
-
-class LearnableELU(nn.Module):
-    """ELU with a learnable alpha (Table 3)."""
-
-    def __init__(self, alpha=1.0):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.tensor(alpha))
-
-    def forward(self, x):
-        return torch.where(x > 0, x, self.alpha * torch.expm1(x.clamp_max(0)))
-
-
-class AReLU(nn.Module):
-    """AReLU (Chen et al. 2020): (1 + sigmoid(beta)) x for x >= 0, clamp(alpha, 0.01, 0.99) x below (Table 3)."""
-
-    def __init__(self, alpha=0.9, beta=2.0):
-        super().__init__()
-        self.alpha, self.beta = nn.Parameter(torch.tensor(alpha)), nn.Parameter(torch.tensor(beta))
-
-    def forward(self, x):
-        return torch.where(x >= 0, (1 + torch.sigmoid(self.beta)) * x, self.alpha.clamp(0.01, 0.99) * x)
-
-# =============================================================================
-# Appendix F. A small ViT with timm's names, and pretrained weights
+# Appendix E. A small ViT with timm's names, and pretrained weights
 #
 # The paper fine-tunes "ViT-Tiny pretrained on ImageNet-1K": pre-norm blocks of attention and an
 # MLP with exact GELU, a class token whose final state feeds the head. The modules below use
@@ -1984,16 +1754,19 @@ def create_vit(name=DEFAULT_WEIGHTS, **kwargs):
 def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True):
     """Load a timm-layout checkpoint into ``model`` (a VisionTransformer, or any module with timm's names).
 
-    ``source`` is a name in PRETRAINED (build the model from its record), a local .safetensors,
-    .pth/.bin or .npz file, or a URL (downloaded once and cached, see :func:`download`). The
-    position embedding is resampled to the model's image size; a head for another number of
-    classes (or none) leaves the model's own head in place.
+    ``source`` is a name in PRETRAINED (build the model from its record), a local .safetensors file
+    (the hub's format, read by our own checked reader: nothing in it can run code), or a URL of one
+    (downloaded once and cached, see :func:`download`). The position embedding is resampled to the
+    model's image size; a head for another number of classes (or none) leaves the model's own head.
     """
     source = weights_url(source) if source in PRETRAINED else source
     url = str(source).startswith(("http://", "https://"))
     path = download(source, cache_dir) if url else source
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; pass a .safetensors file, a URL to download, or a name in "
+                                f"PRETRAINED: {', '.join(PRETRAINED)}")
     try:
-        state = read_checkpoint(path)
+        state = read_safetensors(path)
     except ValueError as e:
         if url:                                           # a bad download must not stay in the cache
             Path(path).unlink(missing_ok=True)
@@ -2041,11 +1814,15 @@ def download(url, cache_dir=None, sha256=None):
     writes to a temporary file, shows progress and, given ``sha256``, checks the file before
     moving it into place, so an interrupted download never leaves a file behind.
     """
+    if not url.isprintable() or " " in url:
+        raise ValueError(f"download: {url!r} is not a URL (it holds spaces or control characters)")
     cache_dir = Path(cache_dir or os.environ.get("NORA_CACHE") or Path.home() / ".cache" / "nora")
     name = Path(urllib.parse.urlparse(url).path).name or "download"      # no ?query in the file name
     dest = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{name[-200:]}"   # (file names end at 255 bytes)
-    if dest.exists():
+    if dest.is_file():
         return dest
+    if dest.exists():
+        raise RuntimeError(f"download: the cache's copy of {url}, {dest}, is not a file; remove it and run again")
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=sys.stderr.isatty())
@@ -2057,65 +1834,3 @@ def download(url, cache_dir=None, sha256=None):
     except RuntimeError as e:                             # torch.hub: the sha256 did not match
         raise RuntimeError(f"download of {url} is corrupt ({e}); try again") from None
     return dest
-
-
-def read_checkpoint(path):
-    """A state dict in timm names from a .safetensors, .pth/.pt/.bin or .npz file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; pass a .safetensors, .pth, .bin or .npz file, "
-                                f"a URL to download, or a name in PRETRAINED: {', '.join(PRETRAINED)}")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix == ".npz":
-        import numpy as np
-        try:
-            w = np.load(path, allow_pickle=False)         # (an .npy under an .npz name is an array, not an archive)
-            if not isinstance(w, np.lib.npyio.NpzFile):
-                raise ValueError(f"it holds one {type(w).__name__}, not an archive of arrays")
-            with w:
-                return _from_big_vision(w)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"{path} is not a ViT .npz in Google's layout ({type(e).__name__}: {e}); "
-                             f"download it again, or pass another file") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                # pickle, zip and "unsafe global" errors alike
-        raise ValueError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
-                         f"download it again, or pass another file") from None
-    for key in ("model", "state_dict"):                 # training checkpoints wrap the weights
-        state = state.get(key, state) if isinstance(state, dict) else state
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise ValueError(f"{path} holds no state dict of tensors (found {type(state).__name__}); "
-                         f"pass a file of model weights")
-    return state
-
-
-def _from_big_vision(w):
-    """Google's original ViT .npz (vit_jax layout, e.g. the augreg release) to timm names."""
-    pre = "opt/target/" if "opt/target/embedding/kernel" in w else ""
-    t = lambda k: torch.from_numpy(w[pre + k])
-    sd = {"patch_embed.proj.weight": t("embedding/kernel").permute(3, 2, 0, 1),   # HWIO -> OIHW
-          "patch_embed.proj.bias": t("embedding/bias"),
-          "cls_token": t("cls"),
-          "pos_embed": t("Transformer/posembed_input/pos_embedding"),
-          "norm.weight": t("Transformer/encoder_norm/scale"),
-          "norm.bias": t("Transformer/encoder_norm/bias")}
-    if pre + "head/kernel" in w:
-        sd["head.weight"], sd["head.bias"] = t("head/kernel").T, t("head/bias")
-    i = 0
-    while f"{pre}Transformer/encoderblock_{i}/LayerNorm_0/scale" in w:
-        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
-        mha = src + "MultiHeadDotProductAttention_1/"
-        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            sd[dst + norm + ".weight"], sd[dst + norm + ".bias"] = t(src + ln + "/scale"), t(src + ln + "/bias")
-        # q, k, v kernels are (dim, heads, head_dim): flatten the heads, transpose to (out, in), stack
-        sd[dst + "attn.qkv.weight"] = torch.cat([t(mha + n + "/kernel").flatten(1).T for n in ("query", "key", "value")])
-        sd[dst + "attn.qkv.bias"] = torch.cat([t(mha + n + "/bias").flatten() for n in ("query", "key", "value")])
-        sd[dst + "attn.proj.weight"] = t(mha + "out/kernel").flatten(0, 1).T
-        sd[dst + "attn.proj.bias"] = t(mha + "out/bias")
-        for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
-            sd[dst + f"mlp.{fc}.weight"] = t(src + f"MlpBlock_3/{dense}/kernel").T
-            sd[dst + f"mlp.{fc}.bias"] = t(src + f"MlpBlock_3/{dense}/bias")
-        i += 1
-    return sd

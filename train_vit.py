@@ -192,17 +192,18 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
     elif method == "head":
         pass
     elif method in ("lora", "dora", "qlora"):
-        if method == "qlora":
-            nora.replace_modules(model.blocks, lambda m: type(m) is nn.Linear, nora.NF4Linear)
-        nora.add_lora(model, lora_rank, lora_alpha, layer=nora.DoRALinear if method == "dora" else nora.LoRALinear)
+        nora.add_lora(model, lora_rank, lora_alpha, layer=DoRALinear if method == "dora" else nora.LoRALinear)
+        if method == "qlora":                             # every linear layer of the blocks in 4 bits, LoRA's bases too
+            nora.replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
     elif method == "vpt":
-        model.blocks = nn.Sequential(nora.PromptTokens(10, dim), *model.blocks)
+        model.blocks = nn.Sequential(PromptTokens(10, dim), *model.blocks)
     elif method == "adapter":
-        model.blocks = nn.Sequential(*[nn.Sequential(block, nora.Adapter(dim, 48)) for block in model.blocks])
+        model.blocks = nn.Sequential(*[nn.Sequential(block, Adapter(dim, 48)) for block in model.blocks])
     elif method.startswith("nora"):
         if method == "nora-monomial":
             nora_kwargs["basis_scale"] = 1.0
-        nora.add_nora(model, groups, rank, alpha=alpha, form="per_group" if method == "nora-group" else "shared", **nora_kwargs)
+        nora.add_nora(model, groups, rank, example=example_input(model), alpha=alpha,
+                      form="per_group" if method == "nora-group" else "shared", **nora_kwargs)
         if method in ("nora-num", "nora-den"):            # Table 5: adapt one side of the rational only
             fixed = "Q" if method == "nora-num" else "P"
             for m in (m for m in model.modules() if isinstance(m, nora.NoRA)):
@@ -214,15 +215,22 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
         nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(groups))
     elif method in ("zero-init", "const"):
         nora.replace_modules(model, lambda m: isinstance(m, nn.GELU),
-                             lambda m: nora.DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
+                             lambda m: DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
     else:                                                 # Table 3: other learnable activations
-        make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: nora.LearnableELU(), "arelu": lambda m: nora.AReLU()}[method]
+        make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: LearnableELU(), "arelu": lambda m: AReLU()}[method]
         nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), make)
     return nora.mark_trainable(model, "head")
 
 
-def build_model(args):
-    """The pretrained ViT, set up for args.method. Returns (model, total parameters of the base model)."""
+def example_input(model):
+    """One blank image of the size ``model`` (our ViT) takes: add_nora's example."""
+    (h, w), p = model.patch_embed.grid_size, model.patch_embed.proj.kernel_size[0]
+    return torch.zeros(1, 3, h * p, w * p, device=model.cls_token.device)
+
+
+def build_model(args, method=None):
+    """The pretrained ViT, set up for ``method`` (default args.method; 'plain': as it is). Returns (model,
+    total parameters of the base model)."""
     torch.manual_seed(args.seed)
     model = nora.create_vit(args.model, img_size=args.img_size, num_classes=NUM_CLASSES[args.dataset], depth=args.depth)
     if args.weights != "none":
@@ -231,6 +239,8 @@ def build_model(args):
         except (RuntimeError, OSError, ValueError) as e:
             sys.exit(f"error: {e}")
     total = nora.count_parameters(model)[1]
+    if method == "plain":
+        return model.to(args.device), total
     prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha,
             lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
             **({} if args.basis_scale is None else {"basis_scale": args.basis_scale}))
@@ -265,6 +275,19 @@ def evaluate(model, x, y, prep, batch_size, amp=None):
     return result[0]
 
 
+def param_groups(model, lr, head_lr=None, nora_lr=None):
+    """AdamW parameter groups: the head's trainable parameters at ``head_lr``, NoRA's at ``nora_lr``,
+    all other trainable ones (LoRA, ...) at ``lr`` (either left None: ``lr``). A fresh linear head wants
+    a larger step than a low-rank update of a pretrained model, and NoRA's update in the (x/3)^i
+    basis a larger one than LoRA's."""
+    groups = {"head": [], "nora": [], "rest": []}
+    for name, m in model.named_modules():
+        kind = "head" if name == "head" or name.startswith("head.") else "nora" if isinstance(m, nora.NoRA) else "rest"
+        groups[kind] += [p for p in m.parameters(recurse=False) if p.requires_grad]
+    lrs = {"head": head_lr, "nora": nora_lr, "rest": lr}
+    return [dict(params=ps, lr=lr if lrs[k] is None else lrs[k]) for k, ps in groups.items() if ps]
+
+
 class Diverged(Exception):
     """The loss stopped being finite."""
 
@@ -273,6 +296,7 @@ def train(args, data, eval_name="test"):
     """Fine-tune on data[:2]; after each epoch, report the accuracy on data[2:] (test or validation)."""
     train_x, train_y, test_x, test_y = data
     model, total = build_model(args)
+    compile_rational(args)
     trainable = nora.count_parameters(model)[0]
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("head") and p.requires_grad)
     # torchrun: every process holds the model; DDP averages the trainable parameters' gradients
@@ -282,7 +306,7 @@ def train(args, data, eval_name="test"):
     steps_per_epoch = max(1, len(train_x) // args.batch_size)
     steps = args.epochs * steps_per_epoch if args.steps is None else args.steps
     lr, head_lr, own_lr = learning_rates(args)
-    opt = torch.optim.AdamW(nora.param_groups(model, lr, head_lr, own_lr), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, lr, head_lr, own_lr), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     # float16 AMP's loss scale starts at 2^10, not torch's 2^16: the fresh head's first steps at its own lr
     # (loss ~7) overflow float16 gradients at 2^16 and skip 3 steps on the real ViT-S
@@ -351,7 +375,7 @@ def activation_drift(model, x_range=8.0):
     noras = [m for m in model.modules() if isinstance(m, nora.NoRA)]
     if not noras:
         return dict(drift=None, layers_b_n_below_zero=None)
-    drift = max((nora.group_curves(m, x) - F.gelu(x)[:, None]).abs().max().item() for m in noras)
+    drift = max((group_curves(m, x) - F.gelu(x)[:, None]).abs().max().item() for m in noras)
     with torch.no_grad():
         below = sum((m.coefficients()[1][:, -1] < 0).any().item() for m in noras)
     return dict(drift=drift, layers_b_n_below_zero=below)
@@ -398,15 +422,17 @@ def append_record(args, rec):
 
 SAVED_SETTINGS = ("method", "groups", "rank", "alpha", "basis_scale", "grow_from", "model", "img_size", "depth",
                   "dataset", "mean", "std", "lora_rank", "seed")   # what --eval-adapter rebuilds the run with
+SAVEABLE = ("head", "lora", "nora", "nora++", "nora-monomial", "nora-group", "nora-num", "nora-den")
 
 
-def evaluate_adapter(args, data, adapter):
+def evaluate_adapter(args, data):
     """Load a --save file's adapters and head onto the pretrained model (args already hold its settings)."""
-    model, _ = build_model(args)
+    model, _ = build_model(args, "plain")
     try:
-        nora.load_adapter(model, adapter)
+        nora.load_adapter(model, args.eval_adapter, example=example_input(model))
     except ValueError as e:
         sys.exit(f"error: {args.eval_adapter}: {e}")
+    compile_rational(args)
     acc = evaluate(model, data[2], data[3], input_pipeline(args), args.batch_size, args.amp)
     print(f"RESULT eval-adapter {args.eval_adapter}: method={args.method} accuracy={acc:.2f}%")
     if args.plot_activations and args.process == 0:
@@ -434,10 +460,29 @@ def run(args, data):
     return record(args, result)
 
 
-def plot_activations(model, path):
-    layers = nora.plot_activations(model, path)
-    print(f"wrote {path}: {layers} layers, every group's activation against GELU (dashed)" if layers else
+def group_curves(module, x):
+    """(len(x), G): each group's function of a NoRA or GroupRational ``module`` at the points ``x``."""
+    num, den = module.coefficients() if isinstance(module, nora.NoRA) else (module.numerator, module.denominator)
+    with torch.no_grad():                                 # column g of (N, G) inputs goes through group g's rational
+        return nora.rational(x[:, None].expand(-1, len(num)).contiguous(), num.detach().cpu(), den.detach().cpu())
+
+
+def plot_activations(model, path, x_range=8.0):
+    """Two panels per rational activation in ``model``: each group's function (colours) against GELU
+    (grey, dashed), and its difference from GELU, on [-x_range, x_range]; nothing where there are none."""
+    x, panels = torch.linspace(-x_range, x_range, 161), []
+    for name, m in model.named_modules():
+        if isinstance(m, (nora.NoRA, nora.GroupRational)):
+            y = group_curves(m, x)
+            colours = [nora.hue(300 * g / y.shape[1]) for g in range(y.shape[1])]
+            layer = name.replace(".mlp.act", "")
+            panels.append((layer, [(x, F.gelu(x), "#888", True)] + [(x, y[:, g], c, False) for g, c in enumerate(colours)]))
+            panels.append((f"{layer}: minus GELU", [(x, y[:, g] - F.gelu(x), c, False) for g, c in enumerate(colours)]))
+    if panels:
+        nora.write_svg(path, panels)
+    print(f"wrote {path}: {len(panels) // 2} layers, every group's activation against GELU (dashed)" if panels else
           f"--plot-activations: {type(model).__name__} has no rational activations to draw; nothing written")
+    return len(panels) // 2
 
 
 # --- the paper's tables ----------------------------------------------------------------------
@@ -467,104 +512,155 @@ def table(args, data):
 
 
 def write_table(args, name, text):
-    """Print the table and write it to table-<name>-<dataset>-<scale>.md; never over another table: a
-    file of that name with other contents keeps them, and the table goes to the next free name."""
+    """Print the table and write it to table-<name>-<dataset>-<scale>.md; never over another table (a
+    file created in one step, which fails where one exists, even one another run has just made):
+    a file of that name with other contents keeps them, and the table goes to the next free name."""
     print(text)
-    md, k, text = Path(f"table-{name}-{args.dataset}-{args.scale}.md"), 1, text.lstrip() + "\n"
-    while md.exists() and md.read_text() != text:
-        k += 1
-        md = Path(f"table-{name}-{args.dataset}-{args.scale}-{k}.md")
-    if args.process == 0:
-        nora.write_atomic(md, text)
-    print(f"\nwrote {md}" + (f"; every run's record is in {args.out}" if args.out else ""))
+    text, k = text.lstrip() + "\n", 1
+    while args.process == 0:
+        md = Path(f"table-{name}-{args.dataset}-{args.scale}{f'-{k}' if k > 1 else ''}.md")
+        try:
+            nora.write_atomic(md, text, replace=False)
+        except FileExistsError:
+            if md.read_text() != text:
+                k += 1
+                continue
+        print(f"\nwrote {md}" + (f"; every run's record is in {args.out}" if args.out else ""))
+        return md
 
 
-# --- efficiency (paper Table 6) ------------------------------------------------------------------
+# --- the baselines of the paper's tables -----------------------------------------------------
+# What Tables 1, 3, 4 and 5 compare NoRA with, on the same frozen ViT, each as small as it can be:
+# DoRA and QLoRA on LoRA's rows, VPT prompts, bottleneck adapters, other learnable activations,
+# and the coefficient-tuning variants. prepare() puts any of them on a model by name.
 
-def medians(candidates, repeats, device):
-    """Median seconds of each callable after one warm-up round, run round-robin (so drifts in the
-    machine's speed hit all alike)."""
-    times, sync = {k: [] for k in candidates}, torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for r in range(1 + repeats):
-        for k, fn in candidates.items():
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            if r:                                         # round 0 warms up
-                times[k].append(time.perf_counter() - t)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+class DoRALinear(nora.LoRALinear):
+    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
+    trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
+    the norm is treated as a constant in backward. For (out, in) weights only (nn.Linear)."""
 
+    def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
+        if fan_in_fan_out:
+            raise ValueError("DoRALinear: only for layers with an (out, in) weight, such as nn.Linear")
+        super().__init__(base, rank, alpha, row_ranges)
+        self.magnitude = nn.Parameter(base.weight.detach()[self.rows()].norm(dim=1))
 
-def saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
-    storages = {}
+    def rows(self):
+        return torch.cat([torch.arange(a, b, device=self.lora_A.device) for a, b in self.row_ranges])
 
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+    @property
+    def weight(self):
+        if self.merged:
+            return self.base.weight
+        rows, w = self.rows(), super().weight              # W0 + B A on the adapted rows
+        v = w[rows]
+        return w.index_copy(0, rows, v * (self.magnitude / v.norm(dim=1).detach())[:, None])
 
+    def forward(self, x):
+        return F.linear(x, self.weight, self.base.bias)
 
-def time_models(device, repeats, batch, amp, methods, merged=()):
-    """ViT-Tiny at 224 px with each of ``methods`` ({row: method}) on its frozen backbone, the rows in
-    ``merged`` merged first: {row: trainable backbone parameters, matmul FLOPs and forward seconds per
-    image, training-step seconds, memory (peak on CUDA; on a CPU, the bytes autograd saves for backward)}."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 10, (batch,), device=device)
-    autocast = functools.partial(torch.autocast, device.type, dtype=amp, enabled=amp is not None)
-    models = {}
-    for row, method in methods.items():
-        torch.manual_seed(0)
-        m = prepare(nora.VisionTransformer("tiny", num_classes=10), method, groups=8, rank=2).to(device)
-        m = nora.merge(m) if row in merged else m
-        models[row] = m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
-
-    def step(m, opt):
-        with autocast():
-            loss = F.cross_entropy(m(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def infer(m):
-        with torch.no_grad(), autocast():
-            m.eval()(x)
-        m.train()
-    steps = medians({k: functools.partial(step, *mo) for k, mo in models.items()}, repeats, device)
-    forward = medians({k: functools.partial(infer, m) for k, (m, _) in models.items()}, repeats, device)
-    results = {}
-    for k, (m, opt) in models.items():
-        if device.type == "cuda":                         # the step's own memory, not the other models'
-            resident = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        saved = saved_bytes(functools.partial(step, m, opt))
-        with FlopCounterMode(display=False) as flops:
-            infer(m)
-        results[k] = dict(trainable=sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and n[:4] != "head"),
-                          flops=flops.get_total_flops() / batch, forward=forward[k] / batch, step=steps[k],
-                          memory=torch.cuda.max_memory_allocated() - resident if device.type == "cuda" else saved)
-    return results
+    def unmerge(self):
+        raise NotImplementedError("DoRA's merge rescales rows; it is not undone")
 
 
-def efficiency(args):
-    """Paper Table 6 on ViT-Tiny: LoRA, NoRA and NoRA++, each against LoRA in the same run, with the
-    rational as this run has it (compiled unless --no-compile). dev/bench.py times the rational alone."""
-    r = time_models(args.device, args.repeats, args.bench_batch, args.amp,
-                    {"LoRA": "lora", "NoRA": "nora", "NoRA++": "nora++"})
-    lines = [f"Paper Table 6 on {args.device.type} ({torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"{'eager' if nora._kernels['chunk'] else 'compiled'} rational): ViT-Tiny, 224 px, batch {args.bench_batch}, "
-             f"median of {args.repeats} interleaved repeats.\n",
-             f"| method | trainable (excl. head) | matmul GFLOPs / image | forward ms / image | train step ms | x LoRA "
-             f"| {'peak memory' if args.device.type == 'cuda' else 'saved for backward'} (MB) | x LoRA |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['trainable']:,} | {v['flops'] / 1e9:.3f} | {v['forward'] * 1e3:.2f} | {v['step'] * 1e3:.0f} | "
-              f"{v['step'] / r['LoRA']['step']:.2f} | {v['memory'] / 2**20:.0f} | {v['memory'] / r['LoRA']['memory']:.3f} |"
-              for k, v in r.items()]
-    write_table(args, f"efficiency-{args.device.type}", "\n".join(lines))
-    return r
+# The 16 levels of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
+                           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear stored in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and
+    a 4-bit index into NF4_LEVELS, two indices per byte. The weight is dequantised at every forward.
+    (QLoRA also quantises the absmax values, "double quantisation"; we keep them in float32.)"""
+
+    def __init__(self, linear, block_size=64):
+        super().__init__()
+        w = linear.weight.detach().float()
+        if w.numel() % block_size:
+            raise ValueError(f"NF4Linear: {w.numel()} weights do not split into blocks of {block_size}")
+        blocks = w.reshape(-1, block_size)
+        absmax = blocks.abs().amax(1, keepdim=True).clamp_min(1e-12)
+        levels = NF4_LEVELS.to(w.device)
+        codes = ((blocks / absmax).unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
+        self.register_buffer("codes", codes[:, 0::2] << 4 | codes[:, 1::2])
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("levels", levels, persistent=False)   # on the layer's device: no copy per forward
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.shape = w.shape
+
+    @property
+    def weight(self):
+        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
+        return (self.levels[codes] * self.absmax).view(self.shape)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class PromptTokens(nn.Module):
+    """VPT-shallow (Jia et al. 2022): learnable tokens inserted after the class token, before the first block."""
+
+    def __init__(self, num_tokens, dim):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
+
+    def forward(self, x):
+        return torch.cat([x[:, :1], self.prompts.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter after a block (Houlsby et al. 2019): x + up(GELU(down(x))), up zero-initialised."""
+
+    def __init__(self, dim, bottleneck=48):
+        super().__init__()
+        self.down, self.act, self.up = nn.Linear(dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return x + self.up(self.act(self.down(x)))
+
+
+class DeltaRational(nn.Module):
+    """Frozen base coefficients plus a directly trained, zero-initialised update of the first
+    ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
+    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0;
+    the paper also tunes b0, which our Q does not have)."""
+
+    def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
+        super().__init__()
+        base = nora.GroupRational(groups, init)
+        self.register_buffer("numerator", base.numerator.detach())
+        self.register_buffer("denominator", base.denominator.detach())
+        self.delta_num = nn.Parameter(torch.zeros(groups, num_terms))
+        self.delta_den = nn.Parameter(torch.zeros(groups, den_terms))
+
+    def forward(self, x):
+        pad = lambda d, full: F.pad(d, (0, full.shape[1] - d.shape[1]))
+        return nora.rational(x, self.numerator + pad(self.delta_num, self.numerator),
+                                  self.denominator + pad(self.delta_den, self.denominator))
+
+
+class LearnableELU(nn.Module):
+    """ELU with a learnable alpha (Table 3)."""
+
+    def __init__(self, alpha=1.0):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(alpha))
+
+    def forward(self, x):
+        return torch.where(x > 0, x, self.alpha * torch.expm1(x.clamp_max(0)))
+
+
+class AReLU(nn.Module):
+    """AReLU (Chen et al. 2020): (1 + sigmoid(beta)) x for x >= 0, clamp(alpha, 0.01, 0.99) x below (Table 3)."""
+
+    def __init__(self, alpha=0.9, beta=2.0):
+        super().__init__()
+        self.alpha, self.beta = nn.Parameter(torch.tensor(alpha)), nn.Parameter(torch.tensor(beta))
+
+    def forward(self, x):
+        return torch.where(x >= 0, (1 + torch.sigmoid(self.beta)) * x, self.alpha.clamp(0.01, 0.99) * x)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -574,9 +670,9 @@ def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--method", choices=METHODS, default="nora", help="NoRA, a baseline or an ablation variant (default: %(default)s)")
-    g.add_argument("--table", choices=[*TABLES, "efficiency"],
+    g.add_argument("--table", choices=TABLES,
                    help="run every row of a paper table instead: methods (Table 1), groups (Fig. 2), ablation "
-                        "(Tables 4, 5), activations (Table 3), efficiency (Table 6)")
+                        "(Tables 4, 5), activations (Table 3); Table 6 (efficiency) is dev/bench.py's")
     g.add_argument("--dataset", choices=CIFAR, default="cifar10", help="default: %(default)s")
     g.add_argument("--data-root", default="data", help="folder holding (or to receive) CIFAR's python-format folder (default: %(default)s)")
     g.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is not in --data-root")
@@ -626,8 +722,6 @@ def make_parser():
                    help="run the rational's eager kernels (default: torch.compile'd ones, seconds to compile)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, torch's choice)")
     g.add_argument("--log-every", type=int, default=20, help="steps between loss lines (default: %(default)s)")
-    g.add_argument("--repeats", type=int, default=5, help="--table efficiency: timed repeats (default: %(default)s)")
-    g.add_argument("--bench-batch", type=int, default=32, help="--table efficiency: batch size (default: %(default)s)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", help="append a JSON record of every run to this file (default: none; results.json with --table)")
     g.add_argument("--save", help="write the adapters, head and the run's settings to this file")
@@ -669,8 +763,7 @@ def parse_args(argv=None, parser=None, outputs=()):
     for k, v in SCALES[args.scale].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    at_least = {**dict.fromkeys(("epochs", "batch_size", "log_every", "groups", "rank", "lora_rank", "img_size",
-                                 "repeats", "bench_batch"), 1),
+    at_least = {**dict.fromkeys(("epochs", "batch_size", "log_every", "groups", "rank", "lora_rank", "img_size"), 1),
                 **dict.fromkeys(("train_subset", "test_subset", "threads", "grow_from", "seed"), 0)}
     for k, low in at_least.items():
         if getattr(args, k) < low:
@@ -680,7 +773,14 @@ def parse_args(argv=None, parser=None, outputs=()):
         if v is not None and not (v > 0 and math.isfinite(v)):
             p.error(f"--{k} must be positive, got {v}")
     record = nora.PRETRAINED[args.model]
-    width, patch = 4 * nora.VIT_SIZES[record["size"]][0], record["patch_size"]
+    (dim, depth, _), patch = nora.VIT_SIZES[record["size"]], record["patch_size"]
+    width = 4 * dim
+    for k, most in dict(img_size=1024, depth=depth, rank=64, lora_rank=dim).items():
+        if (getattr(args, k) or 0) > most:
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)} is more than this model takes (at most {most})")
+    if (args.save or args.eval_adapter) and args.method not in SAVEABLE:
+        p.error(f"--save and --eval-adapter keep NoRA and LoRA adapters (--method {', '.join(SAVEABLE)}); "
+                f"--method {args.method}'s modules are not among them")
     if width % args.groups or (args.grow_from and (args.groups % args.grow_from or width % args.grow_from)):
         p.error(f"--groups {args.groups}{f' and --grow-from {args.grow_from}' if args.grow_from else ''} must divide "
                 f"the ViT's MLP width {width} (and --grow-from --groups), e.g. --groups 8")
@@ -708,21 +808,22 @@ def parse_args(argv=None, parser=None, outputs=()):
     return args
 
 
-def load_saved_run(path):
-    """(the run's settings, the adapter) of a --save file: nora.save_adapter's .safetensors with the run's
-    settings in its metadata (or an older torch.save'd {'args', 'state'}, loaded with weights_only=True)."""
+def saved_run_flags(path, weights):
+    """The flags of the run that wrote the --save file ``path``, from its metadata, for the parser to check
+    as it checks any: an odd method, size or depth is refused, not built. Its checkpoint is used unless
+    ``weights`` (--weights) is given; a URL is refused (only --weights may say to download)."""
     try:
-        settings, adapter = json.loads(nora.read_safetensors(path, metadata=True)[1].get("train_vit", "null")), path
-    except ValueError as e:                               # not a safetensors file (or a damaged one)
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            settings, adapter = (saved.get("args"), saved.get("state")) if isinstance(saved, dict) else (None, None)
-        except Exception:                                 # neither: the safetensors reading says why
-            sys.exit(f"error: {path} could not be read as a saved adapter: {e}")
-    if not (isinstance(settings, dict) and all(k in settings for k in SAVED_SETTINGS[:-2])):
+        settings = json.loads(nora.read_safetensors(path, metadata=True)[1].get("train_vit", "null"))
+    except ValueError as e:
+        sys.exit(f"error: {path} could not be read as a saved adapter: {e}")
+    if not (isinstance(settings, dict) and "method" in settings):
         sys.exit(f"error: {path} is not a train_vit.py --save file (it has no run settings: load it in Python "
-                 f"with nora.load_adapter(model, path))")
-    return settings, adapter
+                 f"with nora.load_adapter(model, path, example=...))")
+    if weights is None and str(settings.get("weights")).startswith(("http://", "https://")):
+        sys.exit(f"error: {path} names a URL as the checkpoint it was trained on ({settings['weights']}); pass "
+                 f"--weights (that URL, to download it, or a local file)")
+    names = [k for k in SAVED_SETTINGS if k not in ("mean", "std")] + ["weights"] * (weights is None)
+    return [f for k in names if settings.get(k) is not None for f in (f"--{k.replace('_', '-')}", str(settings[k]))]
 
 
 def start_processes(args):
@@ -742,8 +843,8 @@ def start_processes(args):
 
 @contextlib.contextmanager
 def session(args):
-    """The run's processes (torchrun), seed, threads, determinism, TF32 and compiled rational; a Python
-    caller's torch settings are restored afterwards. Only rank 0 prints."""
+    """The run's processes (torchrun), seed, threads, determinism and TF32; a Python caller's torch
+    settings (and eager or compiled rational) are restored afterwards. Only rank 0 prints."""
     start_processes(args)
     deterministic = torch.are_deterministic_algorithms_enabled()
     threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
@@ -757,9 +858,6 @@ def session(args):
                 torch.use_deterministic_algorithms(True)
             else:                                       # TF32 matmuls for the float32 parts (--no-amp too)
                 torch.set_float32_matmul_precision("high")
-            if not args.no_compile:
-                compiled = nora.use_compiled_rational(device=args.device)
-                print(f"rational: {'compiled' if compiled else 'eager (torch.compile failed, see the warning)'}")
             yield
     finally:
         if args.world > 1:
@@ -781,18 +879,23 @@ def load_data(args):
     return train_x[tr], train_y[tr], test_x[te], test_y[te]
 
 
+def compile_rational(args):
+    """The rational's compiled kernels (unless --no-compile), once the data and weights are in: compiling
+    takes seconds, and a missing file should be said first."""
+    if not args.no_compile and nora._kernels["chunk"] is not None:
+        compiled = nora.use_compiled_rational(device=args.device)
+        print(f"rational: {'compiled' if compiled else 'eager (torch.compile failed, see the warning)'}")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.eval_adapter:                               # the saved run's settings pick the data and seed too
+        args = parse_args(argv + saved_run_flags(args.eval_adapter, args.weights))
     with session(args):
-        if args.table == "efficiency":
-            return efficiency(args)
-        if args.eval_adapter:                           # the saved run's settings pick the data and seed too
-            settings, adapter = load_saved_run(args.eval_adapter)
-            for k in SAVED_SETTINGS:
-                setattr(args, k, settings.get(k, dict(lora_rank=8, seed=0).get(k)))   # (older files lack these two)
-            args.weights = args.weights or settings.get("weights")    # the checkpoint it was trained on
-            return evaluate_adapter(args, load_data(args), adapter)
         data = load_data(args)
+        if args.eval_adapter:
+            return evaluate_adapter(args, data)
         return table(args, data) if args.table else run(args, data)
 
 

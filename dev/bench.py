@@ -11,17 +11,87 @@ the eager and the compiled rational. Every ratio is against a baseline measured 
 interleaved, so drifts in machine speed hit all alike. Figures: dev/RESULTS.md.
 """
 import argparse
+import functools
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 import torch.utils._python_dispatch
 import torch.utils._pytree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nora  # noqa: E402
 import train_vit as tv  # noqa: E402
+
+
+def medians(candidates, repeats, device):
+    """Median seconds of each callable after one warm-up round, run round-robin (so drifts in the
+    machine's speed hit all alike)."""
+    times, sync = {k: [] for k in candidates}, torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for r in range(1 + repeats):
+        for k, fn in candidates.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            if r:                                         # round 0 warms up
+                times[k].append(time.perf_counter() - t)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def time_models(device, repeats, batch, amp, methods, merged=()):
+    """ViT-Tiny at 224 px with each of ``methods`` ({row: method}) on its frozen backbone, the rows in
+    ``merged`` merged first: {row: trainable backbone parameters, matmul FLOPs and forward seconds per
+    image, training-step seconds, memory (peak on CUDA; on a CPU, the bytes autograd saves for backward)}."""
+    x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 10, (batch,), device=device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp, enabled=amp is not None)
+    models = {}
+    for row, method in methods.items():
+        torch.manual_seed(0)
+        m = tv.prepare(nora.VisionTransformer("tiny", num_classes=10), method, groups=8, rank=2).to(device)
+        m = nora.merge(m) if row in merged else m
+        models[row] = m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+
+    def step(m, opt):
+        with autocast():
+            loss = F.cross_entropy(m(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def infer(m):
+        with torch.no_grad(), autocast():
+            m.eval()(x)
+        m.train()
+    steps = medians({k: functools.partial(step, *mo) for k, mo in models.items()}, repeats, device)
+    forward = medians({k: functools.partial(infer, m) for k, (m, _) in models.items()}, repeats, device)
+    results = {}
+    for k, (m, opt) in models.items():
+        if device.type == "cuda":                         # the step's own memory, not the other models'
+            resident = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        saved = saved_bytes(functools.partial(step, m, opt))
+        with FlopCounterMode(display=False) as flops:
+            infer(m)
+        results[k] = dict(trainable=sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and n[:4] != "head"),
+                          flops=flops.get_total_flops() / batch, forward=forward[k] / batch, step=steps[k],
+                          memory=torch.cuda.max_memory_allocated() - resident if device.type == "cuda" else saved)
+    return results
 
 
 def released_rational(x, numerator, denominator):
@@ -123,11 +193,11 @@ def time_activations(dev, reps):
             break
         names = [k for k in ops if (k == "ours, compiled") == compiled]
         print(f"timing the activation alone: {', '.join(names)}", flush=True)
-        fwd = tv.medians({k: (lambda f=ops[k]: op_step(f, False)) for k in names}, reps, dev)
-        both = tv.medians({k: (lambda f=ops[k]: op_step(f, True)) for k in names}, reps, dev)
+        fwd = medians({k: (lambda f=ops[k]: op_step(f, False)) for k in names}, reps, dev)
+        both = medians({k: (lambda f=ops[k]: op_step(f, True)) for k in names}, reps, dev)
         for k in names:
             x, n, d = (t.clone().requires_grad_() for t in (x0, num, den))
-            rows[k] = (fwd[k], both[k], tv.saved_bytes(lambda: ops[k](x, n, d)))
+            rows[k] = (fwd[k], both[k], saved_bytes(lambda: ops[k](x, n, d)))
         nora.use_compiled_rational(False)
     g = rows["GELU"]
     return (["| activation on (16, 197, 768), G = 8 | forward ms | x GELU | forward + backward ms | x GELU "
@@ -146,7 +216,7 @@ def model_rows(dev, reps, batch, amp):
         print(f"timing ViT-Tiny training steps and inference ({tag}), {reps + 1} rounds", flush=True)
         rows = {"LoRA": "lora", f"NoRA, {tag}": "nora", f"NoRA++, {tag}": "nora++", "GELU model": "head",
                 f"NoRA merged, {tag}": "nora"}
-        results.update(tv.time_models(dev, reps, batch, amp, rows, merged=(f"NoRA merged, {tag}",)))
+        results.update(time_models(dev, reps, batch, amp, rows, merged=(f"NoRA merged, {tag}",)))
         nora.use_compiled_rational(False)
     lora, gelu = results["LoRA"], results["GELU model"]
     memory = "peak memory" if dev.type == "cuda" else "saved for backward"

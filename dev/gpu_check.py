@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import nora  # noqa: E402
 import train_vit as tv  # noqa: E402
+import bench  # noqa: E402  (dev/bench.py)
 
 SIZES = {  # every size: "full" on the GPU, "small" (--small) for the CPU dry run
     "full": dict(check=(32, 197, 768), check_nchw=(32, 768, 14, 14), act=(256, 197, 768), model_batch=32,
@@ -51,7 +52,7 @@ SIZES = {  # every size: "full" on the GPU, "small" (--small) for the CPU dry ru
                   test_images=50, steps=10, log_every=5, batch=4, torchrun_steps=3, threads=1,
                   flags=["--img-size", "32", "--batch-size", "4", "--threads", "1"]),
 }
-VIT_IMG = 224                   # train_vit.time_models' image size, which the recompile check shares
+VIT_IMG = 224                   # bench.time_models' image size, which the recompile check shares
 BUDGET, HARD_END = 420, 470     # seconds: no section starts after BUDGET, every subprocess ends by HARD_END
 PAPER_IMAGES, PAPER_EVAL = 50 * 50_000, 50 * 10_000   # the paper's run: 50 epochs, each with a test pass
 RATIONAL_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}   # a few ulps of the output
@@ -147,7 +148,7 @@ class Report:
                    f"{v['compiled'] * 1e3:.2f} | {v['compiled'] / v['gelu']:.2f} |" if "compiled" in v else "- | - |")
                    for k, v in d["activation"].items()]
         if "vit" in d:
-            md += ["", f"ViT-Tiny training step (train_vit.time_models), {VIT_IMG} px, batch {d['vit_batch']}, "
+            md += ["", f"ViT-Tiny training step (bench.time_models), {VIT_IMG} px, batch {d['vit_batch']}, "
                    f"{d['vit_amp']} autocast, {d['vit_kernels']} rational:", "", "| method | step ms | img/s | x LoRA | "
                    + ("peak memory" if self.dev.type == "cuda" else "saved for backward") + " MB | x LoRA |", "|---|---|---|---|---|---|"]
             lora = d["vit"]["LoRA"]
@@ -315,17 +316,23 @@ def merge_check(rep, dev, S):
 
 
 def round_trip(rep, dev, S):
+    """save_adapter on the device, load_adapter onto a plain model on the CPU, and back again."""
     cpu = torch.device("cpu")
     model, (x, _) = build("nora++", dev, S).eval(), batch(dev, S)
-    with torch.no_grad(), precision(False):
+
+    def plain(device, path):                              # the same backbone (seed 0), the adapter from the file
+        torch.manual_seed(0)
+        vit = nora.VisionTransformer("tiny", img_size=S["model_img"], num_classes=10).to(device).eval()
+        return nora.load_adapter(vit, path, example=x[:1].to(device))
+    with torch.no_grad(), precision(False), tempfile.TemporaryDirectory() as folder:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.01)       # as if trained: unlike a fresh build
-        state = nora.adapter_state_dict(model)
-        on_dev = all(v.device.type == dev.type for v in state.values() if isinstance(v, torch.Tensor))
-        there = nora.load_adapter(build("nora++", cpu, S).eval(), {k: v.to(cpu) for k, v in state.items()})
-        back = nora.load_adapter(build("nora++", dev, S).eval(),
-                                 {k: v.to(dev) for k, v in nora.adapter_state_dict(there).items()})
+        on_dev = all(v.device.type == dev.type for v in nora.adapter_state_dict(model).values())
+        nora.save_adapter(model, f"{folder}/a.safetensors")
+        there = plain(cpu, f"{folder}/a.safetensors")
+        nora.save_adapter(there, f"{folder}/b.safetensors")
+        back = plain(dev, f"{folder}/b.safetensors")
         want, to_cpu, to_dev = model(x), there(x.to(cpu)), back(x)
     diff = err(to_cpu, want.to(cpu))
     rep.check(f"1. adapter {dev.type} -> cpu: output", diff, 1e-4, on_dev and diff <= 1e-4,
@@ -360,14 +367,14 @@ def activation_speed(rep, dev, S):
                     use(kind)
                     nora.rational(x, num, den).backward(gy)
             return run
-        times = tv.medians({k: step(k) for k in ["gelu", *KERNELS]}, S["repeats"], dev)
+        times = bench.medians({k: step(k) for k in ["gelu", *KERNELS]}, S["repeats"], dev)
         rep.data["activation"][str(dtype)[6:]] = times
         log(f"rational vs GELU, {dtype}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
     use("compiled" if "compiled" in KERNELS else "eager")
 
 
 def vit_speed(rep, dev, S, amp):
-    r = tv.time_models(dev, S["repeats"], S["vit_batch"], amp, {"head only": "head", "LoRA": "lora", "NoRA": "nora"})
+    r = bench.time_models(dev, S["repeats"], S["vit_batch"], amp, {"head only": "head", "LoRA": "lora", "NoRA": "nora"})
     for v in r.values():
         v["img_s"] = S["vit_batch"] / v["step"]
     rep.data.update(vit=r, vit_batch=S["vit_batch"], vit_amp=str(amp)[6:] if amp else "no",
