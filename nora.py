@@ -522,8 +522,8 @@ ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves
 def add_nora(model, groups=8, rank=2, *, example=None, target=("gelu", "gelu_tanh"), init=None, channel_dim=None,
              per_module=None, **nora_kwargs):
     """Replace each activation module of ``model`` that ``target`` names with a :class:`NoRA` module
-    whose base rational equals it; then, if every parameter of the model was trainable, freeze all
-    but the adapters (train the head with :func:`mark_trainable`).
+    whose base rational equals it; then freeze all but the adapters and what :func:`mark_trainable`
+    named, before or after (the head).
 
     Args:
         example: an input for ``model`` (a tensor, a tuple of arguments or a dict of keyword
@@ -550,7 +550,7 @@ def add_nora(model, groups=8, rank=2, *, example=None, target=("gelu", "gelu_tan
 def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=None, layer=LoRALinear):
     """Put LoRA on each linear layer of ``model`` (an nn.Linear, or HF's Conv1D, which stores its
     weight (in, out)) whose path is, or ends with "." and, one of ``targets``; then freeze the rest
-    of a fresh model, as :func:`add_nora` does. In a fused q | k | v projection of a class whose
+    as :func:`add_nora` does. In a fused q | k | v projection of a class whose
     layout is known (FUSED_QKV, Appendix B) only the ``qkv_parts`` rows are adapted (q and v, as in
     the paper's C.1); a projection named like one (FUSED_NAMES) in any other class is refused unless
     ``rows`` gives its rows, {target: [(start, stop), ...]} of equal widths. A target naming an
@@ -831,18 +831,16 @@ def use_compiled_rational(enable=True, device=None):
 # =============================================================================
 # Appendix B. Reading other people's models
 #
-# What add_nora and add_lora learn from a model, each by one means that cannot be fooled, and
-# asked for where that means does not tell:
-#   - an activation's function: from its class, in ACTIVATION_CLASSES (classes whose source we have
-#     read), never by calling the module, which may hold state (a quantisation observer);
-#   - its channel axis: the example runs once with hooks. The layers whose output layout is certain
-#     (linear: the last axis; convolution and BatchNorm: dim 1) note their outputs, and an
-#     activation's input has their channel axis only if it is one of those outputs, or a view of one
-#     that keeps the axis whole (reshapes, transposes), not a chunk, a copy or a product of one;
-#   - a layer's weight layout, (out, in) or (in, out): nn.Linear or HF's Conv1D, by class;
-#   - a fused q | k | v projection's rows: equal thirds only in the classes of FUSED_QKV;
-#   - a weight no layer owns (nn.MultiheadAttention keeps q | k | v in one in_proj_weight and reads
-#     it itself): LoRAWeight adds the update as a parametrization of that weight.
+# What add_nora and add_lora learn from a model, each by one means that cannot be fooled (asked
+# for where it does not tell):
+#   - an activation's function: from its class (ACTIVATION_CLASSES), never by calling the module,
+#     which may hold state (a quantisation observer);
+#   - its channel axis: with hooks on one run of the example. Linear layers (the last axis),
+#     convolutions and BatchNorms (dim 1) note their outputs; an activation's input has their axis
+#     only if it is one, or a view of one that keeps the axis whole: reshapes, transposes, not
+#     chunks, copies or products;
+#   - a weight's layout and a fused q | k | v's rows: by class (CONV1D, FUSED_QKV);
+#   - a weight no layer owns (nn.MultiheadAttention's in_proj_weight): LoRAWeight, a parametrization.
 # Activations called as functions (F.gelu inside forward) cannot be replaced.
 # =============================================================================
 
@@ -852,17 +850,6 @@ def freeze(model):
     for p in model.parameters():
         p.requires_grad_(id(p) in own and p.requires_grad)
     return model
-
-
-def replace_modules(model, target, make):
-    """Replace every submodule for which ``target(module)`` is true by ``make(module)``; returns the count.
-    Every replacement is built before the first is put in, so a failure leaves the model as it was."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if target(child)]
-    made = [make(child) for _, _, child in found]
-    for (parent, name, _), new in zip(found, made):
-        setattr(parent, name, new)
-    return len(found)
 
 
 def count_parameters(model):
@@ -938,23 +925,15 @@ def _find_activations(model, target, init, per_module):
             done.add(id(m))
     if not found:
         names = " or ".join(t if isinstance(t, str) else t.__name__ for t in targets)
-        raise ValueError(f"add_nora: the model has no {names} module; {_what_it_has(model)}")
+        has = _tally(f"{type(m).__name__}" + (f" ({activation_name(m)})" if activation_name(m) else "")
+                     for m in model.modules() if not any(m.children()) and next(m.parameters(), None) is None)
+        raise ValueError(f"add_nora: the model has no {names} module; its parameter-free modules are {has}: pass "
+                         f"target= a function they compute, or target=TheirClass, init=nora.fit_rational(fn) for a "
+                         f"class computing fn (NoRA modules are not replaced again)")
     if set(per_module) - set(found):
         raise ValueError(f"add_nora: per_module names {sorted(set(per_module) - set(found))}, which are not "
                          f"activations it replaces; those are {list(found)[:8]}")
     return found
-
-
-def _what_it_has(model):
-    """A refusal's list of the parameter-free modules that could be activations."""
-    counts = {}
-    for m in model.modules():
-        if not any(m.children()) and next(m.parameters(), None) is None and type(m) not in (nn.Dropout, nn.Identity):
-            key = type(m).__name__, activation_name(m)
-            counts[key] = counts.get(key, 0) + 1
-    listed = ", ".join(f"{n} x{c}" + (f" ({f})" if f else "") for (n, f), c in list(counts.items())[:8])
-    return (f"it has {listed or 'no parameter-free modules'}: pass target= a function they compute, or target=TheirClass, init=nora.fit_rational(fn) "
-            f"for a class computing fn (NoRA modules are not replaced again)")
 
 
 def _settle(path, calls, groups, given, channels):
@@ -1111,23 +1090,15 @@ def _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer):
             fan_in_fan_out = not isinstance(m, nn.Linear)
             plan.append((path, layer(m, rank, alpha, _check_rows(ranges, out_features, where), fan_in_fan_out)))
     if trouble or not plan:
+        names = _tally(p.rpartition(".")[2] for p, m in model.named_modules() if getattr(m, "weight", None) is not None)
         raise ValueError("add_lora: " + ("\nadd_lora: ".join(trouble[:16]) if trouble else
-                                         f"no linear layer named {' or '.join(targets)}; {_linear_names(model)}"))
+                                         f"no linear layer named {' or '.join(targets)}; its layers are named {names}"))
     return [(path, new if isinstance(new, tuple) else new.train(model.get_submodule(path).training)) for path, new in plan]
 
 
 def _named(path, names):
     """The one of ``names`` that ``path`` is, or ends with at a "." (so `query_proj` is not `pos_query_proj`)."""
     return next((n for n in names if path == n or path.endswith("." + n)), None)
-
-
-def _linear_names(model):
-    """A refusal's list of the names of the model's linear layers."""
-    names = {}
-    for path, m in model.named_modules():
-        if path and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2:
-            names[path.rpartition(".")[2]] = names.get(path.rpartition(".")[2], 0) + 1
-    return f"its linear layers are named {', '.join(f'{n} x{c}' for n, c in names.items()) or 'nothing'}"
 
 
 class LoRAWeight(LoRALinear):
@@ -1164,8 +1135,7 @@ def _remove_lora_parametrizations(model):
 
 def _build_in(model, plan):
     """Put each planned adapter into ``model`` (a module in its place, or a LoRAWeight as a
-    parametrization of its weight); then, if every parameter was trainable, freeze all but the adapters."""
-    fresh = all(p.requires_grad for p in model.parameters())
+    parametrization of its weight); then freeze all but the adapters and what mark_trainable named."""
     for path, new in plan:
         if isinstance(new, tuple):
             torch.nn.utils.parametrize.register_parametrization(model.get_submodule(path), *new)
@@ -1175,8 +1145,9 @@ def _build_in(model, plan):
         setattr(parent, name, new)
         if isinstance(parent, nn.TransformerEncoderLayer) and name == "activation":
             parent.activation_relu_or_gelu = 0            # else its eval-mode fast path computes GELU itself
-    if fresh:
-        freeze(model)
+    freeze(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(p.requires_grad or _under(name, getattr(model, "nora_trainable", ())))
 
 
 def _describe_calls(model):
@@ -1301,6 +1272,14 @@ def _unwrap(model):
                                                                                 nn.Module):
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
     return model
+
+
+def _tally(names):
+    """'name xN, ...' for a refusal: what the model has."""
+    counts = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return ", ".join(f"{n} x{c}" for n, c in list(counts.items())[:10]) or "none"
 
 
 def _under(name, paths):

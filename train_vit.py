@@ -194,7 +194,7 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
     elif method in ("lora", "dora", "qlora"):
         nora.add_lora(model, lora_rank, lora_alpha, layer=DoRALinear if method == "dora" else nora.LoRALinear)
         if method == "qlora":                             # every linear layer of the blocks in 4 bits, LoRA's bases too
-            nora.replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
+            replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
     elif method == "vpt":
         model.blocks = nn.Sequential(PromptTokens(10, dim), *model.blocks)
     elif method == "adapter":
@@ -212,14 +212,23 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
         if method == "nora++":
             nora.add_lora(model, lora_rank, lora_alpha)
     elif method == "rational":
-        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(groups))
+        replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(groups))
     elif method in ("zero-init", "const"):
-        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU),
+        replace_modules(model, lambda m: isinstance(m, nn.GELU),
                              lambda m: DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
     else:                                                 # Table 3: other learnable activations
         make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: LearnableELU(), "arelu": lambda m: AReLU()}[method]
-        nora.replace_modules(model, lambda m: isinstance(m, nn.GELU), make)
+        replace_modules(model, lambda m: isinstance(m, nn.GELU), make)
     return nora.mark_trainable(model, "head")
+
+
+def replace_modules(model, target, make):
+    """Replace every submodule for which ``target(module)`` is true by ``make(module)``, each built before the
+    first is put in (a failure leaves the model as it was)."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if target(child)]
+    for (parent, name, _), new in list(zip(found, [make(child) for _, _, child in found])):
+        setattr(parent, name, new)
 
 
 def example_input(model):

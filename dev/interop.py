@@ -158,21 +158,28 @@ def timm_models():
         "timm convnext_atto, channels-last MLP": (create("convnext_atto", conv_mlp=False, **kw), img, None, {}),
         "timm MlpMixer (mixer_s16_224's class)": (lambda: MlpMixer(10, 32, patch_size=8, num_blocks=2, embed_dim=32),
                                                   img, None, {}),
+        # GluMlp: its SiLU gets a chunk of fc1's output, no layer's output whole: the axis is said
         "timm eva02_tiny_patch14_224 (GluMlp: SiLU on a chunk)": (
             create("eva02_tiny_patch14_224", **{**vit, "embed_dim": 48, "img_size": 28}), img[..., :28, :28],
-            ("qkv",), dict(target="silu")),
+            ("qkv",), dict(target="silu", channel_dim=-1)),
         "timm ViT, mlp_layer=SwiGLU": (create("vit_tiny_patch16_224", mlp_layer=SwiGLU, act_layer="silu", **vit), img,
                                        ("qkv",), dict(target="silu")),
-        # LeViT's attention projections act on attn @ v, which no layer made: add_nora asks for the axis, and all
-        # of LeViT's activations have their channels last
-        "timm levit_128s (Hardswish; channel_dim=-1)": (create("levit_128s", img_size=64, **kw), img64, None,
-                                                        dict(target=torch.nn.Hardswish, channel_dim=-1,
-                                                             init=nora.fit_rational(F.hardswish, warn_above=0.05))),
+        # LeViT's attention projections act on attn @ v, which no layer made: add_nora asks for their axis (the
+        # last); its stem's activations get (N, C, H, W) maps, which the example shows, so -1 there is refused
+        "timm levit_128s (Hardswish; channel_dim=-1, the stem's 1)": (
+            create("levit_128s", img_size=64, **kw), img64, None,
+            dict(target=torch.nn.Hardswish, channel_dim=-1, init=nora.fit_rational(F.hardswish, warn_above=0.05),
+                 per_module={f"stem.act{i}": dict(channel_dim=1) for i in (1, 2, 3)})),
         "timm beit_base_patch16_224": (create("beit_base_patch16_224", **vit), img, ("qkv",), {}),
         "timm deit_tiny_distilled_patch16_224": (create("deit_tiny_distilled_patch16_224", **vit), img, ("qkv",), {}),
         "timm swinv2_tiny_window8_256": (create("swinv2_tiny_window8_256", embed_dim=16, depths=(1, 1),
                                                 num_heads=(1, 2), window_size=4, img_size=32, **kw), img, ("qkv",), {}),
-        "timm mobilevit_xxs (SiLU; 96 px example)": (create("mobilevit_xxs", **kw), img96, ("qkv",), dict(target="silu")),
+        # its convolutions' SiLU is called inside timm's BatchNormAct2d, on no layer's output: their axis is said
+        "timm mobilevit_xxs (SiLU; per_module: its BatchNormAct2d on dim 1)": (
+            create("mobilevit_xxs", **kw), img96, ("qkv",),
+            dict(target="silu", per_module={p: dict(channel_dim=1) for p, m in
+                                            timm.create_model("mobilevit_xxs", **kw).named_modules()
+                                            if p.endswith("bn.act") and type(m) is torch.nn.SiLU})),
     }
 
 
@@ -213,12 +220,14 @@ def hf_models():
                                                                        encoder_attention_heads=2, encoder_ffn_dim=64,
                                                                        num_mel_bins=8, max_source_positions=8)),
                                torch.randn(2, 8, 16, generator=seed()), qv, {}),
-        # mask_time_prob=0: its training-mode masks come from numpy's RNG, which would change the table at each run
+        # mask_time_prob=0: its training-mode masks come from numpy's RNG, which would change the table at each run;
+        # its positional convolution's GELU gets a slice that drops the last time step: the axis is said
         "HF wav2vec2": (lambda: hf.Wav2Vec2Model(hf.Wav2Vec2Config(conv_dim=(16, 16), conv_stride=(5, 2),
                                                                    conv_kernel=(10, 3), num_conv_pos_embeddings=16,
                                                                    num_conv_pos_embedding_groups=2, mask_time_prob=0.0,
                                                                    **enc)),
-                        torch.randn(2, 400, generator=seed()), qv, {}),
+                        torch.randn(2, 400, generator=seed()), qv,
+                        dict(per_module={"encoder.pos_conv_embed.activation": dict(channel_dim=1)})),
         "HF Mistral": (lambda: hf.MistralForCausalLM(hf.MistralConfig(**llm)), ids, qv, silu),
         "HF Qwen2": (lambda: hf.Qwen2ForCausalLM(hf.Qwen2Config(**llm)), ids, qv, silu),
         "HF Gemma": (lambda: hf.GemmaForCausalLM(hf.GemmaConfig(head_dim=16, **llm)), ids, qv, {}),
