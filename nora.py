@@ -913,7 +913,8 @@ def _find_activations(model, target, init, per_module):
     path; never the model itself)."""
     targets = (target,) if isinstance(target, (str, type)) else tuple(target)
     if not targets or not all(t in ACTIVATIONS if isinstance(t, str) else isinstance(t, type) for t in targets):
-        raise ValueError(f"add_nora: target must name functions in {list(ACTIVATIONS)} or module classes, got {target!r}")
+        raise ValueError(f"add_nora: target must name functions in {list(ACTIVATIONS)} or module classes, "
+                         f"got {target!r}")
     found, done = {}, set()
     for path, m in model.named_modules():
         function = activation_name(m)
@@ -1042,7 +1043,8 @@ def _warn_if_far_at_init(modules):
 # head_dim) or splits it in three). Another class's projection named like
 # one of FUSED_NAMES (multi-query, grouped-query, per head: who knows) is refused unless its rows are given.
 FUSED_QKV = {
-    "timm.layers.attention.Attention": "qkv", "timm.models.beit.Attention": "qkv", "timm.models.eva.EvaAttention": "qkv",
+    "timm.layers.attention.Attention": "qkv", "timm.models.beit.Attention": "qkv",
+    "timm.models.eva.EvaAttention": "qkv",
     "timm.models.swin_transformer.WindowAttention": "qkv", "timm.models.swin_transformer_v2.WindowAttention": "qkv",
     "torchvision.models.swin_transformer.ShiftedWindowAttention": "qkv",
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": "qkv",
@@ -1062,7 +1064,8 @@ def _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer):
     if not (isinstance(qkv_parts, str) and qkv_parts and set(qkv_parts) <= set("qkv")):
         raise ValueError(f"add_lora: qkv_parts={qkv_parts!r} must name some of 'q', 'k', 'v', e.g. 'qv'")
     if not isinstance(rows, dict) or set(rows) - set(targets):
-        raise ValueError(f"add_lora: rows must be a dict {{target: [(start, stop), ...]}} keyed by targets, got {rows!r}")
+        raise ValueError(f"add_lora: rows must be a dict {{target: [(start, stop), ...]}} keyed by targets, "
+                         f"got {rows!r}")
     thirds = lambda n: [(i * n // 3, (i + 1) * n // 3) for i, part in enumerate("qkv") if part in qkv_parts]
     plan, trouble = [], []
     for path, m in model.named_modules():
@@ -1077,15 +1080,17 @@ def _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer):
         if not target or not isinstance(getattr(m, "weight", None), torch.Tensor) or isinstance(parent, LoRALinear):
             continue
         if isinstance(m, LoRALinear) or not (isinstance(m, nn.Linear) or _full_name(type(m)) == CONV1D):
-            trouble.append(f"{where} " + ("has LoRA already" if isinstance(m, LoRALinear) else "is neither an nn.Linear "
-                           "nor HF's Conv1D, so its weight's layout is not known: wrap it with LoRALinear(layer, ...)"))
+            trouble.append(f"{where} " + ("has LoRA already" if isinstance(m, LoRALinear) else
+                                          "is neither an nn.Linear nor HF's Conv1D, so its weight's layout is not "
+                                          "known: wrap it with LoRALinear(layer, ...)"))
             continue
         out_features, in_features = m.weight.shape[::-1] if not isinstance(m, nn.Linear) else m.weight.shape
         known = FUSED_QKV.get(_full_name(type(parent))) == name
         ranges = rows.get(target, thirds(out_features) if known and out_features == 3 * in_features else None)
         if ranges is None and name in FUSED_NAMES:
             trouble.append(f"{where} in {type(parent).__name__} is a fused projection of {out_features} rows whose "
-                           f"layout is not known to be q | k | v in equal thirds; pass rows={{'{target}': [(0, q_rows)]}}")
+                           f"layout is not known to be q | k | v in equal thirds; pass "
+                           f"rows={{'{target}': [(0, q_rows)]}}")
         elif not trouble:
             fan_in_fan_out = not isinstance(m, nn.Linear)
             plan.append((path, layer(m, rank, alpha, _check_rows(ranges, out_features, where), fan_in_fan_out)))
@@ -1093,7 +1098,7 @@ def _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer):
         names = _tally(p.rpartition(".")[2] for p, m in model.named_modules() if getattr(m, "weight", None) is not None)
         raise ValueError("add_lora: " + ("\nadd_lora: ".join(trouble[:16]) if trouble else
                                          f"no linear layer named {' or '.join(targets)}; its layers are named {names}"))
-    return [(path, new if isinstance(new, tuple) else new.train(model.get_submodule(path).training)) for path, new in plan]
+    return [(p, new if isinstance(new, tuple) else new.train(model.get_submodule(p).training)) for p, new in plan]
 
 
 def _named(path, names):
@@ -1164,7 +1169,8 @@ def _describe_calls(model):
             call["target"] += [m.function or m.replaced] * ((m.function or m.replaced) not in call["target"])
             call["per_module"][path] = dict(groups=len(m.numerator), channel_dim=m.channel_dim, channels=m.channels)
         elif type(m) in (LoRALinear, LoRAWeight):
-            call = calls.setdefault(("lora", m.rank, m.scaling), dict(rank=m.rank, alpha=m.scaling * m.rank, per_module={}))
+            call = calls.setdefault(("lora", m.rank, m.scaling),
+                                    dict(rank=m.rank, alpha=m.scaling * m.rank, per_module={}))
             layout = None if type(m) is LoRAWeight else m.fan_in_fan_out
             call["per_module"][path.partition(".parametrizations.")[0]] = dict(rows=m.row_ranges, fan_in_fan_out=layout)
         elif isinstance(m, (*ADAPTERS, GroupRational)):
@@ -1211,8 +1217,8 @@ def _replay(model, calls, state, example):
             raise ValueError(f"load_adapter, making the adapter's add_lora call again: {e}") from None
         odd = [p for p, new in lora if p not in own or own[p]["fan_in_fan_out"] != getattr(new, "fan_in_fan_out", None)]
         if odd:
-            raise ValueError(f"load_adapter: {odd[:3]} are other layers than the ones the adapter was trained on (their "
-                             f"weights are stored another way round); load it into the model it was trained on")
+            raise ValueError(f"load_adapter: {odd[:3]} are other layers than the ones the adapter was trained on "
+                             f"(their weights are stored another way round); load it into that model")
         plan += lora
     return plan
 
@@ -1226,15 +1232,16 @@ def _check_adapter_state(model, plan, state, extra, statistics):
     own = {k: v for k, v in mine.items() if _under(k, extra) or statistics and k in _running_statistics(model)}
     adapters, settings = {}, {}
     for path, new in plan:
-        module, prefix = (new[1], f"{path}.parametrizations.{new[0]}.0.") if isinstance(new, tuple) else (new, f"{path}.")
+        weight, module = new if isinstance(new, tuple) else (None, new)
+        prefix = f"{path}.parametrizations.{weight}.0." if weight else f"{path}."
         adapters.update({prefix + k: v for k, v in module.state_dict().items() if not k.startswith("base.")})
         settings[prefix + "_extra_state"] = module
     strangers, missing = sorted(set(state) - set(own) - set(adapters)), sorted(set(adapters) - set(state))
     if strangers or missing:
-        raise ValueError(f"load_adapter: the file holds {strangers[:4]}, which are neither the adapters its calls build "
-                         f"nor under extra={extra}, and lacks {missing[:4]}. Name the modules whose tensors it may "
-                         f"write in extra= (e.g. 'classifier'), statistics=True for BatchNorm statistics; or load it "
-                         f"into the model it was trained on")
+        raise ValueError(f"load_adapter: the file holds {strangers[:4]}, which are neither the adapters its calls "
+                         f"build nor under extra={extra}, and lacks {missing[:4]}. Name the modules whose tensors "
+                         f"it may write in extra= (e.g. 'classifier'), statistics=True for BatchNorm statistics; or "
+                         f"load it into the model it was trained on")
     own.update(adapters)
     for k, v in state.items():
         loaded = v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
@@ -1343,7 +1350,7 @@ def _positive_int(value, what):
 
 def _positive_number(value, what):
     """``value`` as a float if it is a positive real number (not bool) that float32 can hold; else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= torch.finfo(torch.float32).max:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 3.4e38:   # float32's max
         raise ValueError(f"{what} must be a positive number float32 can hold, got {value!r}")
     return float(value)
 
@@ -1358,7 +1365,8 @@ def _check_axis(value, what):
 def _check_per_module(per_module):
     """add_nora's per_module as plain Python: {path: dict(groups=int, channel_dim=int, channels=[int]) or None}
     (channels, the widths the example must show, as an adapter file records them)."""
-    checks = dict(groups=_positive_int, channel_dim=_check_axis, channels=lambda v, what: [_positive_int(w, what) for w in v])
+    checks = dict(groups=_positive_int, channel_dim=_check_axis,
+                  channels=lambda widths, what: [_positive_int(w, what) for w in widths])
     if per_module is None:
         return {}
     if not (isinstance(per_module, dict) and all(isinstance(p, str) and (own is None or isinstance(own, dict) and own

@@ -472,6 +472,17 @@ class Conv1D(nn.Module):
         return x @ self.weight + self.bias
 
 
+def in_out_layers_train_and_merge_exactly(model):
+    """model[0] and model[2]: LoRA on (in, out) weights. A few steps, then model[2].weight is W0 + (B A)^T
+    in its own layout, and merge keeps the outputs."""
+    train_steps(model, steps=3, x=torch.randn(16, 8), classes=8)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        before = model(x)
+        torch.testing.assert_close(model[2].weight, model[2].base.weight + (model[2].delta_weight()[0]).T)
+        torch.testing.assert_close(nora.merge(model)(x), before, atol=1e-6, rtol=1e-6)
+
+
 def test_lora_on_an_in_out_weight_merges_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(8, 24), nn.GELU(approximate="tanh"), Conv1D(24, 8))
@@ -481,12 +492,7 @@ def test_lora_on_an_in_out_weight_merges_exactly():
     model[2] = nora.LoRALinear(model[2], rank=2, alpha=4, fan_in_fan_out=True)
     assert model[0].lora_A.shape == (2, 2, 8) and model[0].lora_B.shape == (2, 8, 2) and model[2].row_ranges == [(0, 8)]
     nora.freeze(model)
-    train_steps(model, steps=3, x=torch.randn(16, 8), classes=8)
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        before = model(x)
-        torch.testing.assert_close(model[2].weight, model[2].base.weight + (model[2].delta_weight()[0]).T)
-        torch.testing.assert_close(nora.merge(model)(x), before, atol=1e-6, rtol=1e-6)
+    in_out_layers_train_and_merge_exactly(model)
 
 
 # --- 6. Putting adapters on a model -----------------------------------------------------------
@@ -1313,12 +1319,7 @@ def test_lora_on_hugging_faces_conv1d_merges_exactly():
     model = nn.Sequential(pytorch_utils.Conv1D(24, 8), nn.GELU(approximate="tanh"), pytorch_utils.Conv1D(8, 24))
     nora.add_lora(model, rank=2, alpha=4, targets=("0", "2"), rows={"0": [(0, 8), (16, 24)]})   # q and v, given
     assert model[0].fan_in_fan_out and model[0].row_ranges == [(0, 8), (16, 24)]
-    train_steps(model, steps=3, x=torch.randn(16, 8), classes=8)
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        before = model(x)
-        torch.testing.assert_close(model[2].weight, model[2].base.weight + (model[2].delta_weight()[0]).T)
-        torch.testing.assert_close(nora.merge(model)(x), before, atol=1e-6, rtol=1e-6)
+    in_out_layers_train_and_merge_exactly(model)
 
 
 def test_replacing_relu_says_that_the_model_moves_at_init():
