@@ -122,9 +122,9 @@ def rational(x, numerator, denominator, dim=-1):
 # the module's P/(1+|S|): the two agree only where S >= 0, as it happens to be for GELU, SiLU and
 # ReLU, but not for Hardswish (max |error| 13.9 on [-8, 8] as P/(1+|S|)). So the fit then
 # minimises the true form's weighted error directly (Levenberg-Marquardt, Appendix C), from that
-# start and from the same start with each b_j made positive, and keeps the better: the
-# minimisation has several minima (for ReLU6 fitted unweighted, the second start has the smaller
-# max error, 0.19 against 0.27; at the default weighting the first wins, 0.49 against 0.97).
+# start and from the same start with each b_j made positive, and keeps the one of lower weighted
+# squared error: the minimisation has several minima (ReLU6 fitted unweighted on [-8, 8]: the
+# second start's max error is 0.19 against 0.27; at the defaults the first's, 0.49 against 0.97).
 # Deterministic: float64, fixed grid.
 # -----------------------------------------------------------------------------
 
@@ -209,8 +209,7 @@ RELU_COEFFS = (
     [6.4432631350e-02, 4.9999999907e-01, 8.6373012189e-01, 5.0834649223e-01, 1.0824825755e-01, 6.5449029851e-03],
     [-4.7616360546e-09, 1.0166929879e+00, -8.0910068715e-10, 1.3089806022e-02],
 )
-COEFFS = {"gelu": GELU_COEFFS, "gelu_tanh": GELU_TANH_COEFFS, "silu": SILU_COEFFS, "swish": SILU_COEFFS,
-          "relu": RELU_COEFFS}
+COEFFS = {"gelu": GELU_COEFFS, "gelu_tanh": GELU_TANH_COEFFS, "silu": SILU_COEFFS, "relu": RELU_COEFFS}
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu}
 
 # -----------------------------------------------------------------------------
@@ -267,8 +266,8 @@ class GroupRational(nn.Module):
 # at G = 8, r = 2). As in LoRA, A starts as small noise (Sec. 3: A ~ N(0, 0.02)) and B at zero,
 # so at step 0 phi' is exactly the base rational: training starts from the pretrained model with
 # each GELU replaced by its fit.
-# One departure from the paper, the basis (x/s)^i in which the update is learned, is explained
-# after the class.
+# Besides the released code's choices (no b_0, the shared form), one departure is ours: the basis
+# (x/s)^i in which the update is learned, explained after the class.
 # -----------------------------------------------------------------------------
 
 class NoRA(nn.Module):
@@ -374,6 +373,11 @@ class NoRA(nn.Module):
     def set_extra_state(self, state):
         _check_settings(self, "scaling, basis_scale", state, self.get_extra_state())
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):   # the settings first: a refusal copies nothing
+        if prefix + "_extra_state" in state_dict:
+            self.set_extra_state(state_dict[prefix + "_extra_state"])
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self):
         return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"form={self.form}, basis_scale={self.basis_scale:g}, channel_dim={self.channel_dim}")
@@ -395,8 +399,8 @@ class NoRA(nn.Module):
 #
 # LoRA learns W = W0 + B A * alpha / r with A (r x k) random and B (d x r) zero (Eq. 2) and
 # computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
-# linear; LoRA on "q and v" (paper C.1) is then two updates on two ranges of rows of that one
-# weight, so `row_ranges` lists the (start, stop) ranges of output rows to adapt, each with its
+# linear; LoRA on "q and v" (the paper's LoRA baseline, C.1, which NoRA++ here adds to NoRA) is
+# then two updates on two ranges of rows of that one weight, so `row_ranges` lists the (start, stop) ranges of output rows to adapt, each with its
 # own A and B. `fan_in_fan_out` (loralib's name) says the base stores its weight (in, out), as
 # GPT-2's Conv1D does, rather than nn.Linear's (out, in).
 # -----------------------------------------------------------------------------
@@ -485,7 +489,7 @@ class LoRALinear(nn.Module):
     def set_extra_state(self, state):
         _check_settings(self, "scaling, fan_in_fan_out, merged, row ranges", state, self.get_extra_state())
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
+    def _load_from_state_dict(self, state_dict, prefix, *args):   # as NoRA's
         if prefix + "_extra_state" in state_dict:
             self.set_extra_state(state_dict[prefix + "_extra_state"])
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -519,7 +523,21 @@ class LoRALinear(nn.Module):
 ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable (LoRAWeight too)
 
 
-def add_nora(model, groups=8, rank=2, *, example=None, target=("gelu", "gelu_tanh"), init=None, channel_dim=None,
+def freeze(model):
+    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
+    own = _adapter_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in own and p.requires_grad)
+    return model
+
+
+def count_parameters(model):
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def add_nora(model, groups=8, rank=2, *, example, target=("gelu", "gelu_tanh"), init=None, channel_dim=None,
              per_module=None, **nora_kwargs):
     """Replace each activation module of ``model`` that ``target`` names with a :class:`NoRA` module
     whose base rational equals it; then freeze all but the adapters and what :func:`mark_trainable`
@@ -549,7 +567,7 @@ def add_nora(model, groups=8, rank=2, *, example=None, target=("gelu", "gelu_tan
 
 def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=None, layer=LoRALinear):
     """Put LoRA on each linear layer of ``model`` (an nn.Linear, or HF's Conv1D, which stores its
-    weight (in, out)) whose path is, or ends with "." and, one of ``targets``; then freeze the rest
+    weight (in, out)) whose path is one of ``targets``, or ends with "." and one of them; then freeze the rest
     as :func:`add_nora` does. In a fused q | k | v projection of a class whose
     layout is known (FUSED_QKV, Appendix B) only the ``qkv_parts`` rows are adapted (q and v, as in
     the paper's C.1); a projection named like one (FUSED_NAMES) in any other class is refused unless
@@ -581,7 +599,8 @@ def mark_trainable(model, *names):
 def merge(model):
     """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
     inference costs what the base model costs (NoRA: one rational per activation). The merged LoRA
-    parameters stop training. Save the adapter first: a merged model's is refused."""
+    parameters stop training. Save the adapter first: a merged LoRA's is in no adapter tensor, so
+    saving it is refused (a merged NoRA saves fine)."""
     _remove_lora_parametrizations(model)                  # LoRAWeight: the weight keeps W0 + B A, plainly
     for m in model.modules():
         if isinstance(m, ADAPTERS):
@@ -844,20 +863,6 @@ def use_compiled_rational(enable=True, device=None):
 # Activations called as functions (F.gelu inside forward) cannot be replaced.
 # =============================================================================
 
-def freeze(model):
-    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
-    own = _adapter_parameters(model)
-    for p in model.parameters():
-        p.requires_grad_(id(p) in own and p.requires_grad)
-    return model
-
-
-def count_parameters(model):
-    """(trainable, total) parameter counts."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 # Activation classes whose source we have read, by full name, and the function each computes
 # (torch's nn.GELU computes 'gelu', or 'gelu_tanh' with approximate='tanh'). No other class is guessed.
 ACTIVATION_CLASSES = {
@@ -878,10 +883,11 @@ def activation_name(module):
     return ACTIVATION_CLASSES.get(_full_name(type(module)))
 
 
-def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs):
+def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs, listed_only=False):
     """[(path, NoRA)] for every activation add_nora replaces, each checked (its function known or
     ``init`` given, its channel axis seen or given, ``groups`` dividing every width seen) and built
-    before anything changes; a refusal names every module in trouble."""
+    before anything changes; a refusal names every module in trouble. ``listed_only``: leave the
+    modules per_module does not list (a replayed call builds exactly the modules it recorded)."""
     groups, per_module = _positive_int(groups, "add_nora: groups"), _check_per_module(per_module)
     channel_dim = None if channel_dim is None else _check_axis(channel_dim, "add_nora: channel_dim")
     _check_arguments(rank, **nora_kwargs)
@@ -892,7 +898,7 @@ def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_modu
     seen = _probe(model, example, [m for m, _ in found.values()])
     plan, trouble = [], []
     for path, (m, function) in found.items():
-        own = per_module.get(path, {})
+        own = per_module.get(path, None if listed_only else {})
         if own is None:                                   # per_module says: leave it as it is
             continue
         g = own.get("groups", groups)
@@ -900,8 +906,7 @@ def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_modu
         trouble += [f"{path} ({type(m).__name__}) {s}" for s in said]
         if not trouble:
             new = NoRA(g, rank, init=init or function, channel_dim=dim, **nora_kwargs).train(m.training)
-            new.where, new.replaced, new.channels = path, _full_name(type(m)), widths
-            new.function = function or (init if isinstance(init, str) else None)
+            new.where, new.replaced, new.channels, new.function = path, _full_name(type(m)), widths, function
             plan.append((path, new.to(next(model.parameters(), torch.empty(0)).device)))
     if trouble:
         raise ValueError("add_nora: " + "\nadd_nora: ".join(trouble[:16]) + f"\n({len(trouble)} modules in all)")
@@ -1157,11 +1162,13 @@ def _build_in(model, plan):
 
 def _describe_calls(model):
     """What save_adapter writes beside the tensors: the add_nora and add_lora calls that built the
-    adapters, one per setting, with each module's settings written out (None: a module of add_nora's
-    targets that it left as it was)."""
+    adapters, one per setting, with each module's settings written out."""
     calls = {}
     for path, m in model.named_modules():
         if type(m) is NoRA:
+            if m.replaced is None:
+                raise ValueError(f"save_adapter: the NoRA at {path} was not put there by add_nora, so what it replaced "
+                                 f"is not known; use add_nora, or keep it with adapter_state_dict and torch.save")
             degrees = [m.numerator.shape[1] - 1, m.denominator.shape[1]]
             call = calls.setdefault(("nora", m.rank, m.scaling, m.form, m.basis_scale, *degrees), dict(
                 rank=m.rank, alpha=m.scaling * m.rank, form=m.form, basis_scale=m.basis_scale, degrees=degrees,
@@ -1176,10 +1183,8 @@ def _describe_calls(model):
         elif isinstance(m, (*ADAPTERS, GroupRational)):
             raise ValueError(f"save_adapter: {path} is a {type(m).__name__}, which load_adapter cannot build again; "
                              f"keep it with adapter_state_dict and torch.save")
-    for call in (c for k, c in calls.items() if k[0] == "nora"):
-        call["per_module"].update({p: None for p, m in model.named_modules() if p and (
-            activation_name(m) in call["target"] or _full_name(type(m)) in call["target"])})
-    return {kind: [c for k, c in calls.items() if k[0] == kind[4:]] for kind in ("add_nora", "add_lora")}
+    return {"add_nora": [c for k, c in calls.items() if k[0] == "nora"],
+            "add_lora": [c for k, c in calls.items() if k[0] == "lora"]}
 
 
 def _replay(model, calls, state, example):
@@ -1203,9 +1208,9 @@ def _replay(model, calls, state, example):
             raise ValueError(f"load_adapter: the adapter replaced {c['target']} modules, and this model has none; "
                              f"load it into the model it was trained on")
         init = (torch.zeros(c["degrees"][0] + 1), torch.zeros(c["degrees"][1]))   # the base is the file's
-        try:
+        try:                                              # on exactly the recorded modules
             plan += _plan_nora(model, 1, c["rank"], example, target, init, None, c["per_module"],
-                               dict(alpha=c["alpha"], form=c["form"], basis_scale=c["basis_scale"]))
+                               dict(alpha=c["alpha"], form=c["form"], basis_scale=c["basis_scale"]), listed_only=True)
         except ValueError as e:
             raise ValueError(f"load_adapter, making the adapter's add_nora call again: {e}") from None
     for c in calls["add_lora"]:
@@ -1215,7 +1220,8 @@ def _replay(model, calls, state, example):
                               LoRALinear)
         except ValueError as e:
             raise ValueError(f"load_adapter, making the adapter's add_lora call again: {e}") from None
-        odd = [p for p, new in lora if p not in own or own[p]["fan_in_fan_out"] != getattr(new, "fan_in_fan_out", None)]
+        layout = lambda new: None if isinstance(new, tuple) else new.fan_in_fan_out   # (None: a LoRAWeight)
+        odd = [p for p, new in lora if p not in own or own[p]["fan_in_fan_out"] != layout(new)]
         if odd:
             raise ValueError(f"load_adapter: {odd[:3]} are other layers than the ones the adapter was trained on "
                              f"(their weights are stored another way round); load it into that model")
@@ -1741,7 +1747,7 @@ def create_vit(name=DEFAULT_WEIGHTS, **kwargs):
 def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True):
     """Load a timm-layout checkpoint into ``model`` (a VisionTransformer, or any module with timm's names).
 
-    ``source`` is a name in PRETRAINED (build the model from its record), a local .safetensors file
+    ``source`` is a name in PRETRAINED (create_vit builds its model), a local .safetensors file
     (the hub's format, read by our own checked reader: nothing in it can run code), or a URL of one
     (downloaded once and cached, see :func:`download`). The position embedding is resampled to the
     model's image size; a head for another number of classes (or none) leaves the model's own head.

@@ -826,6 +826,32 @@ def test_an_adapter_file_cannot_write_the_backbone_or_allocate_what_it_does_not_
         nora.load_adapter(copy_of(plain), nora.adapter_state_dict(trained), example=x)
 
 
+def test_an_adapter_of_two_calls_or_of_a_class_named_with_its_init_loads_back(tmp_path):
+    class MyAct(nn.Module):                               # a class add_nora does not know: target= and init= name it
+        def forward(self, x):
+            return F.gelu(x)
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), MyAct(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    model = nora.add_nora(copy_of(base), groups=4, target=MyAct, init="gelu", example=x)
+    nora.add_nora(model, groups=2, rank=4, example=x)     # a second call, with other settings, on the GELU
+    train_steps(model, steps=2, x=x, classes=4)
+    nora.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = nora.load_adapter(copy_of(base), tmp_path / "a.safetensors", example=x)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+    hand = nora.freeze(copy_of(base))
+    hand[3] = nora.NoRA(2)                                # put there by hand: what it replaced is not known
+    with pytest.raises(ValueError, match="not put there by add_nora"):
+        nora.save_adapter(hand, tmp_path / "b.safetensors")
+    saved, other = nora.NoRA(2, alpha=2.0), nora.NoRA(2, alpha=1.0)
+    with torch.no_grad():
+        saved.B_P.fill_(1.0)
+    with pytest.raises(ValueError, match="other settings"):
+        other.load_state_dict(saved.state_dict())        # refused before any tensor is copied
+    assert not other.B_P.any()
+
+
 def copy_of(model):
     import copy
     return copy.deepcopy(model)
