@@ -45,8 +45,11 @@ def preactivation_ranges(model_name, weights, images, img_size):
     seen = []
     for block in model.blocks:
         block.mlp.act.register_forward_hook(lambda m, inp, out: seen.append(inp[0].flatten()))
-    x = torch.load(images, weights_only=True) if images else torch.randn(8, 3, img_size, img_size,
-                                                                         generator=torch.Generator().manual_seed(0))
+    try:
+        x = torch.load(images, weights_only=True) if images else torch.randn(8, 3, img_size, img_size,
+                                                                             generator=torch.Generator().manual_seed(0))
+    except Exception as e:                                # not a torch file, or one that holds code
+        raise SystemExit(f"error: --images {images} could not be read as a tensor ({type(e).__name__}: {e})")
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 3 and x.is_floating_point()):
         raise SystemExit(f"error: --images {images} holds no (N, 3, S, S) float tensor of normalised images")
     with torch.no_grad():
@@ -91,13 +94,19 @@ def main(argv=None):
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--plot", help="draw each activation and its fitted rational, and the error, into this .svg file")
     args = p.parse_args(argv)
-    if args.img_size < 1:
-        p.error(f"--img-size must be positive, got {args.img_size}")
+    patch = nora.PRETRAINED[args.model or nora.DEFAULT_WEIGHTS]["patch_size"]
+    if not patch <= args.img_size <= 1024:
+        p.error(f"--img-size must lie in [{patch}, 1024] (the model's patch; a size that fits), got {args.img_size}")
+    for flag, path in (("--images", args.images), ("--weights", args.weights)):
+        if path and "://" not in path and not Path(path).is_file():
+            p.error(f"{flag} {path}: no such file; give the path of one")
     outputs = [Path(f) for f in (args.out, args.plot) if f]      # checked before any work, never over an input
     inputs = {Path(f).resolve() for f in (args.weights, args.images) if f and "://" not in f}
     for path in outputs:
         why = "is a folder" if path.is_dir() else "is an input of this run" if path.resolve() in inputs else \
             None if path.resolve().parent.is_dir() else "has no folder"
+        if path.is_file() and path.stat().st_nlink > 1:
+            why = "has other hard links"
         if why:
             p.error(f"{path} {why}; give the output a new file path in an existing folder")
     if len({path.resolve() for path in outputs}) < len(outputs):

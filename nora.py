@@ -156,6 +156,9 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
                          f"(where an activation's inputs lie), got {x_range!r}")
     x = torch.linspace(*map(float, x_range), points, dtype=torch.float64)
     f = fn(x)
+    if not (isinstance(f, torch.Tensor) and f.shape == x.shape and f.is_floating_point()):
+        raise ValueError(f"fit_rational: fn must map a 1-D float64 tensor to a tensor of its shape, elementwise; "
+                         f"got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}")
     if not torch.isfinite(f).all():
         raise ValueError(f"fit_rational: the function is not finite everywhere on {x_range}; "
                          f"fit on a range where it is")
@@ -354,8 +357,9 @@ class NoRA(nn.Module):
         before building the optimizer.
         """
         old, groups = self.numerator.shape[0], _positive_int(groups, "NoRA.grow: groups")
-        if groups % old:
-            raise ValueError(f"NoRA.grow: new group count {groups} must be a multiple of {old}")
+        if groups % old or any(w % groups for w in self.channels or ()):
+            raise ValueError(f"NoRA.grow: new group count {groups} must be a multiple of {old} and divide the "
+                             f"{self.channels} channels add_nora saw")
         k = groups // old
         for name in ("numerator", "denominator"):
             setattr(self, name, getattr(self, name).repeat_interleave(k, 0))
@@ -400,8 +404,8 @@ class NoRA(nn.Module):
 # LoRA learns W = W0 + B A * alpha / r with A (r x k) random and B (d x r) zero (Eq. 2) and
 # computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
 # linear; LoRA on "q and v" (the paper's LoRA baseline, C.1, which NoRA++ here adds to NoRA) is
-# then two updates on two ranges of rows of that one weight, so `row_ranges` lists the (start, stop) ranges of output rows to adapt, each with its
-# own A and B. `fan_in_fan_out` (loralib's name) says the base stores its weight (in, out), as
+# then two updates on two ranges of rows of that one weight, so `row_ranges` lists the (start,
+# stop) ranges of output rows to adapt, each with its own A and B. `fan_in_fan_out` (loralib's name) says the base stores its weight (in, out), as
 # GPT-2's Conv1D does, rather than nn.Linear's (out, in).
 # -----------------------------------------------------------------------------
 
@@ -615,7 +619,7 @@ def adapter_state_dict(model, extra=None, statistics=None):
     train mode moves them though their weights are frozen; a model that has them must say True or
     False). Refused after merge, and where a trainable parameter would be left out."""
     model = _unwrap(model)
-    extra = _check_names(("head", *getattr(model, "nora_trainable", ())) if extra is None else extra, "extra")
+    extra = _extra_names(model, extra, ("head", *getattr(model, "nora_trainable", ())), "adapter_state_dict")
     merged = [p for p, m in model.named_modules() if getattr(m, "nora_merged", False) or isinstance(m, LoRALinear)
               and m.merged]
     if merged:
@@ -646,14 +650,14 @@ def save_adapter(model, path, extra=None, statistics=None, metadata=None):
     return state
 
 
-def load_adapter(model, path, example=None, extra=("head",), statistics=False):
+def load_adapter(model, path, example=None, extra=None, statistics=False):
     """Build the adapters of a :func:`save_adapter` file on ``model`` (the plain pretrained model) by
     making the calls the file holds again, with every check add_nora and add_lora make (NoRA's need
-    ``example``, as add_nora does), then load their tensors and those under ``extra`` (module paths)
-    and, with ``statistics=True``, BatchNorm statistics. Anything else in the file is refused, as are
+    ``example``, as add_nora does), then load their tensors and those under ``extra`` (module paths;
+    default: 'head') and, with ``statistics=True``, BatchNorm statistics. Anything else in the file is refused, as are
     shapes the calls would not build, NaN, inf and values beyond 1e6; all before anything changes."""
     model = _unwrap(model)
-    extra = _check_names(extra, "load_adapter: extra")
+    extra = _extra_names(model, extra, ("head",), "load_adapter")
     state, calls = read_adapter(path)
     try:
         plan = _replay(model, calls, state, example)      # checked and built, not yet in the model
@@ -924,6 +928,9 @@ def _find_activations(model, target, init, per_module):
     for path, m in model.named_modules():
         function = activation_name(m)
         if path and id(m) not in done and (type(m) in targets or function in targets):
+            if any(m.children()) or next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+                raise ValueError(f"add_nora: {path} is a {type(m).__name__}, which holds parameters, buffers or "
+                                 f"modules: no activation NoRA may replace; leave its class out of target")
             if function is None and init is None:
                 raise ValueError(f"add_nora: {path} is a {type(m).__name__}, whose function add_nora does not know; "
                                  f"pass init=nora.fit_rational(fn) with fn its function (or init='gelu')")
@@ -935,7 +942,9 @@ def _find_activations(model, target, init, per_module):
                      for m in model.modules() if not any(m.children()) and next(m.parameters(), None) is None)
         raise ValueError(f"add_nora: the model has no {names} module; its parameter-free modules are {has}: pass "
                          f"target= a function they compute, or target=TheirClass, init=nora.fit_rational(fn) for a "
-                         f"class computing fn (NoRA modules are not replaced again)")
+                         f"class computing fn (NoRA modules are not replaced again; activations called as "
+                         f"functions, F.gelu or TransformerEncoderLayer(activation='gelu'), cannot be: give the "
+                         f"model a module, activation=nn.GELU())")
     if set(per_module) - set(found):
         raise ValueError(f"add_nora: per_module names {sorted(set(per_module) - set(found))}, which are not "
                          f"activations it replaces; those are {list(found)[:8]}")
@@ -977,7 +986,8 @@ def _settle(path, calls, groups, given, channels):
 
 def _output_axis(layer):
     """The axis of ``layer``'s output that holds its channels, for layers whose layout is certain; else None."""
-    if isinstance(layer, nn.Linear) or _full_name(type(layer)) == CONV1D or type(layer) in (nn.LayerNorm, nn.Embedding):
+    if isinstance(layer, nn.Linear) or _full_name(type(layer)) == CONV1D or type(layer) is nn.Embedding or (
+            type(layer) is nn.LayerNorm and len(layer.normalized_shape) == 1):   # (over several axes: no channels)
         return -1
     if isinstance(layer, nn.modules.conv._ConvNd):      # (N, C, *spatial) or unbatched (C, *spatial)
         return -1 - len(layer.kernel_size)
@@ -1193,16 +1203,21 @@ def _replay(model, calls, state, example):
     nothing the file does not hold is allocated."""
     claims = {f"{p}.{k}": (own["groups"], d) for c in calls["add_nora"] for p, own in c["per_module"].items() if own
               for k, d in (("numerator", c["degrees"][0] + 1), ("denominator", c["degrees"][1]), ("B_P", c["rank"]))}
-    claims.update({f"{p}.parametrizations.in_proj_weight.0.lora_B" if own["fan_in_fan_out"] is None else f"{p}.lora_B":
-                   (len(own["rows"]), own["rows"][0][1] - own["rows"][0][0], c["rank"])
-                   for c in calls["add_lora"] for p, own in c["per_module"].items()})
+    for c in calls["add_lora"]:
+        for p, own in c["per_module"].items():
+            prefix = f"{p}.parametrizations.in_proj_weight.0." if own["fan_in_fan_out"] is None else f"{p}."
+            (start, stop), k = own["rows"][0], len(own["rows"])
+            layer = dict(model.named_modules()).get(p)
+            weight = getattr(layer, "in_proj_weight" if own["fan_in_fan_out"] is None else "weight", None)
+            width = weight.shape[0 if own["fan_in_fan_out"] else 1] if isinstance(weight, torch.Tensor) else 0
+            claims.update({prefix + "lora_B": (k, stop - start, c["rank"]), prefix + "lora_A": (k, c["rank"], width)})
     wrong = [f"{k} {tuple(state[k].shape) if k in state else 'missing'} for {v}" for k, v in claims.items()
              if k not in state or tuple(state[k].shape) != v]
     if wrong:
-        raise ValueError(f"load_adapter: the file's tensors are not those its calls build ({', '.join(wrong[:3])}); "
-                         f"it is damaged, or not written by save_adapter")
+        raise ValueError(f"load_adapter: the file's tensors are not those its calls build on this model "
+                         f"({', '.join(wrong[:3])}): it was trained on another model, or it is damaged")
     plan, classes = [], {_full_name(type(m)): type(m) for m in model.modules()}
-    for c in calls["add_nora"]:
+    for c in (c for c in calls["add_nora"] if any(c["per_module"].values())):   # (a call that builds nothing: none)
         target = [t if t in ACTIVATIONS else classes.get(t, t) for t in c["target"]]
         if any(isinstance(t, str) and t not in ACTIVATIONS for t in target):
             raise ValueError(f"load_adapter: the adapter replaced {c['target']} modules, and this model has none; "
@@ -1231,11 +1246,18 @@ def _replay(model, calls, state, example):
 
 def _check_adapter_state(model, plan, state, extra, statistics):
     """Refuse ``state`` before anything changes: a tensor that is neither one of the planned adapters'
-    nor under ``extra`` (nor, with ``statistics``, a BatchNorm statistic); a planned adapter's tensor
-    missing; another shape; NaN, inf (in the dtype it loads into) or values beyond 1e6 in an adapter;
-    settings no shape shows (NoRA's and LoRA's extra state)."""
-    mine = model.state_dict()
-    own = {k: v for k, v in mine.items() if _under(k, extra) or statistics and k in _running_statistics(model)}
+    nor under ``extra`` (nor, with ``statistics``, a BatchNorm statistic), named as it will be once
+    LoRA wraps its layer; a planned adapter's tensor missing; another shape or kind of dtype; NaN, inf
+    (in the dtype it loads into) or values beyond 1e6; settings no shape shows (extra state)."""
+    stats, own = _running_statistics(model), {}
+    for k, v in model.state_dict().items():               # under the names they will have once LoRA wraps them
+        for path, new in plan:
+            if isinstance(new, tuple) and k == f"{path}.{new[0]}":
+                k = f"{path}.parametrizations.{new[0]}.original"
+            elif not isinstance(new, tuple) and k.startswith(path + "."):
+                k = f"{path}.base.{k[len(path) + 1:]}"
+        if _under(k, extra) or statistics and k in stats:
+            own[k] = v
     adapters, settings = {}, {}
     for path, new in plan:
         weight, module = new if isinstance(new, tuple) else (None, new)
@@ -1250,14 +1272,13 @@ def _check_adapter_state(model, plan, state, extra, statistics):
                          f"load it into the model it was trained on")
     own.update(adapters)
     for k, v in state.items():
-        loaded = v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
-        if v.shape != own[k].shape:
-            raise ValueError(f"load_adapter: the file's {k} is {tuple(v.shape)}, this model's {tuple(own[k].shape)}; "
-                             f"load it into the model it was trained on")
-        if v.is_floating_point() and v.numel() and not (loaded.isfinite().all() and (k not in adapters or
-                                                                                     v.abs().max() <= 1e6)):
-            raise ValueError(f"load_adapter: {k} holds NaN, inf (as {own[k].dtype}) or values beyond 1e6: the run that "
-                             f"saved it diverged; retrain it")
+        if v.shape != own[k].shape or v.is_floating_point() != own[k].is_floating_point():
+            raise ValueError(f"load_adapter: the file's {k} is {v.dtype} {tuple(v.shape)}, this model's {own[k].dtype} "
+                             f"{tuple(own[k].shape)}; load it into the model it was trained on")
+        loaded = v.to(own[k].dtype)
+        if v.is_floating_point() and v.numel() and not (loaded.isfinite().all() and loaded.abs().max() <= 1e6):
+            raise ValueError(f"load_adapter: {k} holds NaN, inf (as {own[k].dtype}) or values beyond 1e6: the run "
+                             f"that saved it diverged; retrain it")
     for k, module in settings.items():                    # scaling, basis_scale, row ranges: checks only
         module.set_extra_state(state[k])
 
@@ -1280,10 +1301,10 @@ def _adapter_parameters(model, types=ADAPTERS):
 
 
 def _unwrap(model):
-    """The model inside torch.compile's and DistributedDataParallel's wrappers, whose names it has."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(getattr(model, "_orig_mod", None),
-                                                                                nn.Module):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    """The model inside torch.compile's, DataParallel's and DistributedDataParallel's wrappers, whose names it has."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, wrappers) or isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model.module if isinstance(model, wrappers) else model._orig_mod
     return model
 
 
@@ -1293,6 +1314,20 @@ def _tally(names):
     for n in names:
         counts[n] = counts.get(n, 0) + 1
     return ", ".join(f"{n} x{c}" for n, c in list(counts.items())[:10]) or "none"
+
+
+def _extra_names(model, extra, default, who):
+    """``extra`` as a tuple of names of the model's modules or parameters, each checked to be one (a typo
+    would leave a tensor out unseen); None: those of ``default`` the model has."""
+    keys = model.state_dict().keys()
+    if extra is None:
+        return tuple(n for n in default if any(_under(k, (n,)) for k in keys))
+    extra = _check_names(extra, f"{who}: extra")
+    unknown = [n for n in extra if not any(_under(k, (n,)) for k in keys)]
+    if unknown:
+        raise ValueError(f"{who}: extra names {unknown}, which are no modules or parameters of the model; its "
+                         f"modules are {[n for n, _ in model.named_children()][:8]}")
+    return extra
 
 
 def _under(name, paths):
@@ -1750,7 +1785,8 @@ def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True)
     ``source`` is a name in PRETRAINED (create_vit builds its model), a local .safetensors file
     (the hub's format, read by our own checked reader: nothing in it can run code), or a URL of one
     (downloaded once and cached, see :func:`download`). The position embedding is resampled to the
-    model's image size; a head for another number of classes (or none) leaves the model's own head.
+    model's image size; a head for another number of classes (or none) leaves the model's own head;
+    a model of fewer blocks takes the checkpoint's first ones (and says so).
     """
     source = weights_url(source) if source in PRETRAINED else source
     url = str(source).startswith(("http://", "https://"))
@@ -1765,7 +1801,12 @@ def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True)
             Path(path).unlink(missing_ok=True)
             raise ValueError(f"{e}\n(the downloaded copy was deleted: run again to download it anew)") from None
         raise
-    own = model.state_dict()
+    own, depth = model.state_dict(), len(getattr(model, "blocks", ()))
+    block = lambda k: int(k.split(".")[1]) if k.startswith("blocks.") and k.split(".")[1].isdigit() else -1
+    beyond = {k for k in state if block(k) >= depth}
+    if beyond and depth and verbose:                      # a shallower ViT (depth=) takes the first blocks
+        print(f"load_pretrained: the model has {depth} blocks; it takes the checkpoint's first {depth}")
+    state = {k: v for k, v in state.items() if k not in beyond} if depth else state
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
     found = state.get("head.weight")

@@ -578,13 +578,15 @@ def test_add_nora_takes_classes_and_names_and_a_refusal_leaves_the_model_alone()
     assert model[0].weight.requires_grad
     fresh = tiny_vit()
     for bad in (lambda: nora.add_nora(fresh, rank=0, example=images(1)), lambda: nora.add_lora(fresh, rank=-1),
-                lambda: nora.add_nora(fresh, groups=7, example=images(1)), lambda: nora.add_nora(fresh, groups=7)):
+                lambda: nora.add_nora(fresh, groups=7, example=images(1)), lambda: nora.add_nora(fresh, example=None)):
         with pytest.raises(ValueError):
             bad()
         assert all(p.requires_grad for p in fresh.parameters()) and not any(
             isinstance(m, nora.ADAPTERS) for m in fresh.modules())
     with pytest.raises(ValueError, match="pass example="):                          # widths are seen, not guessed
-        nora.add_nora(fresh, channel_dim=-1)
+        nora.add_nora(fresh, channel_dim=-1, example=None)
+    with pytest.raises(TypeError, match="example"):                                # and its signature says so
+        nora.add_nora(fresh, groups=7)
 
 
 @pytest.mark.parametrize("method", ["nora", "nora++", "lora"])
@@ -805,6 +807,9 @@ def test_an_adapter_file_cannot_write_the_backbone_or_allocate_what_it_does_not_
         with pytest.raises(ValueError, match=match):
             nora.load_adapter(model, bad, example=x)
         assert torch.equal(model[0].weight, weight) and type(model[1]) is nn.GELU, name
+    calm = edited(a, tmp_path / "calm.safetensors", calls=lambda d: d["add_nora"].append(
+        dict(d["add_nora"][0], degrees=[10 ** 12, 4], per_module={"1": None})))
+    nora.load_adapter(copy_of(plain), calm, example=x)   # a call that builds nothing allocates nothing
     deep = tmp_path / "deep.safetensors"
     state = nora.read_safetensors(a)
     nora.write_safetensors(deep, state, {"nora": "[" * 100_000 + "]" * 100_000})
@@ -816,8 +821,11 @@ def test_an_adapter_file_cannot_write_the_backbone_or_allocate_what_it_does_not_
             nora.load_adapter(other, a, example=x)
         assert other[1] is wrong
     narrow = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 4))          # 12 channels, not 16
-    with pytest.raises(ValueError, match=r"acts on \[12\] channels, not on the \[16\]"):
+    with pytest.raises(ValueError, match=r"2.lora_A \(1, 2, 16\) for \(1, 2, 12\)\): it was trained on another"):
         nora.load_adapter(narrow, a, example=x)
+    nora.save_adapter(nora.add_nora(copy_of(plain), groups=4, example=x), tmp_path / "n.safetensors")
+    with pytest.raises(ValueError, match=r"acts on \[12\] channels, not on the \[16\]"):
+        nora.load_adapter(narrow, tmp_path / "n.safetensors", example=x)
     with pytest.raises(ValueError, match="pass example="):
         nora.load_adapter(copy_of(plain), a)
     with pytest.raises(ValueError, match="a folder"):
@@ -850,6 +858,45 @@ def test_an_adapter_of_two_calls_or_of_a_class_named_with_its_init_loads_back(tm
     with pytest.raises(ValueError, match="other settings"):
         other.load_state_dict(saved.state_dict())        # refused before any tensor is copied
     assert not other.B_P.any()
+
+
+def test_a_second_hostile_pass_finds_no_silent_wrong_load(tmp_path):
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    trained = nora.add_nora(copy_of(plain), groups=4, example=x)
+    a = tmp_path / "a.safetensors"
+    nora.save_adapter(trained, a)
+    state = nora.read_safetensors(a)
+    moved = {f"2.{k[2:]}": v for k, v in state.items() if k.startswith("1.")}  # the activation's tensors, on "2"
+    for name, tensors, calls, match in (
+            ("a Linear named as an activation", lambda s: {**s, **moved}, lambda d: d["add_nora"][0].update(
+                target=["gelu", "torch.nn.modules.linear.Linear"], per_module={
+                    **d["add_nora"][0]["per_module"], "2": dict(groups=4, channel_dim=-1, channels=[4]), "0": None}),
+             "holds parameters, buffers or modules"),
+            ("integers", {"1.B_P": torch.full((4, 2), 10 ** 18, dtype=torch.int64)}, None, "int64")):
+        model = copy_of(plain)
+        with pytest.raises(ValueError, match=match):
+            nora.load_adapter(model, edited(a, tmp_path / f"{len(name)}.safetensors", tensors, calls), example=x)
+        assert type(model[1]) is nn.GELU and type(model[2]) is nn.Linear, name
+    lora = nora.mark_trainable(nora.add_lora(copy_of(plain), rank=2, targets=("2",)), "0.bias")
+    nora.save_adapter(lora, tmp_path / "l.safetensors")
+    rank = 500_000                                        # a small file claiming a rank whose lora_A is huge
+    huge = edited(tmp_path / "l.safetensors", tmp_path / "huge.safetensors",
+                  {"2.lora_B": torch.zeros(1, 1, rank), "2.lora_A": torch.zeros(0)}, lambda d: (
+                      d["add_lora"][0].update(rank=rank), d["add_lora"][0]["per_module"]["2"].update(rows=[[0, 1]])))
+    with pytest.raises(ValueError, match=r"2.lora_A \(0,\) for \(1, 500000, 16\)"):
+        nora.load_adapter(copy_of(plain), huge, extra=("0",))
+    head = nora.mark_trainable(nora.add_lora(copy_of(plain), rank=2, targets=("2",)), "2")   # LoRA and its base trained
+    nora.save_adapter(head, tmp_path / "h.safetensors")
+    back = nora.load_adapter(copy_of(plain), tmp_path / "h.safetensors", extra=("2",))      # "2" names its base too
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), head(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"extra names \['clasifier'\]"):
+        nora.save_adapter(nora.freeze(copy_of(trained)), tmp_path / "t.safetensors", extra=("clasifier",))
+    nora.save_adapter(nn.DataParallel(trained), tmp_path / "dp.safetensors")               # the wrapper's names go
+    assert all(not k.startswith("module.") for k in nora.read_safetensors(tmp_path / "dp.safetensors"))
+    nora.load_adapter(nn.DataParallel(copy_of(plain)), tmp_path / "dp.safetensors", example=x)
 
 
 def copy_of(model):
@@ -1236,6 +1283,17 @@ def test_an_axis_that_contradicts_the_example_is_refused_and_so_is_a_flattened_o
             return self.act(self.fc(x).flatten(1))
     with pytest.raises(ValueError, match=r"act \(GELU\) gets \(2, 64\) inputs whose channel axis no layer's output"):
         nora.add_nora(Flat(), groups=4, example=torch.randn(2, 4, 8))
+
+
+def test_a_layernorm_over_several_axes_shows_no_channel_axis_and_grow_keeps_to_the_widths():
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.LayerNorm([16, 8, 8]), nn.GELU())
+    with pytest.raises(ValueError, match=r"2 \(GELU\) gets \(2, 16, 8, 8\) inputs whose channel axis"):
+        nora.add_nora(model, groups=4, example=torch.randn(2, 3, 8, 8))
+    nora.add_nora(model, groups=4, example=torch.randn(2, 3, 8, 8), channel_dim=1)
+    with pytest.raises(ValueError, match="divide the \\[16\\] channels"):
+        model[2].grow(40)
+    assert model[2].numerator.shape[0] == 4
+    model[2].grow(16)
 
 
 def test_an_activation_the_example_does_not_run_is_refused_or_left_as_the_caller_says():
@@ -1953,8 +2011,9 @@ def test_records_survive_two_writers_and_a_crash(tmp_path):
     import multiprocessing
     import train_vit
     out = tmp_path / "r.json"
+    (tmp_path / "link.json").symlink_to(out)             # the second writer names the file through a link
     with multiprocessing.get_context("fork").Pool(2) as pool:
-        pool.starmap(_append_records, [(str(out), w) for w in range(2)])
+        pool.starmap(_append_records, [(str(tmp_path / f), w) for w, f in enumerate(("r.json", "link.json"))])
     records = json.loads(out.read_text())
     assert sorted((r["writer"], r["i"]) for r in records) == [(w, i) for w in range(2) for i in range(25)]
     before = out.read_bytes()
@@ -2040,7 +2099,7 @@ def test_fit_gelu_reads_images_without_running_code(tmp_path, monkeypatch):
             return (os.system, (f"touch {tmp_path / 'ran'}",))
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")          # a common workaround that disarms torch.load
-    with pytest.raises(Exception):
+    with pytest.raises((Exception, SystemExit)):
         fit_gelu.preactivation_ranges("vit_tiny_patch16_224.augreg_in21k_ft_in1k", str(write_checkpoint(tmp_path)),
                                       str(tmp_path / "evil.pt"), 32)
     assert not (tmp_path / "ran").exists()
@@ -2072,6 +2131,30 @@ def test_train_vit_says_what_is_missing_before_it_compiles_and_saves_only_what_i
     with pytest.raises(SystemExit) as e:
         train_vit.main(["--data-root", str(tmp_path), "--method", "vpt", "--save", str(tmp_path / "a.safetensors")])
     assert e.value.code == 2 and "keep NoRA and LoRA adapters" in capsys.readouterr().err
+
+
+def test_eval_adapter_refuses_flags_that_differ_from_the_saved_run_and_finds_its_checkpoint_anywhere(cifar_root,
+                                                                                                         tmp_path,
+                                                                                                         monkeypatch):
+    import train_vit
+    ckpt = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    nora.write_safetensors(ckpt, nora.VisionTransformer("tiny", img_size=32, depth=2, num_classes=0).state_dict())
+    run = [a for a in TINY_RUN if a not in ("--weights", "none")]             # --depth 1 of a depth-2 checkpoint
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    rec = train_vit.main(["--data-root", str(cifar_root), "--weights", "../w.safetensors", "--save", "s.safetensors",
+                          *run])
+    monkeypatch.chdir(tmp_path)                          # elsewhere: the saved relative path would miss it
+    again = train_vit.main(["--data-root", str(cifar_root), "--eval-adapter", "a/s.safetensors", *run])
+    assert again["accuracy"] == rec["accuracy"]
+    with pytest.raises(SystemExit, match="differ from --seed 7"):
+        train_vit.main(["--data-root", str(cifar_root), "--eval-adapter", "a/s.safetensors", *run, "--seed", "7"])
+    (tmp_path / "r.json").write_text("[]")
+    (tmp_path / "r2.json").hardlink_to(tmp_path / "r.json")
+    with pytest.raises(SystemExit) as e:                 # refused before it trains, not when it writes
+        train_vit.main(["--data-root", str(cifar_root), *TINY_RUN, "--out", "r.json"])
+    assert e.value.code == 2 and (tmp_path / "r2.json").read_text() == "[]"
 
 
 def test_tables_finishing_together_keep_every_table(tmp_path, monkeypatch):

@@ -415,7 +415,7 @@ def read_records(path):
 def locked(path):
     """An exclusive lock on ``path``.lock for a read-change-write of ``path`` that two runs share
     (released when the lock file closes; none where fcntl is missing, as on Windows)."""
-    with open(f"{path}.lock", "a") as f:
+    with open(f"{os.path.realpath(path)}.lock", "a") as f:   # (one lock per file, whatever link names it)
         if fcntl:
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
@@ -751,6 +751,8 @@ def check_output_paths(p, paths, inputs=()):
             tempfile.TemporaryFile(dir=path.parent).close()
         except OSError as e:
             p.error(f"{flag} {path}: its folder cannot be written ({e.strerror}); give a path in a folder you can write")
+        if path.is_file() and path.stat().st_nlink > 1:   # writing through a temporary file would break the links
+            p.error(f"{flag} {path} has other hard links; copy it to a file of its own, or give another path")
         if path.resolve() in resolved:
             p.error(f"{flag} and {resolved[path.resolve()]} name the same file {path}; give each its own")
         resolved[path.resolve()] = flag
@@ -784,7 +786,7 @@ def parse_args(argv=None, parser=None, outputs=()):
     record = nora.PRETRAINED[args.model]
     (dim, depth, _), patch = nora.VIT_SIZES[record["size"]], record["patch_size"]
     width = 4 * dim
-    for k, most in dict(img_size=1024, depth=depth, rank=64, lora_rank=dim).items():
+    for k, most in dict(img_size=1024, depth=depth, rank=64, lora_rank=dim, seed=2 ** 31 - 1).items():
         if (getattr(args, k) or 0) > most:
             p.error(f"--{k.replace('_', '-')} {getattr(args, k)} is more than this model takes (at most {most})")
     if (args.save or args.eval_adapter) and args.method not in SAVEABLE:
@@ -808,6 +810,8 @@ def parse_args(argv=None, parser=None, outputs=()):
                            **{flag: getattr(args, flag[2:].replace("-", "_")) for flag in outputs}},
                        {"--eval-adapter": args.eval_adapter, "--weights": args.weights,
                         "--data-root": Path(args.data_root) / CIFAR[args.dataset][0]})
+    if args.weights not in (None, "none") and Path(args.weights).is_file():   # a --save file names it from anywhere
+        args.weights = str(Path(args.weights).resolve())
     args.device = torch.device(args.device)
     args.amp = getattr(torch, args.amp_dtype) if args.device.type == "cuda" and not args.no_amp else None
     args.mean, args.std = record["mean"], record["std"]
@@ -823,8 +827,8 @@ def saved_run_flags(path, weights):
     ``weights`` (--weights) is given; a URL is refused (only --weights may say to download)."""
     try:
         settings = json.loads(nora.read_safetensors(path, metadata=True)[1].get("train_vit", "null"))
-    except ValueError as e:
-        sys.exit(f"error: {path} could not be read as a saved adapter: {e}")
+    except (ValueError, RecursionError) as e:
+        sys.exit(f"error: {path} could not be read as a saved adapter: {type(e).__name__}: {e}")
     if not (isinstance(settings, dict) and "method" in settings):
         sys.exit(f"error: {path} is not a train_vit.py --save file (it has no run settings: load it in Python "
                  f"with nora.load_adapter(model, path, example=...))")
@@ -900,7 +904,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.eval_adapter:                               # the saved run's settings pick the data and seed too
-        args = parse_args(argv + saved_run_flags(args.eval_adapter, args.weights))
+        saved = saved_run_flags(args.eval_adapter, args.weights)
+        theirs = parse_args(argv + saved)
+        clash = [f"{flag} {getattr(args, flag[2:].replace('-', '_'))}" for flag in saved[::2] if flag in argv
+                 and getattr(args, flag[2:].replace("-", "_")) != getattr(theirs, flag[2:].replace("-", "_"))]
+        if clash:
+            sys.exit(f"error: --eval-adapter rebuilds the saved run, whose settings differ from {', '.join(clash)}; "
+                     f"drop those flags")
+        args = theirs
     with session(args):
         data = load_data(args)
         if args.eval_adapter:
