@@ -27,7 +27,7 @@ import train_vit as tv  # noqa: E402
 # Learning rates tried per method in --table study; each method's best is chosen on a validation
 # split carved from the training set (never on the test set), then run again with more seeds.
 # The head's lr is chosen first (row 'head'); every other method keeps the head at that lr and
-# sweeps the lr of its own parameters (nora.param_groups); nora++ keeps NoRA at row 'nora's lr
+# sweeps the lr of its own parameters (train_vit.param_groups); nora++ keeps NoRA at row 'nora's lr
 # and sweeps LoRA's.
 STUDY = {
     "head": (3e-3, 1e-2, 3e-2),
