@@ -551,6 +551,8 @@ def add_nora(model, groups=8, rank=2, *, example, target=("gelu", "gelu_tanh"), 
         example: an input for ``model`` (a tensor, a tuple of arguments or a dict of keyword
             arguments), run once in eval mode to see each activation's input: its channel axis and
             the widths ``groups`` must divide. An activation the example does not run is refused.
+            The RNG, the modes and every buffer are put back; state a module keeps in plain Python
+            attributes (a call counter) is the model's own business.
         target: names in ACTIVATIONS (the modules of a known class computing one of them), or
             module classes (exactly those; init= for a class whose function is not known).
         init: the base rational, a name in COEFFS or a fit_rational() pair; None: the fit of the
