@@ -522,6 +522,8 @@ class LoRALinear(nn.Module):
 # trouble with the call to make, so a refused call leaves the model as it was. An adapter file
 # holds the tensors and the calls that made them, each module's settings written out; load_adapter
 # makes the same calls on a plain model, with the same checks, and loads exactly their tensors.
+# On a model you know, sections 1-5 are all you need: `block.mlp.act = NoRA(8, 2)` for each block,
+# then freeze the rest; add_nora is that, for models you do not know.
 # -----------------------------------------------------------------------------
 
 ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable (LoRAWeight too)
