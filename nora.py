@@ -143,25 +143,12 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
 
     Returns (numerator (num_degree+1,), denominator (den_degree,)) as float64 tensors.
     """
-    num_degree, den_degree, iters, points = (_positive_int(v, f"fit_rational: {k}") for k, v in
-                                             dict(num_degree=num_degree, den_degree=den_degree, iters=iters,
-                                                  points=points).items())
-    if den_degree < 2 or points <= num_degree + den_degree:
-        raise ValueError(f"fit_rational: need den_degree >= 2 (the module's Q) and more points than coefficients; "
-                         f"got den_degree={den_degree}, points={points}")
-    if not (isinstance(x_range, (tuple, list)) and len(x_range) == 2 and all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in x_range)
-            and -1e4 <= x_range[0] <= x_range[1] - 1e-3 and x_range[1] <= 1e4):
-        raise ValueError(f"fit_rational: x_range must be (low, high) within [-1e4, 1e4] with high - low >= 1e-3 "
-                         f"(where an activation's inputs lie), got {x_range!r}")
+    num_degree, den_degree, iters, points = _check_fit(num_degree, den_degree, iters, points, x_range)
     x = torch.linspace(*map(float, x_range), points, dtype=torch.float64)
     f = fn(x)
-    if not (isinstance(f, torch.Tensor) and f.shape == x.shape and f.is_floating_point()):
-        raise ValueError(f"fit_rational: fn must map a 1-D float64 tensor to a tensor of its shape, elementwise; "
-                         f"got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}")
-    if not torch.isfinite(f).all():
-        raise ValueError(f"fit_rational: the function is not finite everywhere on {x_range}; "
-                         f"fit on a range where it is")
+    if not (isinstance(f, torch.Tensor) and f.shape == x.shape and f.is_floating_point() and f.isfinite().all()):
+        raise ValueError(f"fit_rational: fn must map x (a 1-D float64 tensor) to finite values of its shape on "
+                         f"{x_range}; got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}")
     V = x[:, None] ** torch.arange(num_degree + 1)       # columns x^0 .. x^m
     W = x[:, None] ** torch.arange(1, den_degree + 1)    # columns x^1 .. x^n
     root_weight = torch.ones_like(x) if weight is None else weight(x)
@@ -1405,6 +1392,22 @@ def _check_axis(value, what):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what} must be an integer axis (-1: the last, 1: (N, C, H, W)), got {value!r}")
     return int(value)
+
+
+def _check_fit(num_degree, den_degree, iters, points, x_range):
+    """fit_rational's arguments, as plain ints: degrees the module takes (m >= 1, n >= 2), more points
+    than coefficients, and a range (low, high) within [-1e4, 1e4] with high - low >= 1e-3."""
+    num_degree, den_degree, iters, points = (_positive_int(v, f"fit_rational: {k}") for k, v in dict(
+        num_degree=num_degree, den_degree=den_degree, iters=iters, points=points).items())
+    if den_degree < 2 or points <= num_degree + den_degree:
+        raise ValueError(f"fit_rational: need den_degree >= 2 (the module's Q) and more points than coefficients; "
+                         f"got den_degree={den_degree}, points={points}")
+    if not (isinstance(x_range, (tuple, list)) and len(x_range) == 2 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in x_range)
+            and -1e4 <= x_range[0] <= x_range[1] - 1e-3 and x_range[1] <= 1e4):
+        raise ValueError(f"fit_rational: x_range must be (low, high) within [-1e4, 1e4] with high - low >= 1e-3 "
+                         f"(where an activation's inputs lie), got {x_range!r}")
+    return num_degree, den_degree, iters, points
 
 
 def _check_per_module(per_module):
