@@ -35,16 +35,14 @@ def error_table(fn, num, den, ranges=(3, 6, 8, 10, 12, 16)):
     return rows
 
 
-def preactivation_ranges(model_name, weights, images, img_size):
-    """Where the checkpoint's fc1 outputs (the GELU inputs) lie, and how strongly the output of the
-    GELU rational responds to each numerator coefficient there, in the paper's monomial basis and
-    in NoRA's scaled basis (x/s)^i (nora.NoRA)."""
+def vit_and_images(model_name, weights, images, img_size):
+    """The checkpoint's ViT and the images to run it on, read before any fit: a bad file stops the
+    script before it works, not after."""
     model = nora.create_vit(model_name, img_size=img_size, num_classes=0)
-    nora.load_pretrained(model, weights or model_name, verbose=False)
-    model.eval()
-    seen = []
-    for block in model.blocks:
-        block.mlp.act.register_forward_hook(lambda m, inp, out: seen.append(inp[0].flatten()))
+    try:
+        nora.load_pretrained(model, weights or model_name, verbose=False)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}")
     try:
         x = torch.load(images, weights_only=True) if images else torch.randn(8, 3, img_size, img_size,
                                                                              generator=torch.Generator().manual_seed(0))
@@ -52,9 +50,19 @@ def preactivation_ranges(model_name, weights, images, img_size):
         raise SystemExit(f"error: --images {images} could not be read as a tensor ({type(e).__name__}: {e})")
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 3 and x.is_floating_point()):
         raise SystemExit(f"error: --images {images} holds no (N, 3, S, S) float tensor of normalised images")
+    return model.eval(), x
+
+
+def preactivation_ranges(model, x, label):
+    """Where the ViT's fc1 outputs (the GELU inputs) lie on ``x``, and how strongly the output of the
+    GELU rational responds to each numerator coefficient there, in the paper's monomial basis and
+    in NoRA's scaled basis (x/s)^i (nora.NoRA)."""
+    seen = []
+    for block in model.blocks:
+        block.mlp.act.register_forward_hook(lambda m, inp, out: seen.append(inp[0].flatten()))
     with torch.no_grad():
         model(x)
-    print(f"\nfc1 outputs of {weights or model_name} on {'images ' + images if images else 'random-noise images'}:")
+    print(f"\nfc1 outputs of {label}:")
     print("| layer | min | max | 0.01% | 99.99% | beyond +-8 |\n|---|---|---|---|---|---|")
     for i, a in enumerate(seen):
         q = torch.quantile(a[torch.randperm(len(a), generator=torch.Generator().manual_seed(0))[:10**6]],
@@ -111,6 +119,8 @@ def main(argv=None):
             p.error(f"{path} {why}; give the output a new file path in an existing folder")
     if len({path.resolve() for path in outputs}) < len(outputs):
         p.error("--out and --plot name the same file; give each its own")
+    measured = vit_and_images(args.model or nora.DEFAULT_WEIGHTS, args.weights, args.images, args.img_size) \
+        if args.weights or args.model else None
     try:
         nora.fit_rational(F.gelu, x_range=tuple(args.range), iters=1, warn_above=float("inf"))
     except ValueError as e:                               # (the range, before the real fits)
@@ -146,8 +156,9 @@ def main(argv=None):
     if args.plot:
         nora.write_svg(args.plot, panels, columns=2, width=360)
         print(f"\nwrote {args.plot}")
-    if args.weights or args.model:
-        preactivation_ranges(args.model or nora.DEFAULT_WEIGHTS, args.weights, args.images, args.img_size)
+    if measured:
+        preactivation_ranges(*measured, f"{args.weights or args.model} on "
+                                        f"{'images ' + args.images if args.images else 'random-noise images'}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -392,8 +393,8 @@ class NoRA(nn.Module):
 # computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
 # linear; LoRA on "q and v" (the paper's LoRA baseline, C.1, which NoRA++ here adds to NoRA) is
 # then two updates on two ranges of rows of that one weight, so `row_ranges` lists the (start,
-# stop) ranges of output rows to adapt, each with its own A and B. `fan_in_fan_out` (loralib's name) says the base stores its weight (in, out), as
-# GPT-2's Conv1D does, rather than nn.Linear's (out, in).
+# stop) ranges of output rows to adapt, each with its own A and B. `fan_in_fan_out` (loralib's
+# name) says the base stores its weight (in, out), as GPT-2's Conv1D does, not nn.Linear's (out, in).
 # -----------------------------------------------------------------------------
 
 class LoRALinear(nn.Module):
@@ -577,17 +578,17 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=Non
 def mark_trainable(model, *names):
     """Make the parameters under each of ``names`` trainable: a module path such as 'head' (its
     parameters) or a parameter's name. save_adapter keeps them unless told otherwise."""
-    names = tuple(n for group in names for n in ([group] if isinstance(group, str) else group))
+    names, inner = tuple(n for group in names for n in ([group] if isinstance(group, str) else group)), _unwrap(model)
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"mark_trainable: name the modules or parameters to train, e.g. mark_trainable(model, "
                          f"'head'); got {names!r}")
-    hits = [p for n, p in model.named_parameters() if _under(n, names)]
+    hits = [p for n, p in inner.named_parameters() if _under(n, names)]
     if not hits:
         raise ValueError(f"mark_trainable: no parameter is under {names}; the model's modules are "
-                         f"{[n for n, _ in model.named_children()][:8]}")
+                         f"{[n for n, _ in inner.named_children()][:8]}")
     for p in hits:
         p.requires_grad_(True)
-    model.nora_trainable = tuple(dict.fromkeys(getattr(model, "nora_trainable", ()) + names))
+    inner.nora_trainable = tuple(dict.fromkeys(getattr(inner, "nora_trainable", ()) + names))
     return model
 
 
@@ -595,11 +596,19 @@ def merge(model):
     """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
     inference costs what the base model costs (NoRA: one rational per activation). The merged LoRA
     parameters stop training. Save the adapter first: a merged LoRA's is in no adapter tensor, so
-    saving it is refused (a merged NoRA saves fine)."""
+    saving it is refused (a merged NoRA saves fine). A refused merge leaves no LoRA merged."""
+    done = []
+    try:
+        for m in model.modules():
+            if isinstance(m, ADAPTERS) and not isinstance(m, LoRAWeight):
+                m.merge()                                 # (a merged NoRA computes what it did: nothing to undo)
+                done.append(m)
+    except (TypeError, ValueError):
+        for m in done:
+            if isinstance(m, LoRALinear):
+                m.unmerge()
+        raise
     _remove_lora_parametrizations(model)                  # LoRAWeight: the weight keeps W0 + B A, plainly
-    for m in model.modules():
-        if isinstance(m, ADAPTERS):
-            m.merge()
     return model
 
 
@@ -915,10 +924,13 @@ def _find_activations(model, target, init, per_module):
     if not targets or not all(t in ACTIVATIONS if isinstance(t, str) else isinstance(t, type) for t in targets):
         raise ValueError(f"add_nora: target must name functions in {list(ACTIVATIONS)} or module classes, "
                          f"got {target!r}")
-    found, done = {}, set()
+    found, done, shared = {}, set(), _shared(model)
     for path, m in model.named_modules():
         function = activation_name(m)
         if path and id(m) not in done and (type(m) in targets or function in targets):
+            if id(m) in shared:
+                raise ValueError(f"add_nora: one {type(m).__name__} module is used at {shared[id(m)]}: a NoRA would "
+                                 f"adapt one of those places; give each its own module (copy.deepcopy)")
             if any(m.children()) or next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
                 raise ValueError(f"add_nora: {path} is a {type(m).__name__}, which holds parameters, buffers or "
                                  f"modules: no activation NoRA may replace; leave its class out of target")
@@ -999,12 +1011,12 @@ def _probe(model, example, activations):
               for m in activations]
     modes, fast = {m: m.training for m in model.modules()}, torch.backends.mha.get_fastpath_enabled()
     buffers = [(m, k, b, b.clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
-    args = example if isinstance(example, (tuple, list, dict)) else (example,)
+    args = example if isinstance(example, (tuple, list, Mapping)) else (example,)
     try:
         with torch.random.fork_rng(devices=[]):
             model.eval()
             torch.backends.mha.set_fastpath_enabled(False)   # else nn.TransformerEncoderLayer skips its activation
-            model(**args) if isinstance(args, dict) else model(*args)
+            model(**args) if isinstance(args, Mapping) else model(*args)
     except Exception as e:
         raise ValueError(f"add_nora: the model fails on the example= input ({type(e).__name__}: {e}); pass an "
                          f"input the model takes (a tensor, a tuple of arguments or a dict)") from e
@@ -1073,7 +1085,7 @@ def _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer):
         raise ValueError(f"add_lora: rows must be a dict {{target: [(start, stop), ...]}} keyed by targets, "
                          f"got {rows!r}")
     thirds = lambda n: [(i * n // 3, (i + 1) * n // 3) for i, part in enumerate("qkv") if part in qkv_parts]
-    plan, trouble = [], []
+    plan, trouble, shared = [], [], _shared(model)
     for path, m in model.named_modules():
         target, parent = _named(path, targets), model.get_submodule(path.rpartition(".")[0]) if path else None
         where, name = f"{path} ({type(m).__name__})", path.rpartition(".")[2]
@@ -1084,6 +1096,11 @@ def _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer):
             elif target:
                 trouble.append(f"{where} has no fused in_proj_weight without LoRA: leave it out of targets")
         if not target or not isinstance(getattr(m, "weight", None), torch.Tensor) or isinstance(parent, LoRALinear):
+            continue
+        tied = shared.get(id(m)) or shared.get(id(m.weight))
+        if tied:
+            trouble.append(f"{where} (or its weight) is used at {tied}: LoRA would adapt one place and its merge "
+                           f"change all; untie them, or leave it out of targets")
             continue
         if isinstance(m, LoRALinear) or not (isinstance(m, nn.Linear) or _full_name(type(m)) == CONV1D):
             trouble.append(f"{where} " + ("has LoRA already" if isinstance(m, LoRALinear) else
@@ -1156,9 +1173,10 @@ def _build_in(model, plan):
         setattr(parent, name, new)
         if isinstance(parent, nn.TransformerEncoderLayer) and name == "activation":
             parent.activation_relu_or_gelu = 0            # else its eval-mode fast path computes GELU itself
+    model.nora_trainable = tuple(_renamed(n, plan) for n in getattr(model, "nora_trainable", ()))
     freeze(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(p.requires_grad or _under(name, getattr(model, "nora_trainable", ())))
+        p.requires_grad_(p.requires_grad or _under(name, model.nora_trainable))
 
 
 def _describe_calls(model):
@@ -1192,15 +1210,21 @@ def _replay(model, calls, state, example):
     """The plan of the calls an adapter file holds, made again on ``model`` with every check of add_nora
     and add_lora; the sizes the calls give are first checked against the file's own tensors, so that
     nothing the file does not hold is allocated."""
-    claims = {f"{p}.{k}": (own["groups"], d) for c in calls["add_nora"] for p, own in c["per_module"].items() if own
-              for k, d in (("numerator", c["degrees"][0] + 1), ("denominator", c["degrees"][1]), ("B_P", c["rank"]))}
+    claims, layers = {}, dict(model.named_modules())
+    for c in calls["add_nora"]:
+        (m, n), r, shared = c["degrees"], c["rank"], c["form"] == "shared"
+        for p, own in ((p, own) for p, own in c["per_module"].items() if own):
+            g = own["groups"]
+            shapes = dict(numerator=(g, m + 1), denominator=(g, n), B_P=(g, r), B_Q=(g, r),
+                          A_P=(r, m + 1) if shared else (g, m + 1, r), A_Q=(r, n) if shared else (g, n, r))
+            claims.update({f"{p}.{k}": shape for k, shape in shapes.items()})
     for c in calls["add_lora"]:
         for p, own in c["per_module"].items():
             prefix = f"{p}.parametrizations.in_proj_weight.0." if own["fan_in_fan_out"] is None else f"{p}."
             (start, stop), k = own["rows"][0], len(own["rows"])
-            layer = dict(model.named_modules()).get(p)
-            weight = getattr(layer, "in_proj_weight" if own["fan_in_fan_out"] is None else "weight", None)
-            width = weight.shape[0 if own["fan_in_fan_out"] else 1] if isinstance(weight, torch.Tensor) else 0
+            layer = layers.get(p)                          # its input width as the layer's class says
+            weight = getattr(layer, "in_proj_weight" if isinstance(layer, nn.MultiheadAttention) else "weight", None)
+            width = weight.shape[_full_name(type(layer)) != CONV1D] if isinstance(weight, torch.Tensor) else 0
             claims.update({prefix + "lora_B": (k, stop - start, c["rank"]), prefix + "lora_A": (k, c["rank"], width)})
     wrong = [f"{k} {tuple(state[k].shape) if k in state else 'missing'} for {v}" for k, v in claims.items()
              if k not in state or tuple(state[k].shape) != v]
@@ -1242,11 +1266,7 @@ def _check_adapter_state(model, plan, state, extra, statistics):
     (in the dtype it loads into) or values beyond 1e6; settings no shape shows (extra state)."""
     stats, own = _running_statistics(model), {}
     for k, v in model.state_dict().items():               # under the names they will have once LoRA wraps them
-        for path, new in plan:
-            if isinstance(new, tuple) and k == f"{path}.{new[0]}":
-                k = f"{path}.parametrizations.{new[0]}.original"
-            elif not isinstance(new, tuple) and k.startswith(path + "."):
-                k = f"{path}.base.{k[len(path) + 1:]}"
+        k = _renamed(k, plan)
         if _under(k, extra) or statistics and k in stats:
             own[k] = v
     adapters, settings = {}, {}
@@ -1272,6 +1292,25 @@ def _check_adapter_state(model, plan, state, extra, statistics):
                              f"that saved it diverged; retrain it")
     for k, module in settings.items():                    # scaling, basis_scale, row ranges: checks only
         module.set_extra_state(state[k])
+
+
+def _shared(model):
+    """{id: paths} of the modules and parameters the model uses at more than one path (tied weights)."""
+    paths = {}
+    for path, t in [*model.named_modules(remove_duplicate=False), *model.named_parameters(remove_duplicate=False)]:
+        paths.setdefault(id(t), []).append(path)
+    return {i: p for i, p in paths.items() if len(p) > 1}
+
+
+def _renamed(name, plan):
+    """The name a parameter or state-dict key ``name`` has once ``plan`` is built in: LoRA puts the layer it
+    wraps under `base`, and a LoRAWeight puts the weight under `parametrizations.<weight>.original`."""
+    for path, new in plan:
+        if isinstance(new, tuple) and name == f"{path}.{new[0]}":
+            return f"{path}.parametrizations.{new[0]}.original"
+        if not isinstance(new, tuple) and name.startswith(path + "."):
+            return f"{path}.base.{name[len(path) + 1:]}"
+    return name
 
 
 def _adapter_keys(model):
@@ -1603,6 +1642,8 @@ def write_atomic(path, data, replace=True):
     the link stays), the old file's permissions are kept, and a file with other hard links is refused
     (a new file would break them). ``replace=False``: never replace a file (FileExistsError)."""
     path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} is no regular file (a folder, a device, a FIFO?): give the path of a file to write")
     old = os.stat(path) if path.exists() and replace else None
     if old is not None and old.st_nlink > 1:
         raise OSError(f"{path} has {old.st_nlink - 1} other hard link(s), which writing through a temporary file "

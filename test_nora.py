@@ -899,6 +899,46 @@ def test_a_second_hostile_pass_finds_no_silent_wrong_load(tmp_path):
     nora.load_adapter(nn.DataParallel(copy_of(plain)), tmp_path / "dp.safetensors", example=x)
 
 
+def test_a_third_pass_shared_modules_tied_weights_merges_and_names(tmp_path):
+    class Block(nn.Module):
+        def __init__(self, act, fc=None):
+            super().__init__()
+            self.fc, self.act = fc or nn.Linear(8, 8), act
+
+        def forward(self, x):
+            return x + self.act(self.fc(x))
+    act, x = nn.GELU(), torch.randn(2, 8)
+    shared = nn.Sequential(*[Block(act) for _ in range(3)])            # one GELU at three paths
+    with pytest.raises(ValueError, match=r"one GELU module is used at \['0.act', '1.act', '2.act'\]"):
+        nora.add_nora(shared, groups=2, example=x)
+    fc = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="is used at .*untie them"):                   # one Linear at two paths
+        nora.add_lora(nn.Sequential(Block(nn.GELU(), fc), Block(nn.GELU(), fc)), targets=("fc",))
+    tied = nn.ModuleDict(dict(emb=nn.Embedding(10, 8), head=nn.Linear(8, 10, bias=False)))
+    tied.head.weight = tied.emb.weight                                 # a language model's tied embedding
+    with pytest.raises(ValueError, match="head .* is used at"):
+        nora.add_lora(tied, targets=("head",))
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), torch.nn.utils.parametrizations.weight_norm(nn.Linear(8, 2)))
+    nora.add_lora(model, rank=2, targets=("0", "2"))
+    with pytest.raises(TypeError, match="no stored weight"):
+        nora.merge(model)                                  # the second cannot merge: the first is put back
+    assert not model[0].merged and not model[2].merged
+    marked = nora.mark_trainable(nn.Sequential(nn.Linear(4, 8), nn.GELU()), "0.weight")
+    nora.add_lora(marked, rank=2, targets=("0",))
+    assert marked[0].base.weight.requires_grad and "0.base.weight" in nora.adapter_state_dict(marked)
+    assert nora.mark_trainable(torch.compile(nn.Sequential(nn.Linear(4, 4))), "0") is not None   # through wrappers
+    from collections import UserDict
+
+    class Keywords(nn.Module):                            # a tokenizer's output is a Mapping, not a dict
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(8, 8), nn.GELU()
+
+        def forward(self, input_ids=None):
+            return self.act(self.fc(input_ids))
+    nora.add_nora(Keywords(), groups=2, example=UserDict(input_ids=x))
+
+
 def copy_of(model):
     import copy
     return copy.deepcopy(model)
@@ -2100,14 +2140,15 @@ def test_fit_gelu_reads_images_without_running_code(tmp_path, monkeypatch):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")          # a common workaround that disarms torch.load
     with pytest.raises((Exception, SystemExit)):
-        fit_gelu.preactivation_ranges("vit_tiny_patch16_224.augreg_in21k_ft_in1k", str(write_checkpoint(tmp_path)),
-                                      str(tmp_path / "evil.pt"), 32)
+        fit_gelu.vit_and_images("vit_tiny_patch16_224.augreg_in21k_ft_in1k", str(write_checkpoint(tmp_path)),
+                                str(tmp_path / "evil.pt"), 32)
     assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.parametrize("argv, says", [
     (["--range", "0", "1e-300"], "--range"), (["--out", "."], "is a folder"), (["--plot", "/missing/x.svg"], "no folder"),
     (["--out", "W", "--weights", "W"], "is an input of this run"), (["--out", "a.json", "--plot", "a.json"], "same file"),
+    (["--weights", "W"], "not a valid .safetensors"),      # read before the fits, not after them
 ])
 def test_fit_gelu_refuses_before_any_work_and_never_writes_over_its_inputs(tmp_path, monkeypatch, capsys, argv, says):
     import fit_gelu
@@ -2119,7 +2160,8 @@ def test_fit_gelu_refuses_before_any_work_and_never_writes_over_its_inputs(tmp_p
         monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         fit_gelu.main(argv)
-    assert e.value.code == 2 and says in capsys.readouterr().err and (tmp_path / "W").read_bytes() == b"checkpoint"
+    assert says in capsys.readouterr().err + str(e.value.code) and e.value.code != 0
+    assert (tmp_path / "W").read_bytes() == b"checkpoint"
 
 
 def test_train_vit_says_what_is_missing_before_it_compiles_and_saves_only_what_it_can_load(tmp_path, monkeypatch,
@@ -2155,6 +2197,26 @@ def test_eval_adapter_refuses_flags_that_differ_from_the_saved_run_and_finds_its
     with pytest.raises(SystemExit) as e:                 # refused before it trains, not when it writes
         train_vit.main(["--data-root", str(cifar_root), *TINY_RUN, "--out", "r.json"])
     assert e.value.code == 2 and (tmp_path / "r2.json").read_text() == "[]"
+
+
+def test_outputs_that_are_no_regular_files_are_refused_and_flags_are_compared_as_parsed(cifar_root, tmp_path,
+                                                                                           monkeypatch, capsys):
+    import os
+    import train_vit
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(OSError, match="no regular file"):
+        nora.write_atomic(tmp_path / "fifo", "x")
+    for argv in (["--save", "fifo"], ["--out", "/dev/null"]):
+        with pytest.raises(SystemExit) as e:             # before any data is read (reading --out would block)
+            train_vit.main(["--data-root", str(cifar_root), *TINY_RUN, *argv])
+        assert e.value.code == 2 and "no regular file" in capsys.readouterr().err
+    train_vit.main(["--data-root", str(cifar_root), *TINY_RUN, "--seed", "3", "--save", "s.safetensors"])
+    for spelt in (["--seed=5"], ["--see", "5"]):           # however the flag is spelt
+        with pytest.raises(SystemExit, match="differ from --seed 5"):
+            train_vit.main(["--data-root", str(cifar_root), *TINY_RUN, "--eval-adapter", "s.safetensors", *spelt])
+    (tmp_path / "table-t-cifar10-paper.md").mkdir()        # a folder with a table's name
+    assert train_vit.write_table(train_vit.parse_args([]), "t", "a table").name == "table-t-cifar10-paper-2.md"
 
 
 def test_tables_finishing_together_keep_every_table(tmp_path, monkeypatch):

@@ -529,9 +529,11 @@ def write_table(args, name, text):
     while args.process == 0:
         md = Path(f"table-{name}-{args.dataset}-{args.scale}{f'-{k}' if k > 1 else ''}.md")
         try:
+            if md.exists() and not md.is_file():         # (a folder of that name: the next name)
+                raise FileExistsError(md)
             nora.write_atomic(md, text, replace=False)
         except FileExistsError:
-            if md.read_text() != text:
+            if not md.is_file() or md.read_text() != text:
                 k += 1
                 continue
         print(f"\nwrote {md}" + (f"; every run's record is in {args.out}" if args.out else ""))
@@ -744,9 +746,9 @@ def check_output_paths(p, paths, inputs=()):
     would land in one file, or a result would replace an input; ``paths``, ``inputs``: {flag: path}."""
     given, resolved, inputs = {flag: Path(path) for flag, path in paths.items() if path is not None}, {}, dict(inputs)
     for flag, path in given.items():
-        if path.is_dir() or not path.parent.is_dir():
-            p.error(f"{flag} {path}: {'is a folder' if path.is_dir() else 'its folder does not exist'}; "
-                    f"give a file path in an existing folder")
+        if path.exists() and not path.is_file() or not path.parent.is_dir():
+            p.error(f"{flag} {path}: {'its folder does not exist' if not path.parent.is_dir() else 'is no regular file'}"
+                    f"; give a file path in an existing folder")
         try:                                              # a real write, as the result's will be
             tempfile.TemporaryFile(dir=path.parent).close()
         except OSError as e:
@@ -906,8 +908,11 @@ def main(argv=None):
     if args.eval_adapter:                               # the saved run's settings pick the data and seed too
         saved = saved_run_flags(args.eval_adapter, args.weights)
         theirs = parse_args(argv + saved)
-        clash = [f"{flag} {getattr(args, flag[2:].replace('-', '_'))}" for flag in saved[::2] if flag in argv
-                 and getattr(args, flag[2:].replace("-", "_")) != getattr(theirs, flag[2:].replace("-", "_"))]
+        unset = make_parser()                             # what the command line gave, however it was spelt
+        unset.set_defaults(**dict.fromkeys(vars(unset.parse_args([])), None))
+        given = {k for k, v in vars(unset.parse_args(argv)).items() if v is not None}
+        clash = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in (f[2:].replace("-", "_") for f in saved[::2])
+                 if k in given and getattr(args, k) != getattr(theirs, k)]
         if clash:
             sys.exit(f"error: --eval-adapter rebuilds the saved run, whose settings differ from {', '.join(clash)}; "
                      f"drop those flags")
