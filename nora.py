@@ -61,7 +61,7 @@ import torch.nn.functional as F
 #
 # `rational_reference` is Eq. 6 as written, autograd doing the rest. `rational` computes the same
 # function (the tests check it against the reference, gradients included) with kernels that keep
-# only x for backward (Appendix A), and is what every module below calls.
+# only x for backward (this file's Appendix A), and is what every module below calls.
 # -----------------------------------------------------------------------------
 
 def rational_reference(x, numerator, denominator):
@@ -122,7 +122,7 @@ def rational(x, numerator, denominator, dim=-1):
 # and repeat, each row also times sqrt(weight(x)) for the weighted fit. That fits P/(1+S), not
 # the module's P/(1+|S|): the two agree only where S >= 0, as it happens to be for GELU, SiLU and
 # ReLU, but not for Hardswish (max |error| 13.9 on [-8, 8] as P/(1+|S|)). So the fit then
-# minimises the true form's weighted error directly (Levenberg-Marquardt, Appendix C), from that
+# minimises the true form's weighted error directly (Levenberg-Marquardt, Appendix C below), from that
 # start and from the same start with each b_j made positive, and keeps the one of lower weighted
 # squared error: the minimisation has several minima (ReLU6 fitted unweighted on [-8, 8]: the
 # second start's max error is 0.19 against 0.27; at the defaults the first's, 0.49 against 0.97).
@@ -152,10 +152,10 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
                          f"{x_range}; got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}")
     V = x[:, None] ** torch.arange(num_degree + 1)       # columns x^0 .. x^m
     W = x[:, None] ** torch.arange(1, den_degree + 1)    # columns x^1 .. x^n
-    root_weight = torch.ones_like(x) if weight is None else weight(x)
-    if not (torch.isfinite(root_weight).all() and (root_weight >= 0).all() and root_weight.any()):
+    weights = torch.ones_like(x) if weight is None else weight(x)
+    if not (torch.isfinite(weights).all() and (weights >= 0).all() and weights.any()):
         raise ValueError("fit_rational: weight(x) must be finite and >= 0, and > 0 somewhere")
-    w = root_weight = root_weight.sqrt()
+    w = root_weight = weights.sqrt()
     for _ in range(iters):                               # the start: P / (1 + S), linearised
         A = torch.cat([V, -f[:, None] * W], dim=1) * w[:, None]
         coeffs = torch.linalg.lstsq(A, (f * w)[:, None], driver="gelsd").solution[:, 0]
@@ -182,7 +182,7 @@ def fit_error(fn, numerator, denominator, x_range=(-8.0, 8.0), points=16001):
 
 # fit_rational's defaults (fit_gelu.py --all prints them). Max |error| on [-8, 8]: GELU 0.017
 # (0.0020 at 0), SiLU 0.0046, ReLU 0.178 (at x = +-7.3; 0.064 at the kink). Off [-12, 12]
-# they drift linearly, e.g. GELU(-20) -> -1.2. Do not use Group-KAN's published GELU numbers:
+# they drift linearly: the GELU rational gives -1.2 at -20 and 18.8 at +20. Do not use Group-KAN's published GELU numbers:
 # they were fitted on [-3, 3] and are off by 6 on [-6, 6].
 GELU_COEFFS = (
     [-1.9581024005e-03, 5.0000000000e-01, 4.1280440400e-01, 1.1787385525e-01, 1.3576554653e-02, 5.3579958140e-04],
@@ -276,6 +276,9 @@ class NoRA(nn.Module):
             paper's monomials: pass it with A and B taken from the paper's setup).
         channel_dim: the input dimension that holds the channels: -1 (default), or 1 for an (N, C, H, W)
             feature map; :func:`add_nora` sets it for each module.
+
+    Train under autocast rather than ``model.half()``, which rounds the base coefficients too (the
+    GELU fit's max error on [-8, 8]: 0.0165; rounded to float16 0.0158, to bfloat16 0.0169).
     """
 
     def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
@@ -497,21 +500,22 @@ class LoRALinear(nn.Module):
 # module and freezes the rest, so it works the same on our ViT, timm's, torchvision's or a Hugging
 # Face model. Three things must be right; each is found by one sure means, or asked for:
 #   - which function an activation computes, so that the base rational starts equal to it: known
-#     from its class (torch's, timm's and Hugging Face's GELU and SiLU classes, Appendix B), never
+#     from its class (torch's, timm's and Hugging Face's GELU and SiLU classes, Appendix B below), never
 #     by calling it; for another class, target= names the class and init= its rational;
 #   - which axis of its input holds the channels that the groups cut: add_nora runs the model once
 #     on `example` and sees the layer whose output each activation gets (a linear layer's channels
 #     are last, a convolution's are dim 1), through reshapes and transposes; where no layer's
 #     output arrives whole (a chunk, a copy, a product), it asks for channel_dim;
 #   - for LoRA, how a layer stores its weight ((out, in) in nn.Linear, (in, out) in HF's Conv1D)
-#     and where a fused q | k | v projection keeps q and v: known for the classes of Appendix B,
+#     and where a fused q | k | v projection keeps q and v: known for the classes of Appendix B below,
 #     asked for (rows=) elsewhere.
 # Every check runs before the first module is replaced, and a refusal lists every module in
 # trouble with the call to make, so a refused call leaves the model as it was. An adapter file
 # holds the tensors and the calls that made them, each module's settings written out; load_adapter
 # makes the same calls on a plain model, with the same checks, and loads exactly their tensors.
 # On a model you know, sections 1-5 are all you need: `block.mlp.act = NoRA(8, 2)` for each block,
-# then freeze the rest; add_nora is that, for models you do not know.
+# then freeze the rest (and save with torch: save_adapter describes only what add_nora and add_lora
+# built); add_nora is that loop, for models you do not know.
 # -----------------------------------------------------------------------------
 
 ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable (LoRAWeight too)
@@ -568,7 +572,7 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=Non
     layout is known (FUSED_QKV, Appendix B) only the ``qkv_parts`` rows are adapted (q and v, as in
     the paper's C.1); a projection named like one (FUSED_NAMES) in any other class is refused unless
     ``rows`` gives its rows, {target: [(start, stop), ...]} of equal widths. A target naming an
-    nn.MultiheadAttention, or a fused name, adapts nn.MultiheadAttention's q | k | v weight too.
+    nn.MultiheadAttention, or "in_proj" (every one), adapts its q | k | v in_proj_weight.
     ``layer``: LoRALinear or a subclass."""
     plan = _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer)
     _build_in(model, plan)
@@ -911,7 +915,7 @@ def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_modu
         if not trouble:
             new = NoRA(g, rank, init=init or function, channel_dim=dim, **nora_kwargs).train(m.training)
             new.where, new.replaced, new.channels, new.function = path, _full_name(type(m)), widths, function
-            plan.append((path, new.to(next(model.parameters(), torch.empty(0)).device)))
+            plan.append((path, new.to(seen[id(m)][0][2])))      # where its input was (models across devices)
     if trouble:
         raise ValueError("add_nora: " + "\nadd_nora: ".join(trouble[:16]) + f"\n({len(trouble)} modules in all)")
     return plan
@@ -956,7 +960,7 @@ def _find_activations(model, target, init, per_module):
 
 def _settle(path, calls, groups, given, channels):
     """(channel axis, widths, troubles) of one activation from the inputs the example gave it,
-    ``calls`` [(shape, axis seen or None)], and the axis ``given``: the axis is what the example shows,
+    ``calls`` [(shape, axis seen or None, device)], and the axis ``given``: the axis is what the example shows,
     else what is given, and the same in every call; ``groups`` must divide every width (and the
     widths be ``channels``, where given)."""
     fix = lambda **own: f"; pass per_module={{'{path}': dict({', '.join(f'{k}={v}' for k, v in own.items())})}}"
@@ -964,7 +968,7 @@ def _settle(path, calls, groups, given, channels):
         return None, None, [f"did not run on the example: add_nora replaces only what it sees run; pass an example "
                             f"that runs it, or per_module={{'{path}': None}} to leave it"]
     dims = set()
-    for shape, axis in calls:
+    for shape, axis, _ in calls:
         if axis is None and given is None:
             return None, None, [f"gets {shape} inputs whose channel axis no layer's output shows (a chunk, a copy or a "
                                 f"product reached it): say which axis holds its channels" + fix(channel_dim="...")]
@@ -977,7 +981,7 @@ def _settle(path, calls, groups, given, channels):
     if len(dims) > 1:
         return None, None, [f"gets its channels on different axes {sorted(dims)}: one NoRA cannot serve both"]
     dim = dims.pop()
-    widths = sorted({shape[dim] for shape, _ in calls})
+    widths = sorted({shape[dim] for shape, _, _ in calls})
     if any(w % groups for w in widths):
         fits = max(d for d in range(1, groups + 1) if all(w % d == 0 for w in widths))
         return None, None, [f"acts on {widths} channels, which cannot be split into {groups} equal groups"
@@ -1003,7 +1007,7 @@ def _output_axis(layer):
 def _probe(model, example, activations):
     """Run ``example`` through ``model`` once (eval mode, no gradients; the RNG, the modes and every
     buffer left as they were) and see each input of the modules in ``activations``:
-    {id: [(shape, channel axis or None)]}."""
+    {id: [(shape, channel axis or None, device)]}."""
     made, seen = [], {id(m): [] for m in activations}     # made: kept alive, so no output is mistaken for another
     record = lambda layer, args, out: made.append((out, _output_axis(layer))) if isinstance(out, torch.Tensor) else None
     hooks = [m.register_forward_hook(record) for m in model.modules() if _output_axis(m) is not None]
@@ -1032,16 +1036,18 @@ def _probe(model, example, activations):
 
 
 def _input_of(args, made):
-    """(shape, channel axis or None) of an activation's input: the axis of the layer output in ``made``
+    """(shape, channel axis or None, device) of an activation's input: the axis of the layer output in ``made``
     that it is, or is a view of with that axis whole (its size and stride kept, nothing cut away)."""
     x = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else None
+    if x is None:
+        return (), None, "cpu"
     root = lambda t: t if t._base is None else t._base    # the tensor a view is of (meta tensors too)
-    for out, axis in reversed(made if x is not None else []):
+    for out, axis in reversed(made):
         if root(out) is root(x):
             axes = [d for d in range(x.dim()) if (x.shape[d], x.stride(d)) == (out.shape[axis], out.stride(axis))]
             whole = len(axes) == 1 and x.numel() == out.numel() and x.storage_offset() == out.storage_offset()
-            return tuple(x.shape), axes[0] if whole else None
-    return (tuple(x.shape), None) if x is not None else ((), None)
+            return tuple(x.shape), axes[0] if whole else None, x.device
+    return tuple(x.shape), None, x.device
 
 
 def _warn_if_far_at_init(modules):
@@ -1049,10 +1055,11 @@ def _warn_if_far_at_init(modules):
     model then changes at step 0, before any training."""
     functions = [m.function for m in modules]
     for function in sorted({f for f in functions if f in COEFFS}):
-        (error, at), (at_0, _) = (fit_error(ACTIVATIONS[function], *COEFFS[function], r) for r in ((-8, 8), (0, 0)))
+        fn, coeffs = ACTIVATIONS[function], COEFFS[function]
+        (error, at), (error_at_0, _) = fit_error(fn, *coeffs, (-8, 8)), fit_error(fn, *coeffs, (0, 0))
         if error > 0.05:
             warnings.warn(f"add_nora: {functions.count(function)} module(s) compute {function}, whose rational is up "
-                          f"to {error:.2g} off on [-8, 8] (at x = {at:.3g}; {at_0:.2g} at 0), so the model's outputs "
+                          f"to {error:.2g} off on [-8, 8] (at x = {at:.3g}; {error_at_0:.2g} at 0), so the model's outputs "
                           f"move at init; measure the change on your inputs")
 
 
@@ -1089,7 +1096,7 @@ def _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer):
     for path, m in model.named_modules():
         target, parent = _named(path, targets), model.get_submodule(path.rpartition(".")[0]) if path else None
         where, name = f"{path} ({type(m).__name__})", path.rpartition(".")[2]
-        if isinstance(m, nn.MultiheadAttention) and (target or set(targets) & set(FUSED_NAMES)):
+        if isinstance(m, nn.MultiheadAttention) and (target or "in_proj" in targets):
             if isinstance(m.in_proj_weight, torch.Tensor) and not hasattr(m, "parametrizations"):
                 ranges = _check_rows(rows.get(target) or thirds(len(m.in_proj_weight)), len(m.in_proj_weight), where)
                 plan.append((path, ("in_proj_weight", LoRAWeight(m.in_proj_weight, rank, alpha, ranges))))
@@ -1610,7 +1617,7 @@ def read_safetensors(path, metadata=False):
         if not (isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values())):
             raise ValueError("its __metadata__ is not a map of strings")
     except (struct.error, ValueError, KeyError, TypeError, RuntimeError, AttributeError, RecursionError) as e:
-        what = f"unknown dtype {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        what = f"no field or an unknown dtype {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         raise ValueError(f"{path} is not a valid .safetensors file ({what}); it may be truncated or an "
                          f"error page. Download it again, or pass another file") from None
     return (state, extra) if metadata else state

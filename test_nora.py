@@ -711,7 +711,7 @@ def test_save_adapter_then_load_adapter_onto_a_plain_model_reproduces_it(tmp_pat
     base = torchvision_vit() if kind.startswith("torchvision") else tiny_vit()
     model = nora.add_nora(copy.deepcopy(base), groups=4 if kind.startswith("torchvision") else 8, example=x)
     if kind.startswith("torchvision"):
-        model = nora.add_lora(model, rank=2, targets=("qkv", "out_proj"))
+        model = nora.add_lora(model, rank=2, targets=("in_proj", "out_proj"))
     elif kind == "nora++":
         model = nora.add_lora(model, rank=2)
     nora.mark_trainable(model, "heads" if kind.startswith("torchvision") else "head")
@@ -1376,7 +1376,9 @@ def test_lora_on_multihead_attention_q_and_v_merges_exactly():
     from torchvision.models import VisionTransformer
     torch.manual_seed(0)
     model = VisionTransformer(32, 8, 1, 2, 32, 64, num_classes=10).eval()
-    nora.add_lora(model, rank=2, alpha=4)                 # the default target, qkv: here in_proj_weight
+    plain = nora.add_lora(copy_of(model), rank=2, alpha=4, targets=("qkv", "out_proj"))   # "qkv" names no module
+    assert not torch.nn.utils.parametrize.is_parametrized(plain.encoder.layers[0].self_attention)  # here: none taken
+    nora.add_lora(model, rank=2, alpha=4, targets=("in_proj",))   # its q | k | v weight, said by name
     attention = model.encoder.layers[0].self_attention
     lora = attention.parametrizations.in_proj_weight[0]
     assert isinstance(lora, nora.LoRAWeight) and lora.row_ranges == [(0, 32), (64, 96)]          # q and v

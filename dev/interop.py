@@ -122,7 +122,7 @@ def torchvision_models():
     mobilenet = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=0.25)
     return {
         "torchvision vit (vit_b_16's classes)": (lambda: VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10), img,
-                                                 ("qkv", "out_proj"), {}),
+                                                 ("in_proj", "out_proj"), {}),
         "torchvision swin_t's classes": (lambda: SwinTransformer([4, 4], 16, [2, 2], [2, 2], [4, 4], num_classes=10),
                                          img, ("qkv",), {}),
         "torchvision swin_v2_t's classes": (lambda: SwinTransformer([4, 4], 16, [2, 2], [2, 2], [4, 4], num_classes=10,
