@@ -111,12 +111,11 @@ def main(argv=None):
     outputs = [Path(f) for f in (args.out, args.plot) if f]      # checked before any work, never over an input
     inputs = {Path(f).resolve() for f in (args.weights, args.images) if f and "://" not in f}
     for path in outputs:
-        why = "is a folder" if path.is_dir() else "is an input of this run" if path.resolve() in inputs else \
-            None if path.resolve().parent.is_dir() else "has no folder"
-        if path.is_file() and path.stat().st_nlink > 1:
-            why = "has other hard links"
-        if why:
-            p.error(f"{path} {why}; give the output a new file path in an existing folder")
+        try:
+            if nora.check_writable(path) in inputs:      # what nora.write_atomic would refuse, refused now
+                raise OSError(f"{path} is an input of this run; give the output another path")
+        except OSError as e:
+            p.error(f"{path}: {e.strerror or e}")
     if len({path.resolve() for path in outputs}) < len(outputs):
         p.error("--out and --plot name the same file; give each its own")
     measured = vit_and_images(args.model or nora.DEFAULT_WEIGHTS, args.weights, args.images, args.img_size) \

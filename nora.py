@@ -1642,19 +1642,30 @@ def read_adapter(path):
     return state, calls
 
 
+def check_writable(path, replace=True):
+    """The resolved ``path`` (a symlink followed) if write_atomic can write it: a regular file or a new
+    name (not a folder, a device or a FIFO), in a folder that takes a new file, with no other hard link
+    where it would be replaced (a new file would break them). The scripts ask before they work."""
+    path = Path(os.path.realpath(path))
+    why = "is a folder" if path.is_dir() else "is no regular file (a device, a FIFO?)" if path.exists() and \
+        not path.is_file() else None if path.parent.is_dir() else "is in a folder that does not exist"
+    if why:
+        raise OSError(f"{path} {why}: give the path of a file in an existing folder")
+    if replace and path.exists() and path.stat().st_nlink > 1:
+        raise OSError(f"{path} has other hard links, which writing through a temporary file would break; copy it "
+                      f"to a file of its own first")
+    tempfile.TemporaryFile(dir=path.parent).close()       # a real write, as the result's will be
+    return path
+
+
 def write_atomic(path, data, replace=True):
     """Write ``data`` (bytes or str) to ``path`` through a new temporary file in the same folder (made
     with an unpredictable name, never through a planted link), then move it into place: a crash or
     a full disk mid-write leaves the old file whole. A symlink is followed (its target gets the data,
-    the link stays), the old file's permissions are kept, and a file with other hard links is refused
-    (a new file would break them). ``replace=False``: never replace a file (FileExistsError)."""
-    path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():
-        raise OSError(f"{path} is no regular file (a folder, a device, a FIFO?): give the path of a file to write")
+    the link stays), the old file's permissions are kept, and what check_writable refuses is
+    refused. ``replace=False``: never replace a file (FileExistsError)."""
+    path = check_writable(path, replace)
     old = os.stat(path) if path.exists() and replace else None
-    if old is not None and old.st_nlink > 1:
-        raise OSError(f"{path} has {old.st_nlink - 1} other hard link(s), which writing through a temporary file "
-                      f"would break; copy it to a file of its own first")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -2148,7 +2148,7 @@ def test_fit_gelu_reads_images_without_running_code(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--range", "0", "1e-300"], "--range"), (["--out", "."], "is a folder"), (["--plot", "/missing/x.svg"], "no folder"),
+    (["--range", "0", "1e-300"], "--range"), (["--out", "."], "is a folder"), (["--plot", "/missing/x.svg"], "folder that does not exist"),
     (["--out", "W", "--weights", "W"], "is an input of this run"), (["--out", "a.json", "--plot", "a.json"], "same file"),
     (["--weights", "W"], "not a valid .safetensors"),      # read before the fits, not after them
 ])

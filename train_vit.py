@@ -746,15 +746,10 @@ def check_output_paths(p, paths, inputs=()):
     would land in one file, or a result would replace an input; ``paths``, ``inputs``: {flag: path}."""
     given, resolved, inputs = {flag: Path(path) for flag, path in paths.items() if path is not None}, {}, dict(inputs)
     for flag, path in given.items():
-        if path.exists() and not path.is_file() or not path.parent.is_dir():
-            p.error(f"{flag} {path}: {'its folder does not exist' if not path.parent.is_dir() else 'is no regular file'}"
-                    f"; give a file path in an existing folder")
-        try:                                              # a real write, as the result's will be
-            tempfile.TemporaryFile(dir=path.parent).close()
+        try:
+            nora.check_writable(path)                     # what nora.write_atomic would refuse, refused now
         except OSError as e:
-            p.error(f"{flag} {path}: its folder cannot be written ({e.strerror}); give a path in a folder you can write")
-        if path.is_file() and path.stat().st_nlink > 1:   # writing through a temporary file would break the links
-            p.error(f"{flag} {path} has other hard links; copy it to a file of its own, or give another path")
+            p.error(f"{flag} {path}: {e.strerror or e}")
         if path.resolve() in resolved:
             p.error(f"{flag} and {resolved[path.resolve()]} name the same file {path}; give each its own")
         resolved[path.resolve()] = flag
