@@ -147,7 +147,8 @@ def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=p
     num_degree, den_degree, iters, points = _check_fit(num_degree, den_degree, iters, points, x_range)
     x = torch.linspace(*map(float, x_range), points, dtype=torch.float64)
     f = fn(x)
-    if not (isinstance(f, torch.Tensor) and f.shape == x.shape and f.is_floating_point() and f.isfinite().all()):
+    if not (isinstance(f, torch.Tensor) and f.shape == x.shape and f.is_floating_point()
+            and f.isfinite().all()):
         raise ValueError(f"fit_rational: fn must map x (a 1-D float64 tensor) to finite values of its shape on "
                          f"{x_range}; got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}")
     V = x[:, None] ** torch.arange(num_degree + 1)       # columns x^0 .. x^m
@@ -182,8 +183,8 @@ def fit_error(fn, numerator, denominator, x_range=(-8.0, 8.0), points=16001):
 
 # fit_rational's defaults (fit_gelu.py --all prints them). Max |error| on [-8, 8]: GELU 0.017
 # (0.0020 at 0), SiLU 0.0046, ReLU 0.178 (at x = +-7.3; 0.064 at the kink). Off [-12, 12]
-# they drift linearly: the GELU rational gives -1.2 at -20 and 18.8 at +20. Do not use Group-KAN's published GELU numbers:
-# they were fitted on [-3, 3] and are off by 6 on [-6, 6].
+# they drift linearly: the GELU rational gives -1.2 at -20 and 18.8 at +20. Do not use Group-KAN's
+# published GELU numbers: they were fitted on [-3, 3] and are off by 6 on [-6, 6].
 GELU_COEFFS = (
     [-1.9581024005e-03, 5.0000000000e-01, 4.1280440400e-01, 1.1787385525e-01, 1.3576554653e-02, 5.3579958140e-04],
     [-5.7769714733e-13, 2.3574771050e-01, -6.6735518237e-14, 1.0715991628e-03],
@@ -500,15 +501,15 @@ class LoRALinear(nn.Module):
 # module and freezes the rest, so it works the same on our ViT, timm's, torchvision's or a Hugging
 # Face model. Three things must be right; each is found by one sure means, or asked for:
 #   - which function an activation computes, so that the base rational starts equal to it: known
-#     from its class (torch's, timm's and Hugging Face's GELU and SiLU classes, Appendix B below), never
-#     by calling it; for another class, target= names the class and init= its rational;
+#     from its class (torch's, timm's and Hugging Face's GELU and SiLU classes, Appendix B below),
+#     never by calling it; for another class, target= names the class and init= its rational;
 #   - which axis of its input holds the channels that the groups cut: add_nora runs the model once
 #     on `example` and sees the layer whose output each activation gets (a linear layer's channels
 #     are last, a convolution's are dim 1), through reshapes and transposes; where no layer's
 #     output arrives whole (a chunk, a copy, a product), it asks for channel_dim;
 #   - for LoRA, how a layer stores its weight ((out, in) in nn.Linear, (in, out) in HF's Conv1D)
-#     and where a fused q | k | v projection keeps q and v: known for the classes of Appendix B below,
-#     asked for (rows=) elsewhere.
+#     and where a fused q | k | v projection keeps q and v: known for the classes of Appendix B
+#     below, asked for (rows=) elsewhere.
 # Every check runs before the first module is replaced, and a refusal lists every module in
 # trouble with the call to make, so a refused call leaves the model as it was. An adapter file
 # holds the tensors and the calls that made them, each module's settings written out; load_adapter
@@ -658,8 +659,9 @@ def load_adapter(model, path, example=None, extra=None, statistics=False):
     """Build the adapters of a :func:`save_adapter` file on ``model`` (the plain pretrained model) by
     making the calls the file holds again, with every check add_nora and add_lora make (NoRA's need
     ``example``, as add_nora does), then load their tensors and those under ``extra`` (module paths;
-    default: 'head') and, with ``statistics=True``, BatchNorm statistics. Anything else in the file is refused, as are
-    shapes the calls would not build, NaN, inf and values beyond 1e6; all before anything changes."""
+    default: 'head') and, with ``statistics=True``, BatchNorm statistics. Anything else in the file
+    is refused, as are shapes the calls would not build, NaN, inf and values beyond 1e6; all before
+    anything changes."""
     model = _unwrap(model)
     extra = _extra_names(model, extra, ("head",), "load_adapter")
     state, calls = read_adapter(path)
@@ -1059,8 +1061,8 @@ def _warn_if_far_at_init(modules):
         (error, at), (error_at_0, _) = fit_error(fn, *coeffs, (-8, 8)), fit_error(fn, *coeffs, (0, 0))
         if error > 0.05:
             warnings.warn(f"add_nora: {functions.count(function)} module(s) compute {function}, whose rational is up "
-                          f"to {error:.2g} off on [-8, 8] (at x = {at:.3g}; {error_at_0:.2g} at 0), so the model's outputs "
-                          f"move at init; measure the change on your inputs")
+                          f"to {error:.2g} off on [-8, 8] (at x = {at:.3g}; {error_at_0:.2g} at 0), so the model's "
+                          f"outputs move at init; measure the change on your inputs")
 
 
 # Fused q | k | v projections whose rows are q, k and v in equal thirds, by the class that holds them
