@@ -15,6 +15,7 @@ the paper's monomial basis and in NoRA's (x/3)^i:
     python fit_gelu.py --model vit_small_patch14_dinov2.lvd142m --weights dinov2_vits14.safetensors --img-size 56
 """
 import argparse
+import colorsys
 import json
 from pathlib import Path
 
@@ -24,6 +25,42 @@ import torch.nn.functional as F
 import nora
 
 ACTIVATIONS = nora.ACTIVATIONS
+
+
+# Plain SVG line plots that any browser shows, so drawing adds no dependency (train_vit.py and
+# dev/sweeps.py draw with them too).
+
+def hue(degrees):
+    """A strong colour ``degrees`` round the colour wheel, as '#rrggbb' (not CSS hsl(), which some
+    SVG renderers draw black)."""
+    r, g, b = colorsys.hls_to_rgb(degrees / 360, 0.42, 0.7)
+    return f"#{round(255 * r):02x}{round(255 * g):02x}{round(255 * b):02x}"
+
+
+def write_svg(path, panels, columns=4, width=240, height=170):
+    """Draw ``panels``, a list of (title, [(x, y, colour, dashed), ...]) line plots, as a grid in an
+    SVG file at ``path`` (through a temporary file, as every file here is written)."""
+    rows = -(-len(panels) // columns)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{columns * width}" height="{rows * height}" '
+           f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for k, (title, lines) in enumerate(panels):
+        ox, oy, pw, ph = (k % columns) * width + 40, (k // columns) * height + 20, width - 55, height - 45
+        x0, x1 = min(float(l[0].min()) for l in lines), max(float(l[0].max()) for l in lines)
+        y0, y1 = min(float(l[1].min()) for l in lines), max(float(l[1].max()) for l in lines)
+        y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)
+        sx = lambda v: ox + (v - x0) / (x1 - x0) * pw
+        sy = lambda v: oy + ph - (v - y0) / (y1 - y0) * ph
+        out.append(f'<rect x="{ox}" y="{oy}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>'
+                   f'<text x="{ox}" y="{oy - 6}">{title}</text>'
+                   f'<text x="{ox}" y="{oy + ph + 13}">{x0:g}</text>'
+                   f'<text x="{ox + pw}" y="{oy + ph + 13}" text-anchor="end">{x1:g}</text>'
+                   f'<text x="{ox - 4}" y="{oy + 9}" text-anchor="end">{y1:.2g}</text>'
+                   f'<text x="{ox - 4}" y="{oy + ph}" text-anchor="end">{y0:.2g}</text>')
+        for x, y, colour, dashed in lines:
+            points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(x.tolist(), y.tolist()))
+            out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.2"'
+                       + (' stroke-dasharray="4 3"/>' if dashed else "/>"))
+    nora.write_atomic(path, "\n".join(out + ["</svg>"]) + "\n")
 
 
 def error_table(fn, num, den, ranges=(3, 6, 8, 10, 12, 16)):
@@ -153,7 +190,7 @@ def main(argv=None):
         nora.write_atomic(args.out, json.dumps(results, indent=2))
         print(f"\nwrote {args.out}")
     if args.plot:
-        nora.write_svg(args.plot, panels, columns=2, width=360)
+        write_svg(args.plot, panels, columns=2, width=360)
         print(f"\nwrote {args.plot}")
     if measured:
         preactivation_ranges(*measured, f"{args.weights or args.model} on "

@@ -19,8 +19,7 @@ people's models, checks and files, and what the scripts build on:
   A. Kernels and speed
   B. Reading other people's models
   C. Checks, files and the fit's optimiser
-  D. Drawing
-  E. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
+  D. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
 """
 import hashlib
 import json
@@ -74,24 +73,10 @@ def rational_reference(x, numerator, denominator):
 
 
 def rational(x, numerator, denominator, dim=-1):
-    r"""Group-wise safe rational function of Eq. 6, applied along the channel dimension ``dim`` of ``x``.
-
-    .. math::
-        \phi_g(x) = \frac{a_{g,0} + a_{g,1} x + \dots + a_{g,m} x^m}
-                         {1 + |b_{g,1} x + \dots + b_{g,n} x^n|}
-
-    Args:
-        x: tensor of any shape whose dimension ``dim`` (the last, by default; 1 for an (N, C, H, W)
-            feature map) has C channels; C must be divisible by G.
-        numerator: (G, m+1) coefficients a_0 .. a_m of each group.
-        denominator: (G, n) coefficients b_1 .. b_n of each group.
-        dim: the channel dimension, which is cut into G contiguous groups.
-
-    Half-precision inputs are computed in float32 (x^5 overflows float16 for |x| > 9.2) and the
-    result is cast back, so it is safe to call under autocast. Beyond |x| ~ 5e7 (float32) the
-    powers overflow and the result is inf or NaN; a fitted rational means nothing that far out.
-    A contiguous input gives a contiguous output (code that calls .view() after it keeps working).
-    """
+    """Eq. 6 for x of any shape, its dimension ``dim`` (the last, or 1 for an (N, C, H, W) map) holding
+    C channels cut into G groups; numerator (G, m+1) holds a_0 .. a_m and denominator (G, n) b_1 .. b_n.
+    Half-precision inputs are computed in float32 (x^5 overflows float16 for |x| > 9.2) and cast
+    back, so it is safe under autocast. A contiguous input gives a contiguous output."""
     _check_rational_inputs(x, numerator, denominator, dim)
     C, contiguous = x.shape[dim], x.is_contiguous()
     if x.numel() == 0:
@@ -213,14 +198,9 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tan
 # -----------------------------------------------------------------------------
 
 class GroupRational(nn.Module):
-    """Group-wise rational activation with learnable coefficients.
-
-    Args:
-        groups: number of contiguous channel groups G (must divide the channel count).
-        init: a name in ``COEFFS`` ('gelu', 'gelu_tanh', 'silu', 'relu') or a (numerator,
-            denominator) pair of 1-D tensors (shared by all groups) or 2-D (G, .) tensors.
-        channel_dim: the input dimension that holds the channels (1 for an (N, C, H, W) map).
-    """
+    """Group-wise rational activation with learnable coefficients, G = ``groups`` contiguous groups of
+    channels along ``channel_dim``. ``init``: a name in COEFFS ('gelu', 'gelu_tanh', 'silu', 'relu') or
+    a (numerator, denominator) pair of 1-D tensors (shared by the groups) or (G, .) tensors."""
 
     def __init__(self, groups=8, init="gelu", channel_dim=-1):
         super().__init__()
@@ -263,24 +243,13 @@ class GroupRational(nn.Module):
 # -----------------------------------------------------------------------------
 
 class NoRA(nn.Module):
-    """Rational activation with frozen base coefficients and a trainable low-rank update.
-
-    Args:
-        groups: number of channel groups G.
-        rank: rank r of the update.
-        alpha: scale; the update is multiplied by alpha / rank (default alpha = 2 * rank,
-            the released code's alpha = 6 at r = 3).
-        init: base coefficients, as for :class:`GroupRational`.
-        form: 'shared' (released code, dP = B @ A with A shared by all groups) or
-            'per_group' (paper text, dP_g = A_g B_g, free in each group).
-        basis_scale: s; the update is learned in the basis (x/s)^i (default 3, our departure; 1 is the
-            paper's monomials: pass it with A and B taken from the paper's setup).
-        channel_dim: the input dimension that holds the channels: -1 (default), or 1 for an (N, C, H, W)
-            feature map; :func:`add_nora` sets it for each module.
-
+    """Rational activation with frozen base coefficients and a trainable rank-``rank`` update, scaled by
+    alpha / rank (default alpha = 2 * rank: the released code's 6 at r = 3). ``init``: as for
+    GroupRational. ``form``: 'shared' (the released code's dP = B @ A, A shared by the groups) or
+    'per_group' (the paper's dP_g = A_g B_g). ``basis_scale``: s of the basis (x/s)^i (3 is ours, 1 the
+    paper's monomials). ``channel_dim``: -1, or 1 for an (N, C, H, W) map; add_nora sets it.
     Train under autocast rather than ``model.half()``, which rounds the base coefficients too (the
-    GELU fit's max error on [-8, 8]: 0.0165; rounded to float16 0.0158, to bfloat16 0.0169).
-    """
+    GELU fit's max error on [-8, 8]: 0.0165; rounded to float16 0.0158, to bfloat16 0.0169)."""
 
     def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
         super().__init__()
@@ -338,41 +307,6 @@ class NoRA(nn.Module):
         self.denominator.copy_(den)
         self.B_P.zero_()
         self.B_Q.zero_()
-
-    @torch.no_grad()
-    def grow(self, groups):
-        """Split every group into groups / G copies of itself (paper Sec. 4.2), leaving the function unchanged.
-
-        Channel c moves from group c // (C/G) to group c // (C/groups); each old group's run
-        of channels becomes groups/G consecutive new groups, so every tensor indexed by group is
-        repeated in place with repeat_interleave. The trainable tensors are replaced, so grow
-        before building the optimizer.
-        """
-        old, groups = self.numerator.shape[0], _positive_int(groups, "NoRA.grow: groups")
-        if groups % old or any(w % groups for w in self.channels or ()):
-            raise ValueError(f"NoRA.grow: new group count {groups} must be a multiple of {old} and divide the "
-                             f"{self.channels} channels add_nora saw")
-        k = groups // old
-        for name in ("numerator", "denominator"):
-            setattr(self, name, getattr(self, name).repeat_interleave(k, 0))
-        for name in ("A_P", "B_P", "A_Q", "B_Q"):
-            p = getattr(self, name)
-            if name.startswith("B") or self.form == "per_group":
-                setattr(self, name, nn.Parameter(p.repeat_interleave(k, 0), requires_grad=p.requires_grad))
-
-    # Settings that change the function but no tensor's shape (rank and form do change shapes),
-    # saved in the state dict so that a mismatch is caught on load. A tensor, not a dict, because
-    # safetensors, ONNX export and HF's save_pretrained accept nothing but tensors in a state dict.
-    def get_extra_state(self):
-        return torch.tensor([self.scaling, self.basis_scale], dtype=torch.float64)
-
-    def set_extra_state(self, state):
-        _check_settings(self, "scaling, basis_scale", state, self.get_extra_state())
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):   # the settings first: a refusal copies nothing
-        if prefix + "_extra_state" in state_dict:
-            self.set_extra_state(state_dict[prefix + "_extra_state"])
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self):
         return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
@@ -475,21 +409,6 @@ class LoRALinear(nn.Module):
             self.lora_A.requires_grad_(True)
             self.lora_B.requires_grad_(True)
 
-    # As NoRA's: the settings no shape shows, and whether the base weight holds B A (merged), so that
-    # a state dict of a merged layer is refused by an unmerged one (and the other way round), checked
-    # before any tensor is copied, rather than adding B A twice.
-    def get_extra_state(self):
-        return torch.tensor([self.scaling, self.fan_in_fan_out, self.merged, *(i for r in self.row_ranges for i in r)],
-                            dtype=torch.float64)
-
-    def set_extra_state(self, state):
-        _check_settings(self, "scaling, fan_in_fan_out, merged, row ranges", state, self.get_extra_state())
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):   # as NoRA's
-        if prefix + "_extra_state" in state_dict:
-            self.set_extra_state(state_dict[prefix + "_extra_state"])
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
     def extra_repr(self):
         return (f"rank={self.rank}, scaling={self.scaling:g}, row_ranges={self.row_ranges}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
@@ -497,36 +416,33 @@ class LoRALinear(nn.Module):
 # -----------------------------------------------------------------------------
 # 6. Putting adapters on a model
 #
-# NoRA needs nothing from a model but its activation modules: `add_nora` swaps each one for a NoRA
-# module and freezes the rest, so it works the same on our ViT, timm's, torchvision's or a Hugging
-# Face model. Three things must be right; each is found by one sure means, or asked for:
-#   - which function an activation computes, so that the base rational starts equal to it: known
-#     from its class (torch's, timm's and Hugging Face's GELU and SiLU classes, Appendix B below),
-#     never by calling it; for another class, target= names the class and init= its rational;
-#   - which axis of its input holds the channels that the groups cut: add_nora runs the model once
-#     on `example` and sees the layer whose output each activation gets (a linear layer's channels
-#     are last, a convolution's are dim 1), through reshapes and transposes; where no layer's
-#     output arrives whole (a chunk, a copy, a product), it asks for channel_dim;
-#   - for LoRA, how a layer stores its weight ((out, in) in nn.Linear, (in, out) in HF's Conv1D)
-#     and where a fused q | k | v projection keeps q and v: known for the classes of Appendix B
-#     below, asked for (rows=) elsewhere.
-# Every check runs before the first module is replaced, and a refusal lists every module in
-# trouble with the call to make, so a refused call leaves the model as it was. An adapter file
-# holds the tensors and the calls that made them, each module's settings written out; load_adapter
-# makes the same calls on a plain model, with the same checks, and loads exactly their tensors.
-# On a model you know, sections 1-5 are all you need: `block.mlp.act = NoRA(8, 2)` for each block,
-# then freeze the rest (and save with torch: save_adapter describes only what add_nora and add_lora
-# built); add_nora is that loop, for models you do not know.
+# On a model you know, sections 1-5 are all you need: `block.mlp.act = NoRA(8, 2)` in each block,
+# then freeze the rest. `add_nora` is that loop for models you do not know (timm's, torchvision's,
+# Hugging Face's), where three things must be right, each found by one sure means or asked for
+# (Appendix B): the function each activation computes (from its class, never by calling it), the
+# axis of its input that holds the channels (seen on one run of `example`), and for LoRA the
+# layout of a layer's weight (by class). Every check runs before the first module is replaced, and
+# a refusal lists every module in trouble with the call to make. An adapter file holds the tensors
+# and the calls that made them; load_adapter makes those calls again on a plain model, with the
+# same checks, and loads exactly their tensors.
 # -----------------------------------------------------------------------------
 
-ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable (LoRAWeight too)
+ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable
 
 
-def freeze(model):
-    """requires_grad=False for every parameter except those owned by adapters (NoRA, LoRA, ...)."""
-    own = _adapter_parameters(model)
-    for p in model.parameters():
-        p.requires_grad_(id(p) in own and p.requires_grad)
+def freeze(model, *trainable):
+    """requires_grad=False for every parameter but the adapters' own (not those of the layers they wrap)
+    and those under ``trainable`` (module paths such as 'head', or parameter names). add_nora and
+    add_lora leave requires_grad as it is: freeze once the adapters are on."""
+    inner, trainable = _unwrap(model), _check_names(trainable, "freeze: trainable")
+    params = dict(inner.named_parameters())
+    unknown = [n for n in trainable if not any(_under(k, (n,)) for k in params)]
+    if unknown:
+        raise ValueError(f"freeze: no parameter is under {unknown}; the model's modules are "
+                         f"{[n for n, _ in inner.named_children()][:8]}")
+    own = {id(p) for m in inner.modules() if isinstance(m, ADAPTERS) for p in m.parameters(recurse=False)}
+    for name, p in params.items():
+        p.requires_grad_(id(p) in own and p.requires_grad or _under(name, trainable))
     return model
 
 
@@ -538,74 +454,46 @@ def count_parameters(model):
 
 def add_nora(model, groups=8, rank=2, *, example, target=("gelu", "gelu_tanh"), init=None, channel_dim=None,
              per_module=None, **nora_kwargs):
-    """Replace each activation module of ``model`` that ``target`` names with a :class:`NoRA` module
-    whose base rational equals it; then freeze all but the adapters and what :func:`mark_trainable`
-    named, before or after (the head).
+    """Replace each activation module of ``model`` that ``target`` names with a :class:`NoRA` whose base
+    rational equals it (then :func:`freeze` the rest).
 
-    Args:
-        example: an input for ``model`` (a tensor, a tuple of arguments or a dict of keyword
-            arguments), run once in eval mode to see each activation's input: its channel axis and
-            the widths ``groups`` must divide. An activation the example does not run is refused.
-            The RNG, the modes and every buffer are put back; state a module keeps in plain Python
-            attributes (a call counter) is the model's own business.
-        target: names in ACTIVATIONS (the modules of a known class computing one of them), or
-            module classes (exactly those; init= for a class whose function is not known).
-        init: the base rational, a name in COEFFS or a fit_rational() pair; None: the fit of the
-            function each module computes.
-        channel_dim: the axis of the activations' inputs that holds their channels (-1: the last,
-            1: (N, C, H, W)), needed where the example cannot show it; refused where it contradicts
-            what the example showed.
-        per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve
-            all, or {module path: None} to leave that module as it is.
-        nora_kwargs: alpha, form, basis_scale (see NoRA).
+    example: an input for ``model`` (a tensor, a tuple of arguments or a dict of keyword arguments),
+        run once in eval mode to see each activation's input: its channel axis and the widths
+        ``groups`` must divide. The RNG, the modes and the buffers are put back afterwards.
+    target: names in ACTIVATIONS (modules of a known class computing one of them), or module
+        classes (exactly those; init= where their function is not known).
+    init: the base rational, a name in COEFFS or a fit_rational() pair; None: each module's function's.
+    channel_dim: the axis holding the channels (-1: the last, 1: (N, C, H, W)) where the example
+        cannot show it; refused where it contradicts the example.
+    per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve all,
+        or {module path: None} to leave that module as it is.
+    nora_kwargs: alpha, form, basis_scale (see NoRA).
     """
     plan = _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs)
     _build_in(model, plan)
     if init is None:
-        _warn_if_far_at_init([new for _, new in plan])
+        _warn_if_far_at_init([new.function for _, new in plan])
     return model
 
 
-def add_lora(model, rank=8, alpha=16, targets=("qkv",), qkv_parts="qv", rows=None, layer=LoRALinear):
-    """Put LoRA on each linear layer of ``model`` (an nn.Linear, or HF's Conv1D, which stores its
-    weight (in, out)) whose path is one of ``targets``, or ends with "." and one of them; then freeze the rest
-    as :func:`add_nora` does. In a fused q | k | v projection of a class whose
-    layout is known (FUSED_QKV, Appendix B) only the ``qkv_parts`` rows are adapted (q and v, as in
-    the paper's C.1); a projection named like one (FUSED_NAMES) in any other class is refused unless
-    ``rows`` gives its rows, {target: [(start, stop), ...]} of equal widths. A target naming an
-    nn.MultiheadAttention, or "in_proj" (every one), adapts its q | k | v in_proj_weight.
-    ``layer``: LoRALinear or a subclass."""
-    plan = _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer)
+def add_lora(model, rank=8, alpha=16, targets=("qkv",), rows=None, layer=LoRALinear):
+    """Put LoRA (``layer``: LoRALinear or a subclass) on each nn.Linear or HF Conv1D of ``model`` whose
+    path is one of ``targets`` or ends with "." and one of them, on all its output rows or on those
+    ``rows`` gives, {target: [(start, stop), ...]} of equal widths (the q and v of a fused q | k | v,
+    as in the paper's C.1: [(0, d), (2 * d, 3 * d)] for timm's and our `qkv`)."""
+    plan = _plan_lora(model, rank, alpha, targets, rows, layer)
     _build_in(model, plan)
     return model
 
 
-def mark_trainable(model, *names):
-    """Make the parameters under each of ``names`` trainable: a module path such as 'head' (its
-    parameters) or a parameter's name. save_adapter keeps them unless told otherwise."""
-    names, inner = tuple(n for group in names for n in ([group] if isinstance(group, str) else group)), _unwrap(model)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"mark_trainable: name the modules or parameters to train, e.g. mark_trainable(model, "
-                         f"'head'); got {names!r}")
-    hits = [p for n, p in inner.named_parameters() if _under(n, names)]
-    if not hits:
-        raise ValueError(f"mark_trainable: no parameter is under {names}; the model's modules are "
-                         f"{[n for n, _ in inner.named_children()][:8]}")
-    for p in hits:
-        p.requires_grad_(True)
-    inner.nora_trainable = tuple(dict.fromkeys(getattr(inner, "nora_trainable", ()) + names))
-    return model
-
-
 def merge(model):
-    """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and
-    inference costs what the base model costs (NoRA: one rational per activation). The merged LoRA
-    parameters stop training. Save the adapter first: a merged LoRA's is in no adapter tensor, so
-    saving it is refused (a merged NoRA saves fine). A refused merge leaves no LoRA merged."""
+    """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and inference
+    costs what the base model costs. Merged LoRA stops training, and its update is then in no adapter
+    tensor: save before merge. A refused merge leaves nothing merged."""
     done = []
     try:
         for m in model.modules():
-            if isinstance(m, ADAPTERS) and not isinstance(m, LoRAWeight):
+            if isinstance(m, ADAPTERS):
                 m.merge()                                 # (a merged NoRA computes what it did: nothing to undo)
                 done.append(m)
     except (TypeError, ValueError):
@@ -613,20 +501,18 @@ def merge(model):
             if isinstance(m, LoRALinear):
                 m.unmerge()
         raise
-    _remove_lora_parametrizations(model)                  # LoRAWeight: the weight keeps W0 + B A, plainly
     return model
 
 
 def adapter_state_dict(model, extra=None, statistics=None):
-    """All that a fine-tune changed in the pretrained model: every adapter's own tensors and
-    settings, the tensors under ``extra`` (module paths; default: 'head' and what mark_trainable
-    named), and, with ``statistics=True``, the running statistics of BatchNorm layers (training in
-    train mode moves them though their weights are frozen; a model that has them must say True or
-    False). Refused after merge, and where a trainable parameter would be left out."""
+    """What a fine-tune changed: every adapter's tensors, those under ``extra`` (module paths; default:
+    'head' and every trainable parameter) and, with ``statistics=True``, BatchNorm running statistics,
+    which training in train mode moves (a model that has them must say True or False). Refused after
+    a LoRA merge, and where a trainable parameter would be left out."""
     model = _unwrap(model)
-    extra = _extra_names(model, extra, ("head", *getattr(model, "nora_trainable", ())), "adapter_state_dict")
-    merged = [p for p, m in model.named_modules() if getattr(m, "nora_merged", False) or isinstance(m, LoRALinear)
-              and m.merged]
+    trained = (n for n, p in model.named_parameters() if p.requires_grad)
+    extra = _extra_names(model, extra, ("head", *trained), "adapter_state_dict")
+    merged = [p for p, m in model.named_modules() if isinstance(m, LoRALinear) and m.merged]
     if merged:
         raise ValueError(f"adapter_state_dict: {merged[:3]} are merged: their update is in the base weights, in no "
                          f"adapter tensor; save before merge (a merged LoRALinear can unmerge())")
@@ -645,33 +531,33 @@ def adapter_state_dict(model, extra=None, statistics=None):
 
 
 def save_adapter(model, path, extra=None, statistics=None, metadata=None):
-    """Write :func:`adapter_state_dict` to a .safetensors file, with the add_nora and add_lora calls
-    that built the adapters (each module's settings written out), from which :func:`load_adapter`
-    builds them again on a plain model; through a temporary file, so a failed write leaves the old
-    one whole. ``metadata``: more {str: str} to keep."""
+    """Write :func:`adapter_state_dict` to a .safetensors file (atomically), with the add_nora and
+    add_lora calls that built the adapters, each module's settings written out, for load_adapter;
+    ``metadata``: more {str: str} to keep."""
     state = adapter_state_dict(model, extra, statistics)
-    calls = _describe_calls(_unwrap(model))
-    write_safetensors(path, state, {**(metadata or {}), "nora": json.dumps(calls)})
+    write_safetensors(path, state, {**(metadata or {}), "nora": json.dumps(_describe(_unwrap(model)))})
     return state
 
 
-def load_adapter(model, path, example=None, extra=None, statistics=False):
-    """Build the adapters of a :func:`save_adapter` file on ``model`` (the plain pretrained model) by
-    making the calls the file holds again, with every check add_nora and add_lora make (NoRA's need
-    ``example``, as add_nora does), then load their tensors and those under ``extra`` (module paths;
-    default: 'head') and, with ``statistics=True``, BatchNorm statistics. Anything else in the file
-    is refused, as are shapes the calls would not build, NaN, inf and values beyond 1e6; all before
+def load_adapter(model, path, extra=None, statistics=False):
+    """Load a :func:`save_adapter` file into ``model``, which must hold the same adapters: make the file's
+    add_nora and add_lora calls on the plain pretrained model first, as you would build a model before
+    loading its state dict, so every module's function, channel axis and widths are checked by them.
+    The file's description of its adapters must equal the model's, and its tensors are loaded with
+    those under ``extra`` (default 'head') and, with ``statistics=True``, BatchNorm statistics.
+    Anything else in the file, other shapes, NaN, inf and values beyond 1e6 are refused before
     anything changes."""
     model = _unwrap(model)
     extra = _extra_names(model, extra, ("head",), "load_adapter")
-    state, calls = read_adapter(path)
-    try:
-        plan = _replay(model, calls, state, example)      # checked and built, not yet in the model
-    except (KeyError, TypeError, AttributeError, IndexError) as e:   # a value no add_* call takes
-        raise ValueError(f"{path}: its description of the calls is damaged ({type(e).__name__}: {e}); save the "
-                         f"adapter again") from None
-    _check_adapter_state(model, plan, state, extra, statistics)
-    _build_in(model, plan)
+    state, theirs = read_adapter(path)
+    mine = _describe(model)
+    if mine != theirs:
+        differ = [f"{p}: {theirs.get(p, 'none')} in the file, {mine.get(p, 'none')} here"
+                  for p in sorted(set(mine) | set(theirs)) if mine.get(p) != theirs.get(p)]
+        raise ValueError(f"load_adapter: the model does not hold the file's adapters ({len(differ)} modules differ: "
+                         f"{'; '.join(differ[:3])}). Make the add_nora and add_lora calls that made them on the plain "
+                         f"model first (nora.read_adapter(path)[1] lists them)")
+    _check_adapter_state(model, state, extra, statistics)
     model.load_state_dict(state, strict=False)
     return model
 
@@ -686,11 +572,10 @@ def load_adapter(model, path, example=None, extra=None, statistics=False):
 # sum runs along contiguous memory, and because they work in place (a pass over memory is then
 # not also an allocation: in the backward, s, S and Q are one tensor in turn, and y takes P's).
 #
-# `_kernels` holds the kernels `rational` runs: these eager ones by default, torch.compile'd ones
-# after use_compiled_rational(). On a CPU the eager kernels take x in chunks of `chunk` elements,
-# so their dozen forward and ~50 backward passes over memory run from cache rather than memory.
-# Compiled kernels fuse the passes into a few loops, and on a GPU chunks would only cost
-# launches, so both take x whole.
+# `_kernels` holds the kernels `rational` runs. On a CPU the eager ones take x in chunks of
+# `chunk` elements, so their dozen forward and ~50 backward passes run from cache rather than
+# memory; on a GPU chunks would only cost launches. train_vit.py's use_compiled_rational puts
+# torch.compile'd kernels here, which fuse the passes into a few loops and take x whole.
 # =============================================================================
 
 def _per_channel(coeffs, channels):
@@ -754,26 +639,20 @@ def _rational_backward(x, numerator, denominator, grad, needs=(True, True, True)
 
 
 class _RationalFunction(torch.autograd.Function):
-    """Autograd glue for the kernels above. forward and setup_context are separate, and vmap and jvp
-    are given, so that torch.func (grad, vmap for per-sample gradients, jvp) works through it too."""
+    """Autograd glue for the kernels above. Their backward is not itself differentiable, so torch
+    refuses a second derivative through it (create_graph=True, torch.func): differentiate
+    rational_reference for that."""
 
     @staticmethod
-    def forward(x, numerator, denominator):
+    def forward(ctx, x, numerator, denominator):
+        ctx.save_for_backward(x, numerator, denominator)
         ys = [_kernels["forward"](x[c], numerator, denominator) for c in _chunks(x)]
         return ys[0] if len(ys) == 1 else torch.cat(ys)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, numerator, denominator = ctx.saved_tensors
-        if torch.is_grad_enabled():                       # create_graph=True (a gradient penalty, torch.func):
-            inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, numerator, denominator)]
-            y = _reference_in(numerator.dtype, *inputs)   # differentiate Eq. 6 itself, twice if asked
-            return torch.autograd.grad(y, inputs, grad.to(y.dtype), create_graph=True)
         grad, needs = grad.contiguous(), tuple(ctx.needs_input_grad)
         parts = [_kernels["backward"](x[c], numerator, denominator, grad[c], needs) for c in _chunks(x)]
         if len(parts) == 1:
@@ -781,27 +660,6 @@ class _RationalFunction(torch.autograd.Function):
         x_grads, num_grads, den_grads = zip(*parts)
         return (torch.cat(x_grads) if needs[0] else None, sum(num_grads) if needs[1] else None,
                 sum(den_grads) if needs[2] else None)
-
-    @staticmethod
-    def vmap(info, in_dims, x, numerator, denominator):
-        if in_dims[1] is None and in_dims[2] is None:     # shared coefficients: the batch is just more rows
-            x = x.movedim(in_dims[0], 0)
-            return _RationalFunction.apply(x.reshape(-1, x.shape[-1]), numerator, denominator).view(x.shape), 0
-        x, numerator, denominator = (t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
-                                     for t, d in zip((x, numerator, denominator), in_dims))
-        return torch.stack([_RationalFunction.apply(*t) for t in zip(x, numerator, denominator)]), 0
-
-    @staticmethod
-    def jvp(ctx, *tangents):                              # forward mode: through Eq. 6 as written
-        inputs = ctx.saved_tensors
-        tangents = tuple(torch.zeros_like(t) if dt is None else dt for t, dt in zip(inputs, tangents))
-        return torch.func.jvp(lambda *t: _reference_in(inputs[1].dtype, *t), inputs, tangents)[1].to(inputs[0].dtype)
-
-
-def _reference_in(dtype, x, numerator, denominator):
-    """rational_reference computed in ``dtype`` (the coefficients', float32 at least): x^5 in float16
-    overflows for |x| > 9.2, and bfloat16 loses the sign of P/Q far out."""
-    return rational_reference(x.to(dtype), numerator, denominator)
 
 
 _EAGER = {"forward": _rational_forward, "backward": _rational_backward, "chunk": 1 << 18}
@@ -814,62 +672,19 @@ def _chunks(x):
     rows = max(1, chunk // x.shape[1]) if chunk and x.device.type == "cpu" else len(x)
     return [slice(i, i + rows) for i in range(0, len(x), rows)]
 
-
-def _compile(kernel, device):
-    """torch.compile ``kernel`` with the row count dynamic and everything else static: one graph
-    per channel count serves every batch size. (All-static shapes recompile for each new batch
-    size and after 8 PyTorch silently runs eager; fully dynamic ones ran 40x slower.) The fused
-    backward computes all three gradients: skipping one saves little there, and each `needs`
-    pattern would be another graph. On other devices than ``device`` (a plot's CPU tensors while
-    training on a GPU) the eager kernel runs: compiling for them could fail."""
-    compiled = torch.compile(kernel, dynamic=False)
-
-    def run(x, numerator, denominator, *grad_and_needs):
-        if x.device.type != device.type:
-            return kernel(x, numerator, denominator, *grad_and_needs)
-        tensors = [t.detach() for t in (x, numerator, denominator, *grad_and_needs[:1])]   # backward: + grad
-        for t in tensors[:1] + tensors[3:]:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-        return compiled(*tensors)
-    return run
-
-
-def use_compiled_rational(enable=True, device=None):
-    """Run the rational through torch.compile'd kernels: each pass fuses into one loop over memory.
-    Compiling takes seconds, so it is opt-in. It warms up on ``device`` (default: CUDA if there
-    is one), where it will run: on a GPU that exercises Triton, on a CPU a C++ compiler. Returns
-    whether the compiled path is now in use; where compilation fails it warns and stays eager."""
-    if not enable:
-        _kernels.update(_EAGER)
-        return False
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        forward, backward = _compile(_rational_forward, device), _compile(_rational_backward, device)
-        x = torch.linspace(-4, 4, 96, device=device).view(12, 8)  # not randn: must not move the global RNG
-        num, den = torch.ones(2, 6, device=device), torch.ones(2, 4, device=device)
-        with torch.no_grad():                             # as inside the autograd function
-            for rows in (12, 5):                          # two row counts: the second must reuse the graph
-                forward(x[:rows], num, den), backward(x[:rows], num, den, x[:rows], (True, True, True))
-    except Exception as e:                                # any failure to compile: stay eager
-        warnings.warn(f"use_compiled_rational: torch.compile failed on {device} ({type(e).__name__}: {e}); "
-                      f"using the eager path")
-        return False
-    _kernels.update(forward=forward, backward=backward, chunk=None)
-    return True
-
 # =============================================================================
 # Appendix B. Reading other people's models
 #
-# What add_nora and add_lora learn from a model, each by one means that cannot be fooled (asked
-# for where it does not tell):
+# What add_nora and add_lora learn from a model, each by one means that cannot be fooled, and
+# asked for where it does not tell:
 #   - an activation's function: from its class (ACTIVATION_CLASSES), never by calling the module,
 #     which may hold state (a quantisation observer);
-#   - its channel axis: with hooks on one run of the example. Linear layers (the last axis),
-#     convolutions and BatchNorms (dim 1) note their outputs; an activation's input has their axis
-#     only if it is one, or a view of one that keeps the axis whole: reshapes, transposes, not
-#     chunks, copies or products;
-#   - a weight's layout and a fused q | k | v's rows: by class (CONV1D, FUSED_QKV);
-#   - a weight no layer owns (nn.MultiheadAttention's in_proj_weight): LoRAWeight, a parametrization.
+#   - its channel axis: hooks on one run of the example see the outputs of layers whose layout is
+#     certain (a linear layer's channels are last, a convolution's and a BatchNorm's on dim 1); an
+#     activation's input takes their axis only if it is one of them, or a view of one that keeps
+#     the axis whole (a reshape, a transpose; not a chunk, a copy or a product);
+#   - a weight's layout: by class, (out, in) in nn.Linear and (in, out) in HF's Conv1D. Which rows of a
+#     fused q | k | v projection are q and v no class tells for sure: add_lora adapts all, or the rows given.
 # Activations called as functions (F.gelu inside forward) cannot be replaced.
 # =============================================================================
 
@@ -893,11 +708,9 @@ def activation_name(module):
     return ACTIVATION_CLASSES.get(_full_name(type(module)))
 
 
-def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs, listed_only=False):
-    """[(path, NoRA)] for every activation add_nora replaces, each checked (its function known or
-    ``init`` given, its channel axis seen or given, ``groups`` dividing every width seen) and built
-    before anything changes; a refusal names every module in trouble. ``listed_only``: leave the
-    modules per_module does not list (a replayed call builds exactly the modules it recorded)."""
+def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs):
+    """[(path, NoRA)] for every activation add_nora replaces, all checked and built before anything
+    changes; a refusal names every module in trouble."""
     groups, per_module = _positive_int(groups, "add_nora: groups"), _check_per_module(per_module)
     channel_dim = None if channel_dim is None else _check_axis(channel_dim, "add_nora: channel_dim")
     _check_arguments(rank, **nora_kwargs)
@@ -908,11 +721,11 @@ def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_modu
     seen = _probe(model, example, [m for m, _ in found.values()])
     plan, trouble = [], []
     for path, (m, function) in found.items():
-        own = per_module.get(path, None if listed_only else {})
+        own = per_module.get(path, {})
         if own is None:                                   # per_module says: leave it as it is
             continue
         g = own.get("groups", groups)
-        dim, widths, said = _settle(path, seen[id(m)], g, own.get("channel_dim", channel_dim), own.get("channels"))
+        dim, widths, said = _settle(path, seen[id(m)], g, own.get("channel_dim", channel_dim))
         trouble += [f"{path} ({type(m).__name__}) {s}" for s in said]
         if not trouble:
             new = NoRA(g, rank, init=init or function, channel_dim=dim, **nora_kwargs).train(m.training)
@@ -924,16 +737,15 @@ def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_modu
 
 
 def _find_activations(model, target, init, per_module):
-    """{path: (module, function name or None)} of every module ``target`` names, once each (at its first
-    path; never the model itself)."""
+    """{path: (module, function name or None)} of every module ``target`` names (at its first path)."""
     targets = (target,) if isinstance(target, (str, type)) else tuple(target)
     if not targets or not all(t in ACTIVATIONS if isinstance(t, str) else isinstance(t, type) for t in targets):
         raise ValueError(f"add_nora: target must name functions in {list(ACTIVATIONS)} or module classes, "
                          f"got {target!r}")
-    found, done, shared = {}, set(), _shared(model)
+    found, shared = {}, _shared(model)
     for path, m in model.named_modules():
         function = activation_name(m)
-        if path and id(m) not in done and (type(m) in targets or function in targets):
+        if path and (type(m) in targets or function in targets):
             if id(m) in shared:
                 raise ValueError(f"add_nora: one {type(m).__name__} module is used at {shared[id(m)]}: a NoRA would "
                                  f"adapt one of those places; give each its own module (copy.deepcopy)")
@@ -944,7 +756,6 @@ def _find_activations(model, target, init, per_module):
                 raise ValueError(f"add_nora: {path} is a {type(m).__name__}, whose function add_nora does not know; "
                                  f"pass init=nora.fit_rational(fn) with fn its function (or init='gelu')")
             found[path] = m, function
-            done.add(id(m))
     if not found:
         names = " or ".join(t if isinstance(t, str) else t.__name__ for t in targets)
         has = _tally(f"{type(m).__name__}" + (f" ({activation_name(m)})" if activation_name(m) else "")
@@ -960,11 +771,10 @@ def _find_activations(model, target, init, per_module):
     return found
 
 
-def _settle(path, calls, groups, given, channels):
-    """(channel axis, widths, troubles) of one activation from the inputs the example gave it,
-    ``calls`` [(shape, axis seen or None, device)], and the axis ``given``: the axis is what the example shows,
-    else what is given, and the same in every call; ``groups`` must divide every width (and the
-    widths be ``channels``, where given)."""
+def _settle(path, calls, groups, given):
+    """(channel axis, widths, troubles) of one activation from ``calls``, [(shape, axis seen or None,
+    device)] of each input the example gave it, and the axis ``given``: the axis seen, else the one
+    given, and one in every call; ``groups`` must divide each width."""
     fix = lambda **own: f"; pass per_module={{'{path}': dict({', '.join(f'{k}={v}' for k, v in own.items())})}}"
     if not calls:
         return None, None, [f"did not run on the example: add_nora replaces only what it sees run; pass an example "
@@ -988,8 +798,6 @@ def _settle(path, calls, groups, given, channels):
         fits = max(d for d in range(1, groups + 1) if all(w % d == 0 for w in widths))
         return None, None, [f"acts on {widths} channels, which cannot be split into {groups} equal groups"
                             + fix(groups=fits)]
-    if channels is not None and channels != widths:
-        return None, None, [f"acts on {widths} channels, not on the {channels} of the model the adapter was trained on"]
     return (-1 if dim == -1 else dim + len(calls[0][0])), widths, []
 
 
@@ -1007,9 +815,8 @@ def _output_axis(layer):
 
 @torch.no_grad()
 def _probe(model, example, activations):
-    """Run ``example`` through ``model`` once (eval mode, no gradients; the RNG, the modes and every
-    buffer left as they were) and see each input of the modules in ``activations``:
-    {id: [(shape, channel axis or None, device)]}."""
+    """{id: [(shape, channel axis or None, device)]} of each input of the modules in ``activations`` on one
+    run of ``example`` (eval mode; the RNG, the modes and every buffer put back afterwards)."""
     made, seen = [], {id(m): [] for m in activations}     # made: kept alive, so no output is mistaken for another
     record = lambda layer, args, out: made.append((out, _output_axis(layer))) if isinstance(out, torch.Tensor) else None
     hooks = [m.register_forward_hook(record) for m in model.modules() if _output_axis(m) is not None]
@@ -1052,85 +859,54 @@ def _input_of(args, made):
     return tuple(x.shape), None, x.device
 
 
-def _warn_if_far_at_init(modules):
+def _warn_if_far_at_init(functions):
     """Warn where a shipped rational is far from the function it replaces (ReLU: its kink), since the
-    model then changes at step 0, before any training."""
-    functions = [m.function for m in modules]
-    for function in sorted({f for f in functions if f in COEFFS}):
-        fn, coeffs = ACTIVATIONS[function], COEFFS[function]
-        (error, at), (error_at_0, _) = fit_error(fn, *coeffs, (-8, 8)), fit_error(fn, *coeffs, (0, 0))
+    model's outputs then change at step 0."""
+    for f in sorted(set(functions) & set(COEFFS)):
+        (error, at), (at_0, _) = fit_error(ACTIVATIONS[f], *COEFFS[f]), fit_error(ACTIVATIONS[f], *COEFFS[f], (0, 0))
         if error > 0.05:
-            warnings.warn(f"add_nora: {functions.count(function)} module(s) compute {function}, whose rational is up "
-                          f"to {error:.2g} off on [-8, 8] (at x = {at:.3g}; {error_at_0:.2g} at 0), so the model's "
-                          f"outputs move at init; measure the change on your inputs")
+            warnings.warn(f"add_nora: {functions.count(f)} module(s) compute {f}, whose rational is up to {error:.2g} "
+                          f"off on [-8, 8] (at x = {at:.3g}; {at_0:.2g} at 0), so the model's outputs move at init; "
+                          f"measure the change on your inputs")
 
 
-# Fused q | k | v projections whose rows are q, k and v in equal thirds, by the class that holds them
-# and the projection's name there (each class's source read: it reshapes the output to (..., 3, heads,
-# head_dim) or splits it in three). Another class's projection named like
-# one of FUSED_NAMES (multi-query, grouped-query, per head: who knows) is refused unless its rows are given.
-FUSED_QKV = {
-    "timm.layers.attention.Attention": "qkv", "timm.models.beit.Attention": "qkv",
-    "timm.models.eva.EvaAttention": "qkv",
-    "timm.models.swin_transformer.WindowAttention": "qkv", "timm.models.swin_transformer_v2.WindowAttention": "qkv",
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": "qkv",
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": "qkv",
-    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": "to_qkv",
-    "transformers.models.gpt2.modeling_gpt2.GPT2Attention": "c_attn",
-    f"{__name__}.Attention": "qkv",                      # ours (Appendix E), under whatever name this file has
-}
-FUSED_NAMES = ("qkv", "c_attn", "to_qkv", "qkv_proj", "query_key_value", "Wqkv", "in_proj")
 CONV1D = "transformers.pytorch_utils.Conv1D"              # HF's linear layer that stores its weight (in, out)
 
 
-def _plan_lora(model, rank, alpha, targets, qkv_parts, rows, layer):
-    """[(path, LoRA layer, or (weight name, LoRAWeight))] for every layer add_lora adapts, each checked
-    and built before anything changes; a refusal names every layer in trouble."""
+def _plan_lora(model, rank, alpha, targets, rows, layer):
+    """[(path, LoRA layer)] for every layer add_lora adapts, each checked and built before anything
+    changes; a refusal names every layer in trouble."""
     targets, rows = _check_names(targets, "add_lora: targets"), {} if rows is None else rows
     _positive_int(rank, "add_lora: rank"), _positive_number(alpha, "add_lora: alpha")
-    if not (isinstance(qkv_parts, str) and qkv_parts and set(qkv_parts) <= set("qkv")):
-        raise ValueError(f"add_lora: qkv_parts={qkv_parts!r} must name some of 'q', 'k', 'v', e.g. 'qv'")
     if not isinstance(rows, dict) or set(rows) - set(targets):
         raise ValueError(f"add_lora: rows must be a dict {{target: [(start, stop), ...]}} keyed by targets, "
                          f"got {rows!r}")
-    thirds = lambda n: [(i * n // 3, (i + 1) * n // 3) for i, part in enumerate("qkv") if part in qkv_parts]
     plan, trouble, shared = [], [], _shared(model)
     for path, m in model.named_modules():
         target, parent = _named(path, targets), model.get_submodule(path.rpartition(".")[0]) if path else None
-        where, name = f"{path} ({type(m).__name__})", path.rpartition(".")[2]
+        where = f"{path} ({type(m).__name__})"
         if isinstance(m, nn.MultiheadAttention) and (target or "in_proj" in targets):
-            if isinstance(m.in_proj_weight, torch.Tensor) and not hasattr(m, "parametrizations"):
-                ranges = _check_rows(rows.get(target) or thirds(len(m.in_proj_weight)), len(m.in_proj_weight), where)
-                plan.append((path, ("in_proj_weight", LoRAWeight(m.in_proj_weight, rank, alpha, ranges))))
-            elif target:
-                trouble.append(f"{where} has no fused in_proj_weight without LoRA: leave it out of targets")
+            trouble.append(f"{where} keeps q | k | v in a weight of its own, in_proj_weight, that no layer owns, "
+                           f"so there is no layer to put LoRA on: target its out_proj, or use separate q, k, v layers")
         if not target or not isinstance(getattr(m, "weight", None), torch.Tensor) or isinstance(parent, LoRALinear):
             continue
         tied = shared.get(id(m)) or shared.get(id(m.weight))
         if tied:
             trouble.append(f"{where} (or its weight) is used at {tied}: LoRA would adapt one place and its merge "
                            f"change all; untie them, or leave it out of targets")
-            continue
-        if isinstance(m, LoRALinear) or not (isinstance(m, nn.Linear) or _full_name(type(m)) == CONV1D):
+        elif isinstance(m, LoRALinear) or not (isinstance(m, nn.Linear) or _full_name(type(m)) == CONV1D):
             trouble.append(f"{where} " + ("has LoRA already" if isinstance(m, LoRALinear) else
                                           "is neither an nn.Linear nor HF's Conv1D, so its weight's layout is not "
                                           "known: wrap it with LoRALinear(layer, ...)"))
-            continue
-        out_features, in_features = m.weight.shape[::-1] if not isinstance(m, nn.Linear) else m.weight.shape
-        known = FUSED_QKV.get(_full_name(type(parent))) == name
-        ranges = rows.get(target, thirds(out_features) if known and out_features == 3 * in_features else None)
-        if ranges is None and name in FUSED_NAMES:
-            trouble.append(f"{where} in {type(parent).__name__} is a fused projection of {out_features} rows whose "
-                           f"layout is not known to be q | k | v in equal thirds; pass "
-                           f"rows={{'{target}': [(0, q_rows)]}}")
         elif not trouble:
-            fan_in_fan_out = not isinstance(m, nn.Linear)
-            plan.append((path, layer(m, rank, alpha, _check_rows(ranges, out_features, where), fan_in_fan_out)))
+            out_features = m.weight.shape[0 if isinstance(m, nn.Linear) else 1]
+            ranges = _check_rows(rows.get(target), out_features, where)
+            plan.append((path, layer(m, rank, alpha, ranges, fan_in_fan_out=not isinstance(m, nn.Linear))))
     if trouble or not plan:
         names = _tally(p.rpartition(".")[2] for p, m in model.named_modules() if getattr(m, "weight", None) is not None)
         raise ValueError("add_lora: " + ("\nadd_lora: ".join(trouble[:16]) if trouble else
                                          f"no linear layer named {' or '.join(targets)}; its layers are named {names}"))
-    return [(p, new if isinstance(new, tuple) else new.train(model.get_submodule(p).training)) for p, new in plan]
+    return [(p, new.train(model.get_submodule(p).training)) for p, new in plan]
 
 
 def _named(path, names):
@@ -1138,169 +914,61 @@ def _named(path, names):
     return next((n for n in names if path == n or path.endswith("." + n)), None)
 
 
-class LoRAWeight(LoRALinear):
-    """LoRA on a weight that no layer owns, as a parametrization (torch.nn.utils.parametrize): torch's
-    nn.MultiheadAttention keeps q | k | v in one `in_proj_weight` and reads it itself, so there is
-    no layer to wrap; registered on that weight, it makes the module read W0 + B A * alpha / r.
-    :func:`merge` removes the parametrization, leaving W0 + B A as the module's plain weight."""
-
-    def __init__(self, weight, rank=8, alpha=16, row_ranges=None):
-        holder = nn.Module()
-        holder.weight = weight
-        super().__init__(holder, rank, alpha, row_ranges)
-        del self.base                                     # the weight stays its own module's
-
-    def forward(self, weight):
-        return self._add_to_rows(weight.clone(), self.delta_weight(), dim=0)
-
-    def merge(self):
-        raise TypeError("LoRAWeight: merge the whole model with nora.merge(model)")
-
-    def unmerge(self):
-        raise TypeError("LoRAWeight: nora.merge(model) removed it; build the model again and load the adapter")
-
-
-def _remove_lora_parametrizations(model):
-    """Remove every LoRAWeight parametrization, leaving W0 + B A as the plain weight, and a mark for
-    adapter_state_dict: the update is in no adapter's tensors any more."""
-    for m in list(model.modules()):
-        for name, chain in list(getattr(m, "parametrizations", {}).items()):
-            if any(isinstance(p, LoRAWeight) for p in chain):
-                torch.nn.utils.parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-                m.nora_merged = True
-
-
 def _build_in(model, plan):
-    """Put each planned adapter into ``model`` (a module in its place, or a LoRAWeight as a
-    parametrization of its weight); then freeze all but the adapters and what mark_trainable named."""
+    """Put each planned adapter into ``model`` in its module's place."""
     for path, new in plan:
-        if isinstance(new, tuple):
-            torch.nn.utils.parametrize.register_parametrization(model.get_submodule(path), *new)
-            continue
         parent, _, name = path.rpartition(".")
         parent = model.get_submodule(parent)
         setattr(parent, name, new)
         if isinstance(parent, nn.TransformerEncoderLayer) and name == "activation":
             parent.activation_relu_or_gelu = 0            # else its eval-mode fast path computes GELU itself
-    model.nora_trainable = tuple(_renamed(n, plan) for n in getattr(model, "nora_trainable", ()))
-    freeze(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(p.requires_grad or _under(name, model.nora_trainable))
 
 
-def _describe_calls(model):
-    """What save_adapter writes beside the tensors: the add_nora and add_lora calls that built the
-    adapters, one per setting, with each module's settings written out."""
-    calls = {}
+# An adapter file is a .safetensors file of the adapters' tensors (and the head's, ...) whose
+# metadata describes every adapter module: what add_nora was given and found for a NoRA (function,
+# groups, channel axis, widths), what add_lora made for LoRA (rank, rows, layout). load_adapter
+# loads it only into a model whose adapters have that very description.
+def _describe(model):
+    """{path: settings} of every adapter module of ``model``."""
+    out = {}
     for path, m in model.named_modules():
         if type(m) is NoRA:
             if m.replaced is None:
                 raise ValueError(f"save_adapter: the NoRA at {path} was not put there by add_nora, so what it replaced "
                                  f"is not known; use add_nora, or keep it with adapter_state_dict and torch.save")
-            degrees = [m.numerator.shape[1] - 1, m.denominator.shape[1]]
-            call = calls.setdefault(("nora", m.rank, m.scaling, m.form, m.basis_scale, *degrees), dict(
-                rank=m.rank, alpha=m.scaling * m.rank, form=m.form, basis_scale=m.basis_scale, degrees=degrees,
-                target=[], per_module={}))
-            call["target"] += [m.function or m.replaced] * ((m.function or m.replaced) not in call["target"])
-            call["per_module"][path] = dict(groups=len(m.numerator), channel_dim=m.channel_dim, channels=m.channels)
-        elif type(m) in (LoRALinear, LoRAWeight):
-            call = calls.setdefault(("lora", m.rank, m.scaling),
-                                    dict(rank=m.rank, alpha=m.scaling * m.rank, per_module={}))
-            layout = None if type(m) is LoRAWeight else m.fan_in_fan_out
-            call["per_module"][path.partition(".parametrizations.")[0]] = dict(rows=m.row_ranges, fan_in_fan_out=layout)
+            out[path] = dict(add="nora", function=m.function or m.replaced, rank=m.rank, alpha=m.scaling * m.rank,
+                             form=m.form, basis_scale=m.basis_scale, groups=len(m.numerator),
+                             degrees=[m.numerator.shape[1] - 1, m.denominator.shape[1]], channel_dim=m.channel_dim,
+                             channels=m.channels)
+        elif type(m) is LoRALinear:
+            out[path] = dict(add="lora", rank=m.rank, alpha=m.scaling * m.rank, rows=m.row_ranges,
+                             fan_in_fan_out=m.fan_in_fan_out)
         elif isinstance(m, (*ADAPTERS, GroupRational)):
-            raise ValueError(f"save_adapter: {path} is a {type(m).__name__}, which load_adapter cannot build again; "
-                             f"keep it with adapter_state_dict and torch.save")
-    return {"add_nora": [c for k, c in calls.items() if k[0] == "nora"],
-            "add_lora": [c for k, c in calls.items() if k[0] == "lora"]}
+            raise ValueError(f"save_adapter: {path} is a {type(m).__name__}, which load_adapter cannot check; keep it "
+                             f"with adapter_state_dict and torch.save")
+    return json.loads(json.dumps(out))                    # as a file gives it back: lists, not tuples
 
 
-def _replay(model, calls, state, example):
-    """The plan of the calls an adapter file holds, made again on ``model`` with every check of add_nora
-    and add_lora; the sizes the calls give are first checked against the file's own tensors, so that
-    nothing the file does not hold is allocated."""
-    claims, layers = {}, dict(model.named_modules())
-    for c in calls["add_nora"]:
-        (m, n), r, shared = c["degrees"], c["rank"], c["form"] == "shared"
-        for p, own in ((p, own) for p, own in c["per_module"].items() if own):
-            g = own["groups"]
-            shapes = dict(numerator=(g, m + 1), denominator=(g, n), B_P=(g, r), B_Q=(g, r),
-                          A_P=(r, m + 1) if shared else (g, m + 1, r), A_Q=(r, n) if shared else (g, n, r))
-            claims.update({f"{p}.{k}": shape for k, shape in shapes.items()})
-    for c in calls["add_lora"]:
-        for p, own in c["per_module"].items():
-            prefix = f"{p}.parametrizations.in_proj_weight.0." if own["fan_in_fan_out"] is None else f"{p}."
-            (start, stop), k = own["rows"][0], len(own["rows"])
-            layer = layers.get(p)                          # its input width as the layer's class says
-            weight = getattr(layer, "in_proj_weight" if isinstance(layer, nn.MultiheadAttention) else "weight", None)
-            width = weight.shape[_full_name(type(layer)) != CONV1D] if isinstance(weight, torch.Tensor) else 0
-            claims.update({prefix + "lora_B": (k, stop - start, c["rank"]), prefix + "lora_A": (k, c["rank"], width)})
-    wrong = [f"{k} {tuple(state[k].shape) if k in state else 'missing'} for {v}" for k, v in claims.items()
-             if k not in state or tuple(state[k].shape) != v]
-    if wrong:
-        raise ValueError(f"load_adapter: the file's tensors are not those its calls build on this model "
-                         f"({', '.join(wrong[:3])}): it was trained on another model, or it is damaged")
-    plan, classes = [], {_full_name(type(m)): type(m) for m in model.modules()}
-    for c in (c for c in calls["add_nora"] if any(c["per_module"].values())):   # (a call that builds nothing: none)
-        target = [t if t in ACTIVATIONS else classes.get(t, t) for t in c["target"]]
-        if any(isinstance(t, str) and t not in ACTIVATIONS for t in target):
-            raise ValueError(f"load_adapter: the adapter replaced {c['target']} modules, and this model has none; "
-                             f"load it into the model it was trained on")
-        init = (torch.zeros(c["degrees"][0] + 1), torch.zeros(c["degrees"][1]))   # the base is the file's
-        try:                                              # on exactly the recorded modules
-            plan += _plan_nora(model, 1, c["rank"], example, target, init, None, c["per_module"],
-                               dict(alpha=c["alpha"], form=c["form"], basis_scale=c["basis_scale"]), listed_only=True)
-        except ValueError as e:
-            raise ValueError(f"load_adapter, making the adapter's add_nora call again: {e}") from None
-    for c in calls["add_lora"]:
-        own = c["per_module"]
-        try:
-            lora = _plan_lora(model, c["rank"], c["alpha"], tuple(own), "qkv", {p: v["rows"] for p, v in own.items()},
-                              LoRALinear)
-        except ValueError as e:
-            raise ValueError(f"load_adapter, making the adapter's add_lora call again: {e}") from None
-        layout = lambda new: None if isinstance(new, tuple) else new.fan_in_fan_out   # (None: a LoRAWeight)
-        odd = [p for p, new in lora if p not in own or own[p]["fan_in_fan_out"] != layout(new)]
-        if odd:
-            raise ValueError(f"load_adapter: {odd[:3]} are other layers than the ones the adapter was trained on "
-                             f"(their weights are stored another way round); load it into that model")
-        plan += lora
-    return plan
-
-
-def _check_adapter_state(model, plan, state, extra, statistics):
-    """Refuse ``state`` before anything changes: a tensor that is neither one of the planned adapters'
-    nor under ``extra`` (nor, with ``statistics``, a BatchNorm statistic), named as it will be once
-    LoRA wraps its layer; a planned adapter's tensor missing; another shape or kind of dtype; NaN, inf
-    (in the dtype it loads into) or values beyond 1e6; settings no shape shows (extra state)."""
-    stats, own = _running_statistics(model), {}
-    for k, v in model.state_dict().items():               # under the names they will have once LoRA wraps them
-        k = _renamed(k, plan)
-        if _under(k, extra) or statistics and k in stats:
-            own[k] = v
-    adapters, settings = {}, {}
-    for path, new in plan:
-        weight, module = new if isinstance(new, tuple) else (None, new)
-        prefix = f"{path}.parametrizations.{weight}.0." if weight else f"{path}."
-        adapters.update({prefix + k: v for k, v in module.state_dict().items() if not k.startswith("base.")})
-        settings[prefix + "_extra_state"] = module
-    strangers, missing = sorted(set(state) - set(own) - set(adapters)), sorted(set(adapters) - set(state))
+def _check_adapter_state(model, state, extra, statistics):
+    """Refuse ``state`` before anything changes: a tensor that is neither one of the model's adapters'
+    nor under ``extra`` (nor, with ``statistics``, a BatchNorm statistic); an adapter's tensor missing;
+    another shape or kind of dtype; NaN, inf (in the dtype it loads into) or values beyond 1e6."""
+    mine, stats, adapters = model.state_dict(), _running_statistics(model), _adapter_keys(model)
+    allowed = adapters | {k for k in mine if _under(k, extra) or statistics and k in stats}
+    strangers, missing = sorted(set(state) - allowed), sorted(adapters - set(state))
     if strangers or missing:
-        raise ValueError(f"load_adapter: the file holds {strangers[:4]}, which are neither the adapters its calls "
-                         f"build nor under extra={extra}, and lacks {missing[:4]}. Name the modules whose tensors "
-                         f"it may write in extra= (e.g. 'classifier'), statistics=True for BatchNorm statistics; or "
-                         f"load it into the model it was trained on")
-    own.update(adapters)
+        raise ValueError(f"load_adapter: the file holds {strangers[:4]}, which are neither the adapters' tensors "
+                         f"nor under extra={extra}, and lacks {missing[:4]}. Name the modules whose tensors it may "
+                         f"write in extra= (e.g. 'classifier'), statistics=True for BatchNorm statistics; or load it "
+                         f"into the model it was trained on")
     for k, v in state.items():
-        if v.shape != own[k].shape or v.is_floating_point() != own[k].is_floating_point():
-            raise ValueError(f"load_adapter: the file's {k} is {v.dtype} {tuple(v.shape)}, this model's {own[k].dtype} "
-                             f"{tuple(own[k].shape)}; load it into the model it was trained on")
-        loaded = v.to(own[k].dtype)
+        if v.shape != mine[k].shape or v.is_floating_point() != mine[k].is_floating_point():
+            raise ValueError(f"load_adapter: the file's {k} is {v.dtype} {tuple(v.shape)}, this model's {mine[k].dtype} "
+                             f"{tuple(mine[k].shape)}; load it into the model it was trained on")
+        loaded = v.to(mine[k].dtype)
         if v.is_floating_point() and v.numel() and not (loaded.isfinite().all() and loaded.abs().max() <= 1e6):
-            raise ValueError(f"load_adapter: {k} holds NaN, inf (as {own[k].dtype}) or values beyond 1e6: the run "
+            raise ValueError(f"load_adapter: {k} holds NaN, inf (as {mine[k].dtype}) or values beyond 1e6: the run "
                              f"that saved it diverged; retrain it")
-    for k, module in settings.items():                    # scaling, basis_scale, row ranges: checks only
-        module.set_extra_state(state[k])
 
 
 def _shared(model):
@@ -1311,20 +979,9 @@ def _shared(model):
     return {i: p for i, p in paths.items() if len(p) > 1}
 
 
-def _renamed(name, plan):
-    """The name a parameter or state-dict key ``name`` has once ``plan`` is built in: LoRA puts the layer it
-    wraps under `base`, and a LoRAWeight puts the weight under `parametrizations.<weight>.original`."""
-    for path, new in plan:
-        if isinstance(new, tuple) and name == f"{path}.{new[0]}":
-            return f"{path}.parametrizations.{new[0]}.original"
-        if not isinstance(new, tuple) and name.startswith(path + "."):
-            return f"{path}.base.{name[len(path) + 1:]}"
-    return name
-
-
 def _adapter_keys(model):
-    """State-dict keys of every adapter's own tensors and settings (not the layers they wrap)."""
-    return {f"{name}.{k}" if name else k for name, m in model.named_modules() if isinstance(m, ADAPTERS)
+    """State-dict keys of every adapter's own tensors (not those of the layers they wrap)."""
+    return {(p and p + ".") + k for p, m in model.named_modules() if isinstance(m, ADAPTERS)
             for k in m.state_dict() if not k.startswith("base.")}
 
 
@@ -1332,11 +989,6 @@ def _running_statistics(model):
     """State-dict keys of the running statistics of BatchNorm layers (torchvision's CNNs and MaxViT have them)."""
     return {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
             and m.track_running_stats for k, _ in m.named_buffers(recurse=False)}
-
-
-def _adapter_parameters(model, types=ADAPTERS):
-    """Ids of the parameters that adapters of ``types`` own (not those of the layers they wrap)."""
-    return {id(p) for m in model.modules() if isinstance(m, types) for p in m.parameters(recurse=False)}
 
 
 def _unwrap(model):
@@ -1380,10 +1032,9 @@ def _full_name(cls):
 # =============================================================================
 # Appendix C. Checks, files and the fit's optimiser
 #
-# Kept out of the method so that it reads plainly: the checks of every argument, made when it is
-# given (a constructor, an add_* call), not at the first forward or at save; the checks of saved
-# settings; safetensors files, read and written with the standard library, and adapter files'
-# descriptions; one atomic writer for every file; the Levenberg-Marquardt steps of fit_rational.
+# Every argument is checked when it is given (a constructor, an add_* call), not at the first
+# forward or at save. Files: safetensors read and written with the standard library (nothing in
+# one can run code), through one atomic writer. Then the Levenberg-Marquardt steps of fit_rational.
 # =============================================================================
 
 def _init_coefficients(init, groups):
@@ -1411,7 +1062,6 @@ def _init_coefficients(init, groups):
 
 
 def _check_arguments(rank, alpha=None, form="shared", basis_scale=3.0):
-    """NoRA's arguments, as add_nora checks them before building any."""
     if form not in ("shared", "per_group"):
         raise ValueError(f"NoRA: form must be 'shared' or 'per_group', got {form!r}")
     rank = _positive_int(rank, "NoRA: rank")
@@ -1421,30 +1071,25 @@ def _check_arguments(rank, alpha=None, form="shared", basis_scale=3.0):
     return rank, alpha, float(basis_scale)
 
 
-def _positive_int(value, what):
-    """``value`` as an int if it is a positive integer of any integer type but bool; else a ValueError."""
+def _positive_int(value, what):                           # any integer type but bool; returned as an int
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
 
 
-def _positive_number(value, what):
-    """``value`` as a float if it is a positive real number (not bool) that float32 can hold; else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 3.4e38:   # float32's max
+def _positive_number(value, what):                        # a real number in (0, float32's max]; as a float
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 3.4e38:
         raise ValueError(f"{what} must be a positive number float32 can hold, got {value!r}")
     return float(value)
 
 
 def _check_axis(value, what):
-    """``value`` as an int if it is an integer (not bool) naming an axis; else a ValueError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what} must be an integer axis (-1: the last, 1: (N, C, H, W)), got {value!r}")
     return int(value)
 
 
 def _check_fit(num_degree, den_degree, iters, points, x_range):
-    """fit_rational's arguments, as plain ints: degrees the module takes (m >= 1, n >= 2), more points
-    than coefficients, and a range (low, high) within [-1e4, 1e4] with high - low >= 1e-3."""
     num_degree, den_degree, iters, points = (_positive_int(v, f"fit_rational: {k}") for k, v in dict(
         num_degree=num_degree, den_degree=den_degree, iters=iters, points=points).items())
     if den_degree < 2 or points <= num_degree + den_degree:
@@ -1459,23 +1104,18 @@ def _check_fit(num_degree, den_degree, iters, points, x_range):
 
 
 def _check_per_module(per_module):
-    """add_nora's per_module as plain Python: {path: dict(groups=int, channel_dim=int, channels=[int]) or None}
-    (channels, the widths the example must show, as an adapter file records them)."""
-    checks = dict(groups=_positive_int, channel_dim=_check_axis,
-                  channels=lambda widths, what: [_positive_int(w, what) for w in widths])
-    if per_module is None:
-        return {}
-    if not (isinstance(per_module, dict) and all(isinstance(p, str) and (own is None or isinstance(own, dict) and own
-                                                 and set(own) <= set(checks)) for p, own in per_module.items())):
+    """{path: dict(groups=int, channel_dim=int) or None}, as plain Python."""
+    checks = dict(groups=_positive_int, channel_dim=_check_axis)
+    if not (per_module is None or isinstance(per_module, dict) and all(isinstance(p, str) and (
+            own is None or isinstance(own, dict) and own and set(own) <= set(checks)) for p, own in per_module.items())):
         raise ValueError(f"add_nora: per_module must be a dict {{module path: dict(groups=..., channel_dim=...) or "
                          f"None}}, got {per_module!r}")
     return {p: own and {k: checks[k](v, f"add_nora: per_module[{p!r}][{k!r}]") for k, v in own.items()}
-            for p, own in per_module.items()}
+            for p, own in (per_module or {}).items()}
 
 
 def _check_rows(ranges, rows, what):
-    """LoRA's row ranges as [(start, stop), ...]: integers, 0 <= start < stop <= rows, one width, no overlap;
-    None for all the rows."""
+    """LoRA's row ranges, sorted [(start, stop), ...] of one width within ``rows``, not overlapping; None: all."""
     if ranges is None:
         return None
     ok = isinstance(ranges, (list, tuple)) and ranges and all(
@@ -1489,24 +1129,13 @@ def _check_rows(ranges, rows, what):
 
 
 def _check_names(names, what):
-    """A tuple of module or parameter names (non-empty strings), from one name or several."""
     names = (names,) if isinstance(names, str) else tuple(names)
     if not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"{what} must name modules or parameters (non-empty strings), got {names!r}")
     return names
 
 
-def _check_settings(module, names, saved, mine):
-    """Refuse a state dict saved with other settings (tensors as get_extra_state makes them) than ``module``'s."""
-    if not (isinstance(saved, torch.Tensor) and saved.shape == mine.shape and torch.allclose(saved.cpu().double(), mine)):
-        saved = saved.tolist() if isinstance(saved, torch.Tensor) else saved
-        raise ValueError(f"{type(module).__name__}: the saved adapter was trained with other settings ({names}: "
-                         f"saved {saved}, this model {mine.tolist()}); build the model with the saved settings")
-
-
 def _check_rational_inputs(x, numerator, denominator, dim):
-    """rational's contract: a floating-point x with a dimension ``dim`` of C channels, G dividing C,
-    and (G, m+1), (G, n) coefficients on x's device."""
     if not x.is_floating_point():
         raise TypeError(f"rational: expected a floating-point input, got {x.dtype} (convert with x.float())")
     if (numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]
@@ -1521,11 +1150,8 @@ def _check_rational_inputs(x, numerator, denominator, dim):
     G, C = numerator.shape[0], x.shape[dim]
     if C % G:
         raise ValueError(f"rational: {C} channels (dimension {dim} of a {tuple(x.shape)} input) cannot be split "
-                         f"into {G} equal groups; {_divisors_hint(C)}")
-
-
-def _divisors_hint(C):
-    return f"use a group count that divides {C}, e.g. one of {[d for d in range(1, min(C, 64) + 1) if C % d == 0]}"
+                         f"into {G} equal groups; use a group count that divides {C}, e.g. one of "
+                         f"{[d for d in range(1, min(C, 64) + 1) if C % d == 0]}")
 
 
 def _least_squares(coeffs, V, W, f, root_weight, iters=200):
@@ -1566,7 +1192,7 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 def write_safetensors(path, state, metadata=None):
     """Write {name: tensor} as a .safetensors file (an 8-byte little-endian header length, a JSON
     header of each tensor's dtype, shape and byte range, padded to 8 bytes, then the raw bytes) with
-    {str: str} ``metadata``; through write_atomic, so a failed write leaves the old file whole."""
+    {str: str} ``metadata``, through write_atomic."""
     names, header, blobs, offset = {v: k for k, v in _SAFETENSORS_DTYPES.items()}, {}, [], 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -1581,73 +1207,57 @@ def write_safetensors(path, state, metadata=None):
 
 
 def read_safetensors(path, metadata=False):
-    """{name: tensor} from a .safetensors file (and its metadata, if asked), parsed with the standard
-    library and torch, so no safetensors package is needed. Every entry is checked: a known dtype,
-    a shape of non-negative integers whose size is its byte range, and ranges that lie in the file
-    without overlapping (overlapping ranges would make a small file huge in memory)."""
+    """{name: tensor} from a .safetensors file (and its metadata, if asked). Every entry is checked: a
+    known dtype, a shape whose size is its byte range, and ranges in the file that do not overlap
+    (overlapping ones would make a small file huge in memory)."""
     if not Path(path).is_file():
         raise ValueError(f"{path} is {'a folder' if Path(path).is_dir() else 'missing'}, not a .safetensors file; "
                          f"pass the path of one")
     data = Path(path).read_bytes()
-
-    def unique(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"duplicate names {sorted({k for k in keys if keys.count(k) > 1})[:3]}")
-        return dict(pairs)
     try:
-        if len(data) < 8:
-            raise ValueError("shorter than its 8-byte header length")
         n = struct.unpack("<Q", data[:8])[0]
         if n > len(data) - 8:
             raise ValueError(f"a header of {n} bytes in a file of {len(data)}")
-        header = json.loads(data[8:8 + n], object_pairs_hook=unique)
-        body, state, end_of_last = data[8 + n:], {}, 0
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
-        for name, info in entries:
-            dtype, offsets, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"], info["shape"]
-            if not (len(offsets) == 2 and all(type(i) is int for i in (*offsets, *shape)) and min(shape, default=0) >= 0):
-                raise ValueError(f"{name} has offsets {offsets} and shape {shape}; both must be integers >= 0")
-            start, end = offsets
-            if not end_of_last <= start <= end <= len(body) or end - start != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"{name}'s bytes {offsets} overlap another tensor's, lie past the end of the file, "
-                                 f"or do not hold its shape {shape}")
-            state[name] = torch.frombuffer(bytearray(body[start:end]), dtype=dtype).view(shape) if end > start \
-                else torch.empty(shape, dtype=dtype)
+        header, state, end_of_last = json.loads(data[8:8 + n]), {}, 0
+        extra = header.pop("__metadata__", None) or {}
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
+            dtype, (start, end), shape = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"], info["shape"]
+            if not (all(type(i) is int and i >= 0 for i in shape) and end_of_last <= start <= end <= len(data) - 8 - n
+                    and end - start == math.prod(shape) * dtype.itemsize):
+                raise ValueError(f"{name}'s bytes {info['data_offsets']} overlap another tensor's, lie past the end of "
+                                 f"the file, or do not hold its shape {shape}")
+            state[name] = torch.frombuffer(bytearray(data[8 + n + start:8 + n + end]), dtype=dtype).view(shape) \
+                if end > start else torch.empty(shape, dtype=dtype)
             end_of_last = end
-        extra = header.get("__metadata__") or {}
         if not (isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values())):
             raise ValueError("its __metadata__ is not a map of strings")
     except (struct.error, ValueError, KeyError, TypeError, RuntimeError, AttributeError, RecursionError) as e:
-        what = f"no field or an unknown dtype {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-        raise ValueError(f"{path} is not a valid .safetensors file ({what}); it may be truncated or an "
-                         f"error page. Download it again, or pass another file") from None
+        raise ValueError(f"{path} is not a valid .safetensors file ({type(e).__name__}: {e}); it may be truncated "
+                         f"or an error page. Download it again, or pass another file") from None
     return (state, extra) if metadata else state
 
 
 def read_adapter(path):
-    """(state, calls) from a save_adapter file. The calls' values are checked where the replay uses them,
-    by add_nora's and add_lora's own checks."""
+    """(tensors, {path: settings} of the adapters) from a save_adapter file."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_adapter takes the path of a save_adapter file, not a {type(path).__name__} (a state "
                         f"dict loads with model.load_state_dict(state, strict=False))")
     state, extra = read_safetensors(path, metadata=True)
     try:
-        calls = json.loads(extra["nora"])
-        if not (set(calls) == {"add_nora", "add_lora"} and all(isinstance(c["per_module"], dict) for k in calls
-                                                                 for c in calls[k])):
-            raise ValueError("not two lists of calls")
-    except (KeyError, TypeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path} holds no readable description of the calls that made its adapters ({e!r}): it is "
+        described = json.loads(extra["nora"])
+        if not (isinstance(described, dict) and all(isinstance(v, dict) for v in described.values())):
+            raise ValueError("not a map of module paths to settings")
+    except (KeyError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} holds no readable description of the calls that made its adapters ({e}): it is "
                          f"damaged, or not written by save_adapter (a plain state dict loads with "
                          f"model.load_state_dict)") from None
-    return state, calls
+    return state, described
 
 
 def check_writable(path, replace=True):
-    """The resolved ``path`` (a symlink followed) if write_atomic can write it: a regular file or a new
-    name (not a folder, a device or a FIFO), in a folder that takes a new file, with no other hard link
-    where it would be replaced (a new file would break them). The scripts ask before they work."""
+    """The resolved ``path`` (symlinks followed) if write_atomic can write it: a regular file or a new
+    name in a folder that takes a new file, with no other hard link (a new file would break it) where
+    it would be replaced. The scripts ask before they work."""
     path = Path(os.path.realpath(path))
     why = "is a folder" if path.is_dir() else "is no regular file (a device, a FIFO?)" if path.exists() and \
         not path.is_file() else None if path.parent.is_dir() else "is in a folder that does not exist"
@@ -1661,11 +1271,10 @@ def check_writable(path, replace=True):
 
 
 def write_atomic(path, data, replace=True):
-    """Write ``data`` (bytes or str) to ``path`` through a new temporary file in the same folder (made
-    with an unpredictable name, never through a planted link), then move it into place: a crash or
-    a full disk mid-write leaves the old file whole. A symlink is followed (its target gets the data,
-    the link stays), the old file's permissions are kept, and what check_writable refuses is
-    refused. ``replace=False``: never replace a file (FileExistsError)."""
+    """Write ``data`` (bytes or str) to ``path`` through a new temporary file beside it (an unpredictable
+    name), then move it into place: a crash or a full disk mid-write leaves the old file whole. A
+    symlink's target gets the data, the old file's permissions are kept, and what check_writable
+    refuses is refused. ``replace=False``: never replace a file (FileExistsError)."""
     path = check_writable(path, replace)
     old = os.stat(path) if path.exists() and replace else None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -1685,47 +1294,7 @@ def write_atomic(path, data, replace=True):
         Path(tmp).unlink(missing_ok=True)
 
 # =============================================================================
-# Appendix D. Drawing
-#
-# Plain SVG line plots that any browser shows, so drawing adds no dependency (the scripts draw
-# what NoRA learned, the fits and the sweeps with it).
-# =============================================================================
-
-def hue(degrees):
-    """A strong colour ``degrees`` round the colour wheel, as '#rrggbb' (not CSS hsl(), which some
-    SVG renderers draw black)."""
-    import colorsys
-    r, g, b = colorsys.hls_to_rgb(degrees / 360, 0.42, 0.7)
-    return f"#{round(255 * r):02x}{round(255 * g):02x}{round(255 * b):02x}"
-
-
-def write_svg(path, panels, columns=4, width=240, height=170):
-    """Draw ``panels``, a list of (title, [(x, y, colour, dashed), ...]) line plots, as a grid in an
-    SVG file at ``path`` (through a temporary file, as every file here is written)."""
-    rows = -(-len(panels) // columns)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{columns * width}" height="{rows * height}" '
-           f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>']
-    for k, (title, lines) in enumerate(panels):
-        ox, oy, pw, ph = (k % columns) * width + 40, (k // columns) * height + 20, width - 55, height - 45
-        x0, x1 = min(float(l[0].min()) for l in lines), max(float(l[0].max()) for l in lines)
-        y0, y1 = min(float(l[1].min()) for l in lines), max(float(l[1].max()) for l in lines)
-        y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)
-        sx = lambda v: ox + (v - x0) / (x1 - x0) * pw
-        sy = lambda v: oy + ph - (v - y0) / (y1 - y0) * ph
-        out.append(f'<rect x="{ox}" y="{oy}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>'
-                   f'<text x="{ox}" y="{oy - 6}">{title}</text>'
-                   f'<text x="{ox}" y="{oy + ph + 13}">{x0:g}</text>'
-                   f'<text x="{ox + pw}" y="{oy + ph + 13}" text-anchor="end">{x1:g}</text>'
-                   f'<text x="{ox - 4}" y="{oy + 9}" text-anchor="end">{y1:.2g}</text>'
-                   f'<text x="{ox - 4}" y="{oy + ph}" text-anchor="end">{y0:.2g}</text>')
-        for x, y, colour, dashed in lines:
-            points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(x.tolist(), y.tolist()))
-            out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.2"'
-                       + (' stroke-dasharray="4 3"/>' if dashed else "/>"))
-    write_atomic(path, "\n".join(out + ["</svg>"]) + "\n")
-
-# =============================================================================
-# Appendix E. A small ViT with timm's names, and pretrained weights
+# Appendix D. A small ViT with timm's names, and pretrained weights
 #
 # The paper fine-tunes "ViT-Tiny pretrained on ImageNet-1K": pre-norm blocks of attention and an
 # MLP with exact GELU, a class token whose final state feeds the head. The modules below use
@@ -1835,11 +1404,6 @@ PRETRAINED = {
 DEFAULT_WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
-def weights_url(name):
-    """The hub URL of a PRETRAINED record's checkpoint."""
-    return f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
-
-
 def create_vit(name=DEFAULT_WEIGHTS, **kwargs):
     """A VisionTransformer shaped for the PRETRAINED record ``name``; ``kwargs`` (img_size,
     num_classes, depth) go to VisionTransformer. Load its weights with load_pretrained(model, name)."""
@@ -1848,53 +1412,44 @@ def create_vit(name=DEFAULT_WEIGHTS, **kwargs):
 
 
 def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True):
-    """Load a timm-layout checkpoint into ``model`` (a VisionTransformer, or any module with timm's names).
-
-    ``source`` is a name in PRETRAINED (create_vit builds its model), a local .safetensors file
-    (the hub's format, read by our own checked reader: nothing in it can run code), or a URL of one
-    (downloaded once and cached, see :func:`download`). The position embedding is resampled to the
-    model's image size; a head for another number of classes (or none) leaves the model's own head;
-    a model of fewer blocks takes the checkpoint's first ones (and says so).
-    """
-    source = weights_url(source) if source in PRETRAINED else source
+    """Load a timm-layout checkpoint into ``model`` (a VisionTransformer, or any module with timm's names):
+    a name in PRETRAINED, a local .safetensors file (the hub's format) or its URL (downloaded once and
+    cached, see :func:`download`). The position embedding is resampled to the model's image size; a
+    head for another number of classes (or none) leaves the model's own; a model of fewer blocks
+    takes the checkpoint's first ones."""
+    if source in PRETRAINED:                              # timm's name on the hub gives the URL
+        source = f"https://huggingface.co/timm/{source}/resolve/main/model.safetensors"
     url = str(source).startswith(("http://", "https://"))
     path = download(source, cache_dir) if url else source
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a .safetensors file, a URL to download, or a name in "
                                 f"PRETRAINED: {', '.join(PRETRAINED)}")
     try:
-        state = read_safetensors(path)
+        state, own, depth = read_safetensors(path), model.state_dict(), len(getattr(model, "blocks", ()))
+        block = lambda k: int(k.split(".")[1]) if k.startswith("blocks.") and k.split(".")[1].isdigit() else -1
+        if depth and verbose and any(block(k) >= depth for k in state):
+            print(f"load_pretrained: the model has {depth} blocks; it takes the checkpoint's first {depth}")
+        state = {k: v for k, v in state.items() if not depth or block(k) < depth}
+        if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+            state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
+        head = state.get("head.weight")
+        if head is None or "head.weight" not in own or head.shape != own["head.weight"].shape:
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            if verbose and "head.weight" in own:
+                print(f"load_pretrained: checkpoint has {'no head' if head is None else f'a head for {len(head)} classes'}"
+                      f"; keeping the model's new {len(own['head.weight'])}-class head (randomly initialised)")
+        bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+               for k, v in state.items() if k in own and v.shape != own[k].shape]
+        missing = [k for k in own if k not in state and not k.startswith("head.")]
+        if bad or missing or set(state) - set(own):
+            raise ValueError(f"load_pretrained: {path} does not match this model (is the size, patch size or "
+                             f"layer_scale right?)\n  shape mismatches: {bad[:5]}\n  missing: {missing[:5]}\n"
+                             f"  unexpected: {sorted(set(state) - set(own))[:5]}")
     except ValueError as e:
         if url:                                           # a bad download must not stay in the cache
             Path(path).unlink(missing_ok=True)
             raise ValueError(f"{e}\n(the downloaded copy was deleted: run again to download it anew)") from None
         raise
-    own, depth = model.state_dict(), len(getattr(model, "blocks", ()))
-    block = lambda k: int(k.split(".")[1]) if k.startswith("blocks.") and k.split(".")[1].isdigit() else -1
-    beyond = {k for k in state if block(k) >= depth}
-    if beyond and depth and verbose:                      # a shallower ViT (depth=) takes the first blocks
-        print(f"load_pretrained: the model has {depth} blocks; it takes the checkpoint's first {depth}")
-    state = {k: v for k, v in state.items() if k not in beyond} if depth else state
-    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
-    found = state.get("head.weight")
-    if found is None or "head.weight" not in own or found.shape != own["head.weight"].shape:
-        state.pop("head.weight", None)
-        state.pop("head.bias", None)
-        if verbose and "head.weight" in own:
-            had = f"a head for {found.shape[0]} classes" if found is not None else "no head"
-            print(f"load_pretrained: checkpoint has {had}; keeping the model's new "
-                  f"{own['head.weight'].shape[0]}-class head (randomly initialised)")
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state and not k.startswith("head.")]
-    unexpected = [k for k in state if k not in own]
-    if bad or missing or unexpected:
-        if url:                                           # nor a download that fits no model
-            Path(path).unlink(missing_ok=True)
-        raise ValueError(f"load_pretrained: {path} does not match this model (is the size, patch size or "
-                         f"layer_scale right?)\n  shape mismatches: {bad[:5]}\n  missing: {missing[:5]}\n"
-                         f"  unexpected: {unexpected[:5]}" + ("\n(the downloaded copy was deleted)" if url else ""))
     model.load_state_dict(state, strict=False)
     return model
 
@@ -1910,12 +1465,9 @@ def resample_pos_embed(pos_embed, grid_size):
 
 
 def download(url, cache_dir=None, sha256=None):
-    """Download ``url`` once into the cache and return the local path.
-
-    The cache is ``cache_dir``, else $NORA_CACHE, else ~/.cache/nora. torch.hub's downloader
-    writes to a temporary file, shows progress and, given ``sha256``, checks the file before
-    moving it into place, so an interrupted download never leaves a file behind.
-    """
+    """Download ``url`` once into the cache (``cache_dir``, else $NORA_CACHE, else ~/.cache/nora) and
+    return the local path. torch.hub's downloader writes a temporary file, shows progress and checks
+    ``sha256`` if given before moving it into place, so an interrupted download leaves nothing."""
     if not url.isprintable() or " " in url:
         raise ValueError(f"download: {url!r} is not a URL (it holds spaces or control characters)")
     cache_dir = Path(cache_dir or os.environ.get("NORA_CACHE") or Path.home() / ".cache" / "nora")

@@ -7,10 +7,9 @@
     python train_vit.py --scale small --plot-activations act.svg  # draw what NoRA learned
     torchrun --nproc_per_node 8 train_vit.py --groups 8 --rank 2 # data-parallel on 8 GPUs (DDP)
 
-The method lives in nora.py; this script parses arguments, loads data, trains and prints. In
-order: defaults, data, the model and the baselines' names, one training run, the paper's tables,
-the baselines themselves, the command line. The lr studies and the accuracy-per-parameter
-frontier are in dev/sweeps.py, the kernel benchmarks in dev/bench.py.
+The method lives in nora.py; this script parses arguments, loads data, trains and prints. In order: defaults,
+data, the model and the baselines' names, one training run, the paper's tables, the baselines themselves, the
+command line. The lr studies and accuracy-per-parameter frontier are in dev/sweeps.py, kernel timings in dev/bench.py.
 """
 import argparse
 import contextlib
@@ -21,8 +20,8 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fit_gelu
 import nora
 
 try:
@@ -38,8 +38,7 @@ except ImportError:
     fcntl = None
 
 # --- defaults: the paper's protocol (appendix C); every other default is in make_parser, with its flag.
-# --scale presets. 'paper' is appendix C (Table 7); 'small' finishes a table on a 2-core CPU.
-SCALES = {
+SCALES = {  # --scale presets: 'paper' is appendix C (Table 7); 'small' finishes a table on a 2-core CPU
     "paper": dict(img_size=224, epochs=50, batch_size=256, train_subset=0, test_subset=0),
     "small": dict(img_size=64, epochs=5, batch_size=64, train_subset=5000, test_subset=1000),
 }
@@ -52,9 +51,8 @@ CIFAR = {  # folder, train files, test file, label key, archive URL, its md5 (as
 }
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 METHOD_LR = {"vpt": 5e-3, "dora": 5e-4}          # paper C.1; every other method uses --lr (1e-3)
-# With no --lr, the head and NoRA's update get learning rates of their own, chosen on validation
-# (dev/RESULTS.md): the paper's one lr of 1e-3 leaves a fresh head and NoRA's update in the
-# (x/3)^i basis moving too slowly to beat a tuned linear probe.
+# With no --lr, the head and NoRA's update get lrs of their own, chosen on validation (dev/RESULTS.md): at the
+# paper's one lr of 1e-3, a fresh head and NoRA's update in the (x/3)^i basis move too slowly to beat a tuned probe.
 HEAD_LR = 1e-2    # with NoRA training: the lowest tried (0.3 .. 0.01) at 400 steps; a probe alone wants 0.3
 NORA_LR = 3e-2    # with the head at 1e-2, chosen at 80, 400 and 2,000 steps (1e-1 collapsed at 80 and 400);
                   # that it suits the paper's 9,750 steps too extrapolates that flat trend: not measured
@@ -62,17 +60,15 @@ BASIS_SCALE = inspect.signature(nora.NoRA).parameters["basis_scale"].default    
 
 
 def learning_rates(args):
-    """(lr, head lr, NoRA lr) of a run: the flags where given; else, with --lr given, every part at
-    it (the paper's protocol); else HEAD_LR and NORA_LR (the paper's monomial basis keeps --lr: it
-    wants a 30x smaller step than ours)."""
+    """(lr, head lr, NoRA lr) of a run: the flags where given; else, with --lr given, every part at it (the paper's
+    protocol); else HEAD_LR and NORA_LR (the paper's monomial basis keeps --lr: it wants a 30x smaller step)."""
     lr = args.lr if args.lr is not None else METHOD_LR.get(args.method, 1e-3)
     own = args.lr is None
     head = args.head_lr or (HEAD_LR if own else lr)
     ours = args.method != "nora-monomial" and args.basis_scale in (None, BASIS_SCALE)
     return lr, head, args.nora_lr or (NORA_LR if own and ours else lr)
 
-# The paper's numbers, printed beside ours.
-PAPER = {
+PAPER = {  # the paper's numbers, printed beside ours
     "methods": {"full": (90.71, 77.19), "vpt": (89.62, 75.43), "adapter": (89.93, 75.88), "lora": (91.05, 77.68),
                 "qlora": (90.45, 77.01), "dora": (91.13, 77.71), "nora": (90.88, 77.46), "nora++": (91.24, 77.76)},
     "groups": {8: (92.2, 77.6), 64: (93.1, 79.6)},            # read off Figure 2 (approximate)
@@ -135,10 +131,9 @@ def load_cifar(name, root, download=True):
 class CifarUnpickler(pickle.Unpickler):
     """A pickle reader that builds only what a CIFAR batch holds (dicts, lists, strings, numbers and
     numpy arrays): any other class or function in the file is refused instead of run."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
-               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {   # numpy 1's and 2's names
+        (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -159,9 +154,8 @@ def balanced_subset(labels, n, seed):
 
 
 def preprocess(x, img_size, mean, std, device, flip=None):
-    """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S) on ``device``, mirrored where ``flip`` (B,)
-    says; ``mean``, ``std``: (3, 1, 1) on ``device``. The uint8 batch moves first: resizing on the
-    CPU would starve a GPU."""
+    """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S) on ``device``, mirrored where ``flip`` (B,) says;
+    ``mean``, ``std``: (3, 1, 1) on ``device``. The uint8 batch moves first: resizing on the CPU would starve a GPU."""
     x = x.to(device).float() / 255
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -177,22 +171,18 @@ METHODS = ("head", "full", "lora", "dora", "qlora", "vpt", "adapter", "nora", "n
 
 
 def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha=16, **nora_kwargs):
-    """Set ``model`` (a VisionTransformer) up for fine-tuning with ``method`` (one of METHODS) and
-    make its head trainable. The Table 4 variants, on frozen GELU-fitted base coefficients:
-    'rational' tunes the coefficients directly, 'zero-init' adds a full-rank zero-initialised
-    update (NoRA without the low-rank factorisation), 'const' tunes only a0 (our Q has no b0),
-    all with ``groups`` groups. 'nora-monomial' is NoRA with the paper's update of the plain
-    monomial coefficients (basis_scale=1). ``nora_kwargs`` go to every NoRA module."""
+    """Set ``model`` (a VisionTransformer) up for fine-tuning with ``method`` (one of METHODS); its head trains.
+    Table 4's variants have ``groups`` groups ('rational' tunes GELU-fitted coefficients, DeltaRational the rest);
+    'nora-monomial' is NoRA in the paper's monomial basis (basis_scale=1). ``nora_kwargs`` go to every NoRA."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    nora.freeze(model)
+    nora.freeze(model)                                    # all of it; what is added below trains, and the head
     dim = model.cls_token.shape[-1]
+    qv = {"qkv": [(0, dim), (2 * dim, 3 * dim)]}          # LoRA on q and v of the fused qkv (paper C.1)
     if method == "full":
         model.requires_grad_(True)
-    elif method == "head":
-        pass
     elif method in ("lora", "dora", "qlora"):
-        nora.add_lora(model, lora_rank, lora_alpha, layer=DoRALinear if method == "dora" else nora.LoRALinear)
+        nora.add_lora(model, lora_rank, lora_alpha, rows=qv, layer=DoRALinear if method == "dora" else nora.LoRALinear)
         if method == "qlora":                             # every linear layer of the blocks in 4 bits, LoRA's bases too
             replace_modules(model.blocks, lambda m: type(m) is nn.Linear, NF4Linear)
     elif method == "vpt":
@@ -210,21 +200,21 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
                 getattr(m, f"A_{fixed}").requires_grad_(False)
                 getattr(m, f"B_{fixed}").requires_grad_(False)
         if method == "nora++":
-            nora.add_lora(model, lora_rank, lora_alpha)
+            nora.add_lora(model, lora_rank, lora_alpha, rows=qv)
     elif method == "rational":
         replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(groups))
     elif method in ("zero-init", "const"):
         replace_modules(model, lambda m: isinstance(m, nn.GELU),
                              lambda m: DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
-    else:                                                 # Table 3: other learnable activations
+    elif method != "head":                                # Table 3: other learnable activations
         make = {"prelu": lambda m: nn.PReLU(), "elu": lambda m: LearnableELU(), "arelu": lambda m: AReLU()}[method]
         replace_modules(model, lambda m: isinstance(m, nn.GELU), make)
-    return nora.mark_trainable(model, "head")
+    model.head.requires_grad_(True)
+    return model
 
 
 def replace_modules(model, target, make):
-    """Replace every submodule for which ``target(module)`` is true by ``make(module)``, each built before the
-    first is put in (a failure leaves the model as it was)."""
+    """Replace each submodule for which ``target(module)`` is true by ``make(module)``, all built before any goes in."""
     found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if target(child)]
     for (parent, name, _), new in list(zip(found, [make(child) for _, _, child in found])):
@@ -238,8 +228,7 @@ def example_input(model):
 
 
 def build_model(args, method=None):
-    """The pretrained ViT, set up for ``method`` (default args.method; 'plain': as it is). Returns (model,
-    total parameters of the base model)."""
+    """(model, base parameter count): the pretrained ViT set up for ``method`` (default args.method; 'plain': as is)."""
     torch.manual_seed(args.seed)
     model = nora.create_vit(args.model, img_size=args.img_size, num_classes=NUM_CLASSES[args.dataset], depth=args.depth)
     if args.weights != "none":
@@ -248,16 +237,31 @@ def build_model(args, method=None):
         except (RuntimeError, OSError, ValueError) as e:
             sys.exit(f"error: {e}")
     total = nora.count_parameters(model)[1]
-    if method == "plain":
-        return model.to(args.device), total
-    prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha,
-            lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
-            **({} if args.basis_scale is None else {"basis_scale": args.basis_scale}))
-    if args.grow_from:                                  # paper Sec. 4.2: replicate groups
-        for m in model.modules():
-            if isinstance(m, nora.NoRA):
-                m.grow(args.groups)
+    if method != "plain":
+        prepare(model, args.method, groups=args.grow_from or args.groups, rank=args.rank, alpha=args.alpha,
+                lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                **({} if args.basis_scale is None else {"basis_scale": args.basis_scale}))
+        for m in (m for m in model.modules() if args.grow_from and isinstance(m, nora.NoRA)):   # paper Sec. 4.2
+            grow_groups(m, args.groups)
     return model.to(args.device), total
+
+
+@torch.no_grad()
+def grow_groups(module, groups):
+    """Split every group of a NoRA ``module`` into groups / G consecutive copies of itself (paper Sec. 4.2
+    duplicates the group-wise coefficients along the channels), the function unchanged. The trainable
+    tensors are replaced, so grow before building the optimizer."""
+    old, groups = module.numerator.shape[0], nora._positive_int(groups, "grow_groups: groups")
+    if groups % old or any(w % groups for w in module.channels or ()):
+        raise ValueError(f"grow_groups: new group count {groups} must be a multiple of {old} and divide the "
+                         f"{module.channels} channels add_nora saw")
+    k = groups // old
+    for name in ("numerator", "denominator"):
+        setattr(module, name, getattr(module, name).repeat_interleave(k, 0))
+    for name in ("A_P", "B_P", "A_Q", "B_Q"):
+        p = getattr(module, name)
+        if name.startswith("B") or module.form == "per_group":
+            setattr(module, name, nn.Parameter(p.repeat_interleave(k, 0), requires_grad=p.requires_grad))
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -285,10 +289,9 @@ def evaluate(model, x, y, prep, batch_size, amp=None):
 
 
 def param_groups(model, lr, head_lr=None, nora_lr=None):
-    """AdamW parameter groups: the head's trainable parameters at ``head_lr``, NoRA's at ``nora_lr``,
-    all other trainable ones (LoRA, ...) at ``lr`` (either left None: ``lr``). A fresh linear head wants
-    a larger step than a low-rank update of a pretrained model, and NoRA's update in the (x/3)^i
-    basis a larger one than LoRA's."""
+    """AdamW parameter groups: the head's trainable parameters at ``head_lr``, NoRA's at ``nora_lr``, all other
+    trainable ones (LoRA, ...) at ``lr`` (either left None: ``lr``). A fresh head wants a larger step than a
+    low-rank update of a pretrained model, and NoRA's update in the (x/3)^i basis a larger one than LoRA's."""
     groups = {"head": [], "nora": [], "rest": []}
     for name, m in model.named_modules():
         kind = "head" if name == "head" or name.startswith("head.") else "nora" if isinstance(m, nora.NoRA) else "rest"
@@ -308,8 +311,7 @@ def train(args, data, eval_name="test"):
     compile_rational(args)
     trainable = nora.count_parameters(model)[0]
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("head") and p.requires_grad)
-    # torchrun: every process holds the model; DDP averages the trainable parameters' gradients
-    # over them. broadcast_buffers=False: a forward then needs no collective (our ViT has no buffers).
+    # torchrun: DDP averages the gradients over the processes; our ViT has no buffers, so no collective per forward
     forward = model if args.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[args.device] if args.device.type == "cuda" else None, broadcast_buffers=False)
     steps_per_epoch = max(1, len(train_x) // args.batch_size)
@@ -340,7 +342,6 @@ def train(args, data, eval_name="test"):
         for i in range(steps_per_epoch):
             if step == steps:
                 break
-            # the global batch, as in a single process; this process takes its 1/world of it
             first = i * args.batch_size + args.process * shard
             batch = slice(first, first + shard)
             idx = order[batch]
@@ -371,8 +372,7 @@ def train(args, data, eval_name="test"):
                 print(f"  epoch {len(history)}: {eval_name} accuracy {history[-1]:.2f}%", flush=True)
                 last = (time.time(), seen)                 # the next rate leaves the evaluation out
     return model, dict(trainable=trainable, backbone=trainable - head, total=total, percent=100 * trainable / total,
-                       lr=lr, head_lr_used=head_lr,
-                       nora_lr_used=own_lr if "nora" in args.method else None,
+                       lr=lr, head_lr_used=head_lr, nora_lr_used=own_lr if "nora" in args.method else None,
                        accuracy=history[-1], history=history, seconds=round(time.time() - start, 1),
                        **activation_drift(model))
 
@@ -391,13 +391,11 @@ def activation_drift(model, x_range=8.0):
 
 
 def record(args, result):
-    rec = {**run_settings(args), **result}
     print(f"RESULT method={args.method} dataset={args.dataset} trainable={result['trainable']:,} "
           f"({result['percent']:.3f}%) accuracy={result['accuracy']:.2f}% time={result['seconds']:.0f}s"
           + ("" if result.get("drift") is None else f" max|phi-GELU| on [-8,8]={result['drift']:.3g}, "
              f"b_n<0 in {result['layers_b_n_below_zero']} layers"))
-    append_record(args, rec)
-    return rec
+    return append_record(args, {**run_settings(args), **result})
 
 
 def read_records(path):
@@ -411,22 +409,16 @@ def read_records(path):
     return records
 
 
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive lock on ``path``.lock for a read-change-write of ``path`` that two runs share
-    (released when the lock file closes; none where fcntl is missing, as on Windows)."""
-    with open(f"{os.path.realpath(path)}.lock", "a") as f:   # (one lock per file, whatever link names it)
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def append_record(args, rec):
-    """Add ``rec`` to --out, if given, under a lock and through a temporary file, so that neither a
-    second run nor a crash loses a record; under torchrun only the first process writes."""
+    """Add ``rec`` to --out, if given, under an exclusive lock on --out.lock (released when it closes; none where
+    fcntl is missing, as on Windows) and through a temporary file, so that neither a second run nor a crash loses
+    a record; under torchrun only the first process writes. Returns ``rec``."""
     if args.out and args.process == 0:
-        with locked(args.out):
+        with open(f"{os.path.realpath(args.out)}.lock", "a") as f:   # (one lock per file, whatever link names it)
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_EX)
             nora.write_atomic(args.out, json.dumps(read_records(args.out) + [rec], indent=1))
+    return rec
 
 
 SAVED_SETTINGS = ("method", "groups", "rank", "alpha", "basis_scale", "grow_from", "model", "img_size", "depth",
@@ -435,10 +427,11 @@ SAVEABLE = ("head", "lora", "nora", "nora++", "nora-monomial", "nora-group", "no
 
 
 def evaluate_adapter(args, data):
-    """Load a --save file's adapters and head onto the pretrained model (args already hold its settings)."""
-    model, _ = build_model(args, "plain")
+    """Load a --save file's adapters and head into the pretrained model set up as the saved run was (args hold
+    its settings)."""
+    model, _ = build_model(args)
     try:
-        nora.load_adapter(model, args.eval_adapter, example=example_input(model))
+        nora.load_adapter(model, args.eval_adapter)
     except ValueError as e:
         sys.exit(f"error: {args.eval_adapter}: {e}")
     compile_rational(args)
@@ -446,9 +439,7 @@ def evaluate_adapter(args, data):
     print(f"RESULT eval-adapter {args.eval_adapter}: method={args.method} accuracy={acc:.2f}%")
     if args.plot_activations and args.process == 0:
         plot_activations(model, args.plot_activations)
-    rec = {**run_settings(args), "eval_adapter": args.eval_adapter, "accuracy": acc}
-    append_record(args, rec)
-    return rec
+    return append_record(args, {**run_settings(args), "eval_adapter": args.eval_adapter, "accuracy": acc})
 
 
 def run_settings(args):
@@ -483,12 +474,12 @@ def plot_activations(model, path, x_range=8.0):
     for name, m in model.named_modules():
         if isinstance(m, (nora.NoRA, nora.GroupRational)):
             y = group_curves(m, x)
-            colours = [nora.hue(300 * g / y.shape[1]) for g in range(y.shape[1])]
+            colours = [fit_gelu.hue(300 * g / y.shape[1]) for g in range(y.shape[1])]
             layer = name.replace(".mlp.act", "")
             panels.append((layer, [(x, F.gelu(x), "#888", True)] + [(x, y[:, g], c, False) for g, c in enumerate(colours)]))
             panels.append((f"{layer}: minus GELU", [(x, y[:, g] - F.gelu(x), c, False) for g, c in enumerate(colours)]))
     if panels:
-        nora.write_svg(path, panels)
+        fit_gelu.write_svg(path, panels)
     print(f"wrote {path}: {len(panels) // 2} layers, every group's activation against GELU (dashed)" if panels else
           f"--plot-activations: {type(model).__name__} has no rational activations to draw; nothing written")
     return len(panels) // 2
@@ -500,12 +491,8 @@ def table(args, data):
     name, col = args.table, 0 if args.dataset == "cifar10" else 1
     rows = []
     for entry in TABLES[name]:
-        run_args = argparse.Namespace(**vars(args))
-        if name == "groups":
-            run_args.method, run_args.rank, run_args.grow_from, run_args.groups = "nora", 3, 8, entry
-        else:
-            run_args.method = entry
-        res = run(run_args, data)
+        change = dict(method="nora", rank=3, grow_from=8, groups=entry) if name == "groups" else dict(method=entry)
+        res = run(argparse.Namespace(**{**vars(args), **change}), data)
         paper = PAPER[name].get(entry, (None, None))[col]
         rows.append(f"| {entry} | {res['trainable']:,} ({res['percent']:.2f}%) | {res['accuracy']:.2f} | "
                     f"{'-' if paper is None else f'{paper:.2f}'} | {res['seconds']:.0f} |")
@@ -521,9 +508,8 @@ def table(args, data):
 
 
 def write_table(args, name, text):
-    """Print the table and write it to table-<name>-<dataset>-<scale>.md; never over another table (a
-    file created in one step, which fails where one exists, even one another run has just made):
-    a file of that name with other contents keeps them, and the table goes to the next free name."""
+    """Print the table and write it to table-<name>-<dataset>-<scale>.md, in one step that fails where a file exists
+    (even one another run just made); a file there with other contents is kept and the table takes the next name."""
     print(text)
     text, k = text.lstrip() + "\n", 1
     while args.process == 0:
@@ -541,14 +527,12 @@ def write_table(args, name, text):
 
 
 # --- the baselines of the paper's tables -----------------------------------------------------
-# What Tables 1, 3, 4 and 5 compare NoRA with, on the same frozen ViT, each as small as it can be:
-# DoRA and QLoRA on LoRA's rows, VPT prompts, bottleneck adapters, other learnable activations,
-# and the coefficient-tuning variants. prepare() puts any of them on a model by name.
+# What Tables 1, 3, 4 and 5 compare NoRA with, on the same frozen ViT, each as small as it can be: DoRA and QLoRA
+# on LoRA's rows, VPT prompts, bottleneck adapters, other learnable activations, the coefficient-tuning variants.
 
 class DoRALinear(nora.LoRALinear):
-    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, with m
-    trainable and starting at ||W0|| (so W' = W0 at step 0). As in the DoRA paper (Sec. 4.3)
-    the norm is treated as a constant in backward. For (out, in) weights only (nn.Linear)."""
+    """DoRA: each adapted row is magnitude * direction, W' = m (W0 + B A) / ||W0 + B A||, m trainable from ||W0||
+    (W' = W0 at step 0); the norm is a constant in backward (DoRA paper, Sec. 4.3). (out, in) weights only."""
 
     def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
         if fan_in_fan_out:
@@ -580,9 +564,8 @@ NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414,
 
 
 class NF4Linear(nn.Module):
-    """A frozen linear stored in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and
-    a 4-bit index into NF4_LEVELS, two indices per byte. The weight is dequantised at every forward.
-    (QLoRA also quantises the absmax values, "double quantisation"; we keep them in float32.)"""
+    """A frozen linear in 4 bits (QLoRA's NF4): each block of 64 weights keeps its absmax and 4-bit indices into
+    NF4_LEVELS, two per byte, dequantised at every forward (absmax stays float32: no "double quantisation")."""
 
     def __init__(self, linear, block_size=64):
         super().__init__()
@@ -633,10 +616,9 @@ class Adapter(nn.Module):
 
 
 class DeltaRational(nn.Module):
-    """Frozen base coefficients plus a directly trained, zero-initialised update of the first
-    ``num_terms`` numerator and ``den_terms`` denominator coefficients (Table 4): all of them
-    is "zero-init tuning" (NoRA without the low-rank factorisation), (1, 0) is "const tuning" (a0;
-    the paper also tunes b0, which our Q does not have)."""
+    """Frozen base coefficients plus a trained, zero-initialised update of the first ``num_terms`` numerator and
+    ``den_terms`` denominator coefficients (Table 4): all of them is "zero-init tuning" (NoRA without the low-rank
+    factorisation), (1, 0) "const tuning" (a0; the paper also tunes b0, which our Q does not have)."""
 
     def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
         super().__init__()
@@ -681,9 +663,8 @@ def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--method", choices=METHODS, default="nora", help="NoRA, a baseline or an ablation variant (default: %(default)s)")
-    g.add_argument("--table", choices=TABLES,
-                   help="run every row of a paper table instead: methods (Table 1), groups (Fig. 2), ablation "
-                        "(Tables 4, 5), activations (Table 3); Table 6 (efficiency) is dev/bench.py's")
+    g.add_argument("--table", choices=TABLES, help="run every row of a paper table instead: methods (Table 1), groups "
+                   "(Fig. 2), ablation (Tables 4, 5), activations (Table 3); Table 6 (efficiency) is dev/bench.py's")
     g.add_argument("--dataset", choices=CIFAR, default="cifar10", help="default: %(default)s")
     g.add_argument("--data-root", default="data", help="folder holding (or to receive) CIFAR's python-format folder (default: %(default)s)")
     g.add_argument("--no-download", action="store_true", help="never download CIFAR; fail if it is not in --data-root")
@@ -698,16 +679,14 @@ def make_parser():
     g.add_argument("--lora-rank", type=int, default=8,
                    help="LoRA's rank in lora, dora, qlora and nora++, with alpha = 2 x rank (default: %(default)s, paper C.1)")
     g = p.add_argument_group("the model")
-    g.add_argument("--model", choices=nora.PRETRAINED, default=nora.DEFAULT_WEIGHTS,
-                   help="pretrained ViT: a record of nora.PRETRAINED (size, patch, LayerScale, normalisation; "
-                        "default: %(default)s)")
+    g.add_argument("--model", choices=nora.PRETRAINED, default=nora.DEFAULT_WEIGHTS, help="pretrained ViT: a "
+                   "record of nora.PRETRAINED (size, patch, LayerScale, normalisation; default: %(default)s)")
     g.add_argument("--weights", help="its checkpoint: a file or URL (default: the --model's on the hub); 'none' for random")
     g.add_argument("--depth", type=int, help="use only the first blocks (default: all; for quick experiments)")
     g.add_argument("--img-size", type=int, help="input size in px (default: 224 at --scale paper, 64 at small)")
     g = p.add_argument_group("training")
-    g.add_argument("--scale", choices=SCALES, default="paper",
-                   help="presets for --img-size, --epochs, --batch-size and the subsets: paper (appendix C, the "
-                        "default) or small (a table on a 2-core CPU)")
+    g.add_argument("--scale", choices=SCALES, default="paper", help="presets for --img-size, --epochs, "
+                   "--batch-size and the subsets: paper (appendix C, the default) or small (a table on a 2-core CPU)")
     g.add_argument("--epochs", type=int, help="default: 50 at --scale paper, 5 at small")
     g.add_argument("--steps", type=int, help="stop after this many steps (default: --epochs' worth)")
     g.add_argument("--batch-size", type=int, help="the global batch (default: 256 at --scale paper, 64 at small)")
@@ -812,23 +791,22 @@ def parse_args(argv=None, parser=None, outputs=()):
     args.device = torch.device(args.device)
     args.amp = getattr(torch, args.amp_dtype) if args.device.type == "cuda" and not args.no_amp else None
     args.mean, args.std = record["mean"], record["std"]
-    args.process, args.world = 0, 1                     # this process's rank and the count (start_processes)
+    args.process, args.world = 0, 1                     # this process's rank and the count (session)
     if args.table and args.out is None:
         args.out = "results.json"
     return args
 
 
 def saved_run_flags(path, weights):
-    """The flags of the run that wrote the --save file ``path``, from its metadata, for the parser to check
-    as it checks any: an odd method, size or depth is refused, not built. Its checkpoint is used unless
-    ``weights`` (--weights) is given; a URL is refused (only --weights may say to download)."""
+    """The flags of the run that wrote the --save file ``path``, from its metadata, for the parser to check (an
+    odd method, size or depth is refused, not built); its checkpoint unless ``weights`` (--weights), never a URL."""
     try:
         settings = json.loads(nora.read_safetensors(path, metadata=True)[1].get("train_vit", "null"))
     except (ValueError, RecursionError) as e:
         sys.exit(f"error: {path} could not be read as a saved adapter: {type(e).__name__}: {e}")
     if not (isinstance(settings, dict) and "method" in settings):
         sys.exit(f"error: {path} is not a train_vit.py --save file (it has no run settings: load it in Python "
-                 f"with nora.load_adapter(model, path, example=...))")
+                 f"with nora.load_adapter(model, path) into a model holding its adapters)")
     if weights is None and str(settings.get("weights")).startswith(("http://", "https://")):
         sys.exit(f"error: {path} names a URL as the checkpoint it was trained on ({settings['weights']}); pass "
                  f"--weights (that URL, to download it, or a local file)")
@@ -836,26 +814,19 @@ def saved_run_flags(path, weights):
     return [f for k in names if settings.get(k) is not None for f in (f"--{k.replace('_', '-')}", str(settings[k]))]
 
 
-def start_processes(args):
-    """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): join the process group (NCCL on GPUs, gloo on
-    CPUs), take this process's GPU, set args.process and args.world. Every process runs the same code
-    on the same data; only rank 0 evaluates (sending the result to the others), prints and writes."""
-    args.process, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.world == 1:
-        return
-    if args.batch_size % args.world:
-        sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of the {args.world} processes")
-    if args.device.type == "cuda":
-        args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(args.device)
-    torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
-
-
 @contextlib.contextmanager
 def session(args):
-    """The run's processes (torchrun), seed, threads, determinism and TF32; a Python caller's torch
-    settings (and eager or compiled rational) are restored afterwards. Only rank 0 prints."""
-    start_processes(args)
+    """The run's processes, seed, threads, determinism and TF32; a Python caller's torch settings (and eager or
+    compiled rational) are restored afterwards. Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): the process
+    group (NCCL on GPUs, gloo on CPUs) and this process's GPU; only rank 0 evaluates (for all), prints and writes."""
+    args.process, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.world > 1:
+        if args.batch_size % args.world:
+            sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of the {args.world} processes")
+        if args.device.type == "cuda":
+            args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(args.device)
+        torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
     deterministic = torch.are_deterministic_algorithms_enabled()
     threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
     kernels = dict(nora._kernels)                       # eager or compiled rational, as the caller had it
@@ -890,11 +861,44 @@ def load_data(args):
 
 
 def compile_rational(args):
-    """The rational's compiled kernels (unless --no-compile), once the data and weights are in: compiling
-    takes seconds, and a missing file should be said first."""
+    """The compiled rational (unless --no-compile), once data and weights are in: a missing file is said first."""
     if not args.no_compile and nora._kernels["chunk"] is not None:
-        compiled = nora.use_compiled_rational(device=args.device)
+        compiled = use_compiled_rational(device=args.device)
         print(f"rational: {'compiled' if compiled else 'eager (torch.compile failed, see the warning)'}")
+
+
+def use_compiled_rational(device=None):
+    """Run nora's rational through torch.compile'd kernels, each pass fused into one loop over memory (seconds to
+    compile, so opt-in). They warm up on ``device`` (default: CUDA if there is one), where they run; tensors on
+    another device (a plot's, on the CPU) take the eager kernels. Rows dynamic, all else static: one graph per
+    channel count serves every batch size (all-static recompiles per batch size, fully dynamic ran 40x slower).
+    Returns whether compiled; a failure warns and stays eager. nora._kernels.update(nora._EAGER) undoes it."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def compiled(kernel):
+        fast = torch.compile(kernel, dynamic=False)
+
+        def run(x, numerator, denominator, *grad_and_needs):   # (backward: the gradient and `needs` too)
+            if x.device.type != device.type:
+                return kernel(x, numerator, denominator, *grad_and_needs)
+            tensors = [t.detach() for t in (x, numerator, denominator, *grad_and_needs[:1])]
+            for t in tensors[:1] + tensors[3:]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            return fast(*tensors)       # backward: all three gradients (each `needs` would be a graph)
+        return run
+    forward, backward = compiled(nora._rational_forward), compiled(nora._rational_backward)
+    try:
+        x = torch.linspace(-4, 4, 96, device=device).view(12, 8)   # not randn: the global RNG stays put
+        num, den = torch.ones(2, 6, device=device), torch.ones(2, 4, device=device)
+        with torch.no_grad():
+            for rows in (12, 5):                          # two row counts: the second must reuse the graph
+                forward(x[:rows], num, den), backward(x[:rows], num, den, x[:rows], (True, True, True))
+    except Exception as e:                                # any failure to compile: stay eager
+        warnings.warn(f"use_compiled_rational: torch.compile failed on {device} ({type(e).__name__}: {e}); "
+                      f"using the eager path")
+        return False
+    nora._kernels.update(forward=forward, backward=backward, chunk=None)
+    return True
 
 
 def main(argv=None):

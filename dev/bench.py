@@ -189,7 +189,7 @@ def time_activations(dev, reps):
             y.backward(torch.ones_like(y))
     rows = {}
     for compiled in (False, True):
-        if compiled and not nora.use_compiled_rational():
+        if compiled and not tv.use_compiled_rational():
             break
         names = [k for k in ops if (k == "ours, compiled") == compiled]
         print(f"timing the activation alone: {', '.join(names)}", flush=True)
@@ -198,7 +198,7 @@ def time_activations(dev, reps):
         for k in names:
             x, n, d = (t.clone().requires_grad_() for t in (x0, num, den))
             rows[k] = (fwd[k], both[k], saved_bytes(lambda: ops[k](x, n, d)))
-        nora.use_compiled_rational(False)
+        nora._kernels.update(nora._EAGER)
     g = rows["GELU"]
     return (["| activation on (16, 197, 768), G = 8 | forward ms | x GELU | forward + backward ms | x GELU "
              "| saved for backward (MB) |\n|---|---|---|---|---|---|"]
@@ -211,13 +211,13 @@ def model_rows(dev, reps, batch, amp):
     the GELU model for inference) with the eager and the compiled rational, against LoRA and GELU."""
     results = {}
     for tag in ("eager", "compiled"):
-        if tag == "compiled" and not nora.use_compiled_rational(device=dev):
+        if tag == "compiled" and not tv.use_compiled_rational(device=dev):
             break
         print(f"timing ViT-Tiny training steps and inference ({tag}), {reps + 1} rounds", flush=True)
         rows = {"LoRA": "lora", f"NoRA, {tag}": "nora", f"NoRA++, {tag}": "nora++", "GELU model": "head",
                 f"NoRA merged, {tag}": "nora"}
         results.update(time_models(dev, reps, batch, amp, rows, merged=(f"NoRA merged, {tag}",)))
-        nora.use_compiled_rational(False)
+        nora._kernels.update(nora._EAGER)
     lora, gelu = results["LoRA"], results["GELU model"]
     memory = "peak memory" if dev.type == "cuda" else "saved for backward"
     lines = [f"| ViT-Tiny, batch {batch}, 224 px | trainable (excl. head) | matmul GFLOPs / image | forward ms / image "

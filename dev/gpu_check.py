@@ -177,7 +177,7 @@ class Report:
 
 def correctness(rep, dev, S):
     t = time.time()
-    compiled = nora.use_compiled_rational(device=dev)
+    compiled = tv.use_compiled_rational(device=dev)
     rep.check("1. use_compiled_rational compiles", None, None, compiled,
               f"{time.time() - t:.0f} s" if compiled else "torch.compile failed: see the warning in the console")
     if compiled:
@@ -527,7 +527,7 @@ def ddp_probe(dev, S):
         torch.cuda.set_device(dev)
     torch.distributed.init_process_group(backend)
     try:
-        nora.use_compiled_rational(device=dev)
+        tv.use_compiled_rational(device=dev)
         model, (x, y), losses = build("nora", dev, S), batch(dev, S), []
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None,
                                                         broadcast_buffers=False)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fit_gelu  # noqa: E402
 import nora  # noqa: E402
 import train_vit as tv  # noqa: E402
 
@@ -343,7 +344,7 @@ def plot_frontier(path, curves, head):
         out.append(f'<line x1="{ox}" x2="{ox + pw}" y1="{sy(head):.1f}" y2="{sy(head):.1f}" stroke="#888" stroke-dasharray="4 3"/>')
         out.append(f'<text x="{ox + pw + 8}" y="{sy(head) + 4:.1f}" fill="#888">head only</text>')
     for k, (name, c) in enumerate(curves):
-        colour = nora.hue(k * 360 / 7)
+        colour = fit_gelu.hue(k * 360 / 7)
         out.append(f'<text x="{ox + pw + 8}" y="{oy + 12 + 14 * k}" fill="{colour}">{name}</text>')
         front = []                                     # the family's frontier: the sizes that beat every smaller one
         for p in sorted(c):
