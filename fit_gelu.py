@@ -113,7 +113,7 @@ def preactivation_ranges(model, x, label):
         for name, coeffs in (("shipped GELU fit (nora.GELU_COEFFS)", nora.GELU_COEFFS),
                              ("unweighted fit on [-8, 8]", nora.fit_rational(F.gelu, x_range=(-8, 8), weight=None))):
             for block in model.blocks:
-                block.mlp.act = nora.GroupRational(1, coeffs)
+                block.mlp.act = nora.NoRA(1, init=coeffs)   # B = 0: the base rational itself
             d = model(x) - y
             print(f"| {name} | {d.norm() / y.norm():.2%} | {d.abs().max() / y.abs().max():.2%} |")
     num, den = (torch.tensor(c, dtype=torch.float64) for c in nora.GELU_COEFFS)

@@ -10,12 +10,10 @@ trains (plus the task head). NoRA++ adds LoRA on the weights.
 Part one is the method; read it top to bottom, each section building on the last:
   1. The rational function P(x)/Q(x)                paper Eqs. 1, 5, 6
   2. Fitting its coefficients to GELU (and others)    paper Eqs. 31, 33 (App. B)
-  3. GroupRational: learnable coefficients            paper Sec. 3 (after Group-KAN)
-  4. NoRA: a low-rank update of the coefficients      paper Eqs. 7, 8
-  5. LoRA, for NoRA++                                  paper Eqs. 2, 3
-  6. Putting adapters on a model
-The appendices hold the machinery: how it is made fast, how it finds its way onto other
-people's models, checks and files, and what the scripts build on:
+  3. NoRA: a low-rank update of the coefficients      paper Sec. 3, Eqs. 7, 8
+  4. LoRA, for NoRA++                                  paper Eqs. 2, 3
+  5. Putting adapters on a model
+The appendices hold the machinery, and what the scripts build on:
   A. Kernels and speed
   B. Reading other people's models
   C. Checks, files and the fit's optimiser
@@ -52,7 +50,8 @@ import torch.nn.functional as F
 # which is >= 1. Like Group-KAN and the released code we use degrees (m, n) = (5, 4) and leave
 # out b_0, so Q(x) = 1 + |S(x)| with S(x) = b_1 x + ... + b_n x^n and Q(0) = 1.
 #
-# "Group-wise": the C channels (the last dimension, or `dim`: 1 for an (N, C, H, W) feature map)
+# "Group-wise" (Sec. 3, after Group-KAN): one rational per channel is expensive and one per layer
+# too rigid, so the C channels (the last dimension, or `dim`: 1 for an (N, C, H, W) feature map)
 # are cut into G contiguous groups that each share one rational, so the coefficients are two
 # matrices, whatever the size of x: `numerator` (G, m+1) holds a_0 .. a_m of each group and
 # `denominator` (G, n) holds b_1 .. b_n. In this file those two names always mean coefficient
@@ -102,33 +101,26 @@ def rational(x, numerator, denominator, dim=-1):
 #
 # Fitting P/(1+|S|) to f is nonlinear least squares, so it needs a good start. The
 # Sanathanan-Koerner iteration gives one from a sequence of linear problems: with weights
-# w = 1/Q_prev, solve
+# w = 1/Q_prev (times sqrt(weight(x))), solve
 #       min || w (P(x) - f(x) S(x) - f(x)) ||      (since f = P/(1+S)  <=>  P - f S = f)
-# and repeat, each row also times sqrt(weight(x)) for the weighted fit. That fits P/(1+S), not
-# the module's P/(1+|S|): the two agree only where S >= 0, as it happens to be for GELU, SiLU and
-# ReLU, but not for Hardswish (max |error| 13.9 on [-8, 8] as P/(1+|S|)). So the fit then
-# minimises the true form's weighted error directly (Levenberg-Marquardt, Appendix C below), from that
-# start and from the same start with each b_j made positive, and keeps the one of lower weighted
-# squared error: the minimisation has several minima (ReLU6 fitted unweighted on [-8, 8]: the
-# second start's max error is 0.19 against 0.27; at the defaults the first's, 0.49 against 0.97).
-# Deterministic: float64, fixed grid.
+# and repeat. That fits P/(1+S), which is the module's P/(1+|S|) only where S >= 0 (GELU, SiLU
+# and ReLU, but not Hardswish: max |error| 13.9 on [-8, 8]). So Levenberg-Marquardt (Appendix C)
+# then minimises the true form's weighted error, from that start and from it with each b_j made
+# positive, keeping the better: there are several minima (ReLU6 unweighted on [-8, 8]: the second
+# start's max error is 0.19 against 0.27; at the defaults the first's, 0.49 against 0.97).
 # -----------------------------------------------------------------------------
 
 def preactivation_weight(x):
-    """Where a pretrained ViT's GELU inputs lie, roughly: a normal density of sd 1.5 around 0 (a real
-    ViT-S's fc1 outputs have sd 1.2 and a long negative tail), plus a floor of 1e-3 that keeps the
-    fit close on the whole range."""
+    """Where a pretrained ViT's GELU inputs lie, roughly (a real ViT-S's have sd 1.2 and a long negative
+    tail): a normal density of sd 1.5, plus a floor of 1e-3 that keeps the fit close on the whole range."""
     return torch.exp(-0.5 * (x / 1.5) ** 2) + 1e-3
 
 
 def fit_rational(fn, num_degree=5, den_degree=4, x_range=(-12.0, 12.0), weight=preactivation_weight,
                  points=4001, iters=30, warn_above=0.01):
-    """Weighted least-squares fit of Eq. 6's P(x)/(1+|S(x)|) to ``fn`` on ``x_range``: it minimises
-    the sum of weight(x) (P/Q - fn)^2 over a grid (``weight=None``: unweighted). Warns where the fit
-    is off by more than ``warn_above`` times max |fn| somewhere on the range (see fit_error).
-
-    Returns (numerator (num_degree+1,), denominator (den_degree,)) as float64 tensors.
-    """
+    """(numerator (num_degree+1,), denominator (den_degree,)), float64, of Eq. 6's P/(1+|S|) minimising
+    the sum of weight(x) (P/Q - fn)^2 over a grid on ``x_range`` (``weight=None``: unweighted). Warns
+    where the fit is off by more than ``warn_above`` times max |fn| somewhere on the range."""
     num_degree, den_degree, iters, points = _check_fit(num_degree, den_degree, iters, points, x_range)
     x = torch.linspace(*map(float, x_range), points, dtype=torch.float64)
     f = fn(x)
@@ -190,34 +182,7 @@ COEFFS = {"gelu": GELU_COEFFS, "gelu_tanh": GELU_TANH_COEFFS, "silu": SILU_COEFF
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu}
 
 # -----------------------------------------------------------------------------
-# 3. GroupRational: a learnable group-wise rational activation (Sec. 3)
-#
-# One rational per channel is expensive and one for the whole layer is too rigid; following
-# Group-KAN, all channels of a group share one rational. This is the "rational tuning" baseline
-# of Table 4: every coefficient is a free parameter, G (m+1+n) of them per layer.
-# -----------------------------------------------------------------------------
-
-class GroupRational(nn.Module):
-    """Group-wise rational activation with learnable coefficients, G = ``groups`` contiguous groups of
-    channels along ``channel_dim``. ``init``: a name in COEFFS ('gelu', 'gelu_tanh', 'silu', 'relu') or
-    a (numerator, denominator) pair of 1-D tensors (shared by the groups) or (G, .) tensors."""
-
-    def __init__(self, groups=8, init="gelu", channel_dim=-1):
-        super().__init__()
-        num, den = _init_coefficients(init, groups)
-        self.numerator = nn.Parameter(num)
-        self.denominator = nn.Parameter(den)
-        self.channel_dim = channel_dim
-
-    def forward(self, x):
-        return rational(x, self.numerator, self.denominator, dim=self.channel_dim)
-
-    def extra_repr(self):
-        return f"groups={self.numerator.shape[0]}, degrees=({self.numerator.shape[1] - 1}, {self.denominator.shape[1]})"
-
-
-# -----------------------------------------------------------------------------
-# 4. NoRA: low-rank updates of the rational coefficients (Eqs. 7, 8)
+# 3. NoRA: low-rank updates of the rational coefficients (Sec. 3, Eqs. 7, 8)
 #
 # LoRA changes what a frozen layer's weights compute; NoRA changes the nonlinearity between them.
 # Every MLP of a ViT applies GELU to hundreds or thousands of channels, so reshaping that curve
@@ -232,8 +197,8 @@ class GroupRational(nn.Module):
 #       dP = B_P @ A_P * alpha / r,   A_P in R^{r x (m+1)} shared by all groups,  B_P in R^{G x r}
 # and dQ likewise with A_Q in R^{r x n}: the groups move along r shared directions in coefficient
 # space ("shared" form, the released code's; our default). That is r (m+1+n) + 2 G r numbers per
-# layer: 52 at G = 8, r = 2, against 80 for tuning the coefficients directly (GroupRational), and
-# more groups cost only 2 r numbers each. The paper's Eq. 8 instead gives each group its own
+# layer: 52 at G = 8, r = 2, against 80 for tuning the coefficients directly (Table 4's "rational
+# tuning"), and more groups cost only 2 r numbers each. The paper's Eq. 8 instead gives each group its own
 # A_g in R^{d x r} and B_g in R^{r x 1}, a free d-vector per group ("per_group" form: 192 numbers
 # at G = 8, r = 2). As in LoRA, A starts as small noise (Sec. 3: A ~ N(0, 0.02)) and B at zero,
 # so at step 0 phi' is exactly the base rational: training starts from the pretrained model with
@@ -244,10 +209,11 @@ class GroupRational(nn.Module):
 
 class NoRA(nn.Module):
     """Rational activation with frozen base coefficients and a trainable rank-``rank`` update, scaled by
-    alpha / rank (default alpha = 2 * rank: the released code's 6 at r = 3). ``init``: as for
-    GroupRational. ``form``: 'shared' (the released code's dP = B @ A, A shared by the groups) or
-    'per_group' (the paper's dP_g = A_g B_g). ``basis_scale``: s of the basis (x/s)^i (3 is ours, 1 the
-    paper's monomials). ``channel_dim``: -1, or 1 for an (N, C, H, W) map; add_nora sets it.
+    alpha / rank (default alpha = 2 * rank: the released code's 6 at r = 3). ``init``: the base, a name
+    in COEFFS or a (numerator, denominator) pair of 1-D or (G, .) tensors. ``form``: 'shared' (the
+    released code's dP = B @ A, A shared by the groups) or 'per_group' (the paper's dP_g = A_g B_g).
+    ``basis_scale``: s of the basis (x/s)^i (3 is ours, 1 the paper's monomials). ``channel_dim``: -1,
+    or 1 for an (N, C, H, W) map; add_nora sets it.
     Train under autocast rather than ``model.half()``, which rounds the base coefficients too (the
     GELU fit's max error on [-8, 8]: 0.0165; rounded to float16 0.0158, to bfloat16 0.0169)."""
 
@@ -283,9 +249,8 @@ class NoRA(nn.Module):
         return delta * self.scaling * self.basis_scale ** -powers
 
     def coefficients(self):
-        """The adapted coefficients (P + dP, Q + dQ) of Eq. 7, each (G, .). At least float32, even under
-        autocast: the gradient of each entry sums over all the activations of a group (millions),
-        which can overflow float16."""
+        """The adapted coefficients (P + dP, Q + dQ) of Eq. 7, each (G, .), in float32 at least: each entry's
+        gradient sums over a group's activations (millions), which can overflow float16."""
         with torch.autocast(self.A_P.device.type, enabled=False):
             return (self.numerator + self._delta(self.A_P, self.B_P, 0),
                     self.denominator + self._delta(self.A_Q, self.B_Q, 1))
@@ -313,19 +278,15 @@ class NoRA(nn.Module):
                 f"form={self.form}, basis_scale={self.basis_scale:g}, channel_dim={self.channel_dim}")
 
 # Why the update is learned in the basis (x/s)^i, s = 3 (our departure from the paper). `_delta`
-# divides column i of B A by s^i, so NoRA learns
-#       dP(x) = sum_i dp_i (x/s)^i,  i.e. da_i = dp_i / s^i    (and db_j = dq_j / s^j)
-# the same family of functions (merge folds it into plain coefficients), but well conditioned.
-# GELU's tails are set by tiny leading coefficients, phi(x) ~ (a_5 / |b_4|) x with a_5 = 5.3e-4
-# and b_4 = 1.1e-3, yet over a real ViT's pre-activations the output is 290 times more sensitive
-# to a_5 than to a_1. Adam moves every entry of A and B by about the same step, so every dp_i moves
-# by about the same amount, and in monomials (da_i = dp_i) the first steps change a_5 and b_4 by
-# more than their own size. Dividing dp_i by s^i evens that out: over the same inputs, the output's
-# sensitivities to dp_0 .. dp_5 span 6.5x at s = 3 instead of 290x. `basis_scale=1` is the paper's
-# form.
+# divides column i of B A by s^i, so NoRA learns dP(x) = sum_i dp_i (x/s)^i, i.e. da_i = dp_i / s^i:
+# the same functions (merge folds it into plain coefficients), but well conditioned. GELU's tails
+# hang on tiny leading coefficients (a_5 = 5.3e-4, b_4 = 1.1e-3), yet over a real ViT's inputs the
+# output is 290 times more sensitive to a_5 than to a_1. Adam moves every entry of A and B by about
+# the same step, so in monomials the first steps change a_5 and b_4 by more than their own size;
+# at s = 3 the sensitivities to dp_0 .. dp_5 span 6.5x instead. `basis_scale=1` is the paper's form.
 
 # -----------------------------------------------------------------------------
-# 5. LoRA, for NoRA++ (Eqs. 2, 3)
+# 4. LoRA, for NoRA++ (Eqs. 2, 3)
 #
 # LoRA learns W = W0 + B A * alpha / r with A (r x k) random and B (d x r) zero (Eq. 2) and
 # computes W0 x + B (A x) without forming B A (Eq. 3). timm fuses q, k and v into one `qkv`
@@ -336,9 +297,8 @@ class NoRA(nn.Module):
 # -----------------------------------------------------------------------------
 
 class LoRALinear(nn.Module):
-    """A frozen linear ``base`` plus a LoRA update on all its output rows, or on the (start, stop)
-    ranges of rows in ``row_ranges``. ``fan_in_fan_out``: the base's weight is (in, out) and it
-    computes x @ weight (HF's Conv1D), not x @ weight.T."""
+    """A frozen linear ``base`` plus a LoRA update on all its output rows, or on the (start, stop) ranges
+    in ``row_ranges``. ``fan_in_fan_out``: the base computes x @ weight, weight (in, out) (HF's Conv1D)."""
 
     def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
         super().__init__()
@@ -414,34 +374,28 @@ class LoRALinear(nn.Module):
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
 
 # -----------------------------------------------------------------------------
-# 6. Putting adapters on a model
+# 5. Putting adapters on a model
 #
-# On a model you know, sections 1-5 are all you need: `block.mlp.act = NoRA(8, 2)` in each block,
-# then freeze the rest. `add_nora` is that loop for models you do not know (timm's, torchvision's,
-# Hugging Face's), where three things must be right, each found by one sure means or asked for
-# (Appendix B): the function each activation computes (from its class, never by calling it), the
-# axis of its input that holds the channels (seen on one run of `example`), and for LoRA the
-# layout of a layer's weight (by class). Every check runs before the first module is replaced, and
-# a refusal lists every module in trouble with the call to make. An adapter file holds the tensors
-# and the calls that made them; load_adapter makes those calls again on a plain model, with the
-# same checks, and loads exactly their tensors.
+# On a model you know, sections 1-4 are all you need: `block.mlp.act = NoRA(8, 2)` in each block,
+# then freeze the rest. `add_nora` is that loop for models you do not know, where three things
+# must be right, each found by one sure means or asked for (Appendix B): the function each
+# activation computes (from its class), the axis of its input that holds the channels (seen on
+# one run of `example`), and for LoRA the layout of a layer's weight (by class). A refusal comes
+# before any module is replaced and lists every module in trouble with the call to make. An
+# adapter file holds the tensors and each adapter's settings: as with any state dict, build the
+# model first (the same add_* calls), and load_adapter loads exactly what those adapters own.
 # -----------------------------------------------------------------------------
 
 ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable
 
 
 def freeze(model, *trainable):
-    """requires_grad=False for every parameter but the adapters' own (not those of the layers they wrap)
-    and those under ``trainable`` (module paths such as 'head', or parameter names). add_nora and
-    add_lora leave requires_grad as it is: freeze once the adapters are on."""
-    inner, trainable = _unwrap(model), _check_names(trainable, "freeze: trainable")
-    params = dict(inner.named_parameters())
-    unknown = [n for n in trainable if not any(_under(k, (n,)) for k in params)]
-    if unknown:
-        raise ValueError(f"freeze: no parameter is under {unknown}; the model's modules are "
-                         f"{[n for n, _ in inner.named_children()][:8]}")
+    """requires_grad=False for every parameter but the adapters' own and those under ``trainable`` (module
+    paths such as 'head', or parameter names). add_nora and add_lora freeze nothing: call it after them."""
+    inner = _unwrap(model)
+    trainable = _extra_names(inner, trainable, (), "freeze")
     own = {id(p) for m in inner.modules() if isinstance(m, ADAPTERS) for p in m.parameters(recurse=False)}
-    for name, p in params.items():
+    for name, p in inner.named_parameters():
         p.requires_grad_(id(p) in own and p.requires_grad or _under(name, trainable))
     return model
 
@@ -457,22 +411,20 @@ def add_nora(model, groups=8, rank=2, *, example, target=("gelu", "gelu_tanh"), 
     """Replace each activation module of ``model`` that ``target`` names with a :class:`NoRA` whose base
     rational equals it (then :func:`freeze` the rest).
 
-    example: an input for ``model`` (a tensor, a tuple of arguments or a dict of keyword arguments),
-        run once in eval mode to see each activation's input: its channel axis and the widths
-        ``groups`` must divide. The RNG, the modes and the buffers are put back afterwards.
-    target: names in ACTIVATIONS (modules of a known class computing one of them), or module
-        classes (exactly those; init= where their function is not known).
+    example: an input for ``model`` (a tensor, a tuple or a dict of arguments), run once in eval mode
+        to see each activation's input: its channel axis and the widths ``groups`` must divide.
+    target: names in ACTIVATIONS (modules of a known class computing one), or module classes.
     init: the base rational, a name in COEFFS or a fit_rational() pair; None: each module's function's.
-    channel_dim: the axis holding the channels (-1: the last, 1: (N, C, H, W)) where the example
-        cannot show it; refused where it contradicts the example.
+    channel_dim: the channels' axis (-1: the last, 1: (N, C, H, W)) where the example cannot show
+        it; refused where it contradicts the example.
     per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve all,
         or {module path: None} to leave that module as it is.
-    nora_kwargs: alpha, form, basis_scale (see NoRA).
-    """
+    nora_kwargs: alpha, form, basis_scale (see NoRA)."""
     plan = _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs)
     _build_in(model, plan)
-    if init is None:
-        _warn_if_far_at_init([new.function for _, new in plan])
+    if init is None and any(new.function == "relu" for _, new in plan):   # (the others are within 0.017)
+        warnings.warn("add_nora: ReLU's rational is up to 0.18 off on [-8, 8] (0.064 at its kink), so the model's "
+                      "outputs move at init; measure the change on your inputs")
     return model
 
 
@@ -487,9 +439,8 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), rows=None, layer=LoRALin
 
 
 def merge(model):
-    """Fold every NoRA and LoRA update into its base, in place: the outputs stay the same and inference
-    costs what the base model costs. Merged LoRA stops training, and its update is then in no adapter
-    tensor: save before merge. A refused merge leaves nothing merged."""
+    """Fold every NoRA and LoRA update into its base, in place: the same outputs at the base model's cost.
+    Merged LoRA stops training and is in no adapter tensor: save before merge. A refusal merges nothing."""
     done = []
     try:
         for m in model.modules():
@@ -505,10 +456,9 @@ def merge(model):
 
 
 def adapter_state_dict(model, extra=None, statistics=None):
-    """What a fine-tune changed: every adapter's tensors, those under ``extra`` (module paths; default:
-    'head' and every trainable parameter) and, with ``statistics=True``, BatchNorm running statistics,
-    which training in train mode moves (a model that has them must say True or False). Refused after
-    a LoRA merge, and where a trainable parameter would be left out."""
+    """What a fine-tune changed: the adapters' tensors, those under ``extra`` (default: 'head' and every
+    trainable parameter) and, with ``statistics=True``, the BatchNorm statistics that training in train
+    mode moves (a model that has them must say True or False). Refused after a LoRA merge."""
     model = _unwrap(model)
     trained = (n for n, p in model.named_parameters() if p.requires_grad)
     extra = _extra_names(model, extra, ("head", *trained), "adapter_state_dict")
@@ -531,22 +481,18 @@ def adapter_state_dict(model, extra=None, statistics=None):
 
 
 def save_adapter(model, path, extra=None, statistics=None, metadata=None):
-    """Write :func:`adapter_state_dict` to a .safetensors file (atomically), with the add_nora and
-    add_lora calls that built the adapters, each module's settings written out, for load_adapter;
-    ``metadata``: more {str: str} to keep."""
+    """Write :func:`adapter_state_dict` to a .safetensors file (atomically), with every adapter module's
+    settings for load_adapter to check; ``metadata``: more {str: str} to keep."""
     state = adapter_state_dict(model, extra, statistics)
     write_safetensors(path, state, {**(metadata or {}), "nora": json.dumps(_describe(_unwrap(model)))})
     return state
 
 
 def load_adapter(model, path, extra=None, statistics=False):
-    """Load a :func:`save_adapter` file into ``model``, which must hold the same adapters: make the file's
-    add_nora and add_lora calls on the plain pretrained model first, as you would build a model before
-    loading its state dict, so every module's function, channel axis and widths are checked by them.
-    The file's description of its adapters must equal the model's, and its tensors are loaded with
-    those under ``extra`` (default 'head') and, with ``statistics=True``, BatchNorm statistics.
-    Anything else in the file, other shapes, NaN, inf and values beyond 1e6 are refused before
-    anything changes."""
+    """Load a :func:`save_adapter` file into ``model``, which must hold the same adapters: make the calls
+    that made them on the plain model first, as you build a model before loading its state dict. Loads
+    the adapters' tensors, those under ``extra`` (default 'head') and, with ``statistics=True``,
+    BatchNorm statistics; anything else, other shapes, NaN, inf and |x| > 1e6 are refused first."""
     model = _unwrap(model)
     extra = _extra_names(model, extra, ("head",), "load_adapter")
     state, theirs = read_adapter(path)
@@ -567,15 +513,13 @@ def load_adapter(model, path, extra=None, statistics=False):
 #
 # Nothing here changes a result. Autograd would keep every power of x for backward, so the
 # kernels evaluate P and Q by Horner's rule, a0 + x(a1 + x(a2 + ...)), with a hand-written
-# backward that keeps only x and recomputes. On a CPU they are fast because x is viewed as (N, C)
-# with each group's coefficients repeated to one row per channel, (k, C), so every broadcast and
-# sum runs along contiguous memory, and because they work in place (a pass over memory is then
-# not also an allocation: in the backward, s, S and Q are one tensor in turn, and y takes P's).
-#
-# `_kernels` holds the kernels `rational` runs. On a CPU the eager ones take x in chunks of
-# `chunk` elements, so their dozen forward and ~50 backward passes run from cache rather than
-# memory; on a GPU chunks would only cost launches. train_vit.py's use_compiled_rational puts
-# torch.compile'd kernels here, which fuse the passes into a few loops and take x whole.
+# backward that keeps only x and recomputes. x is viewed as (N, C) and each group's coefficients
+# repeated to one row per channel, (k, C), so every broadcast and sum runs along contiguous memory,
+# in place where it can (in the backward, s, S and Q are one tensor in turn, and y takes P's).
+# `_kernels` holds what `rational` runs. On a CPU the eager kernels take x in chunks of `chunk`
+# elements, so their dozen forward and ~50 backward passes run from cache, not memory;
+# train_vit.py's use_compiled_rational puts torch.compile'd kernels here, which fuse the passes
+# into a few loops and take x whole.
 # =============================================================================
 
 def _per_channel(coeffs, channels):
@@ -639,9 +583,8 @@ def _rational_backward(x, numerator, denominator, grad, needs=(True, True, True)
 
 
 class _RationalFunction(torch.autograd.Function):
-    """Autograd glue for the kernels above. Their backward is not itself differentiable, so torch
-    refuses a second derivative through it (create_graph=True, torch.func): differentiate
-    rational_reference for that."""
+    """Autograd glue for the kernels above. Their backward is not differentiable, so torch refuses a second
+    derivative (create_graph=True, torch.func): differentiate rational_reference for that."""
 
     @staticmethod
     def forward(ctx, x, numerator, denominator):
@@ -677,8 +620,7 @@ def _chunks(x):
 #
 # What add_nora and add_lora learn from a model, each by one means that cannot be fooled, and
 # asked for where it does not tell:
-#   - an activation's function: from its class (ACTIVATION_CLASSES), never by calling the module,
-#     which may hold state (a quantisation observer);
+#   - an activation's function: from its class (ACTIVATION_CLASSES), never by calling the module;
 #   - its channel axis: hooks on one run of the example see the outputs of layers whose layout is
 #     certain (a linear layer's channels are last, a convolution's and a BatchNorm's on dim 1); an
 #     activation's input takes their axis only if it is one of them, or a view of one that keeps
@@ -688,8 +630,7 @@ def _chunks(x):
 # Activations called as functions (F.gelu inside forward) cannot be replaced.
 # =============================================================================
 
-# Activation classes whose source we have read, by full name, and the function each computes
-# (torch's nn.GELU computes 'gelu', or 'gelu_tanh' with approximate='tanh'). No other class is guessed.
+# Activation classes whose source we have read, by full name, and the function each computes.
 ACTIVATION_CLASSES = {
     "torch.nn.modules.activation.SiLU": "silu", "torch.nn.modules.activation.ReLU": "relu",
     "timm.layers.activations.GELU": "gelu", "timm.layers.activations.GELUTanh": "gelu_tanh",
@@ -709,8 +650,7 @@ def activation_name(module):
 
 
 def _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs):
-    """[(path, NoRA)] for every activation add_nora replaces, all checked and built before anything
-    changes; a refusal names every module in trouble."""
+    """[(path, NoRA)] for every activation add_nora replaces, all checked and built before any goes in."""
     groups, per_module = _positive_int(groups, "add_nora: groups"), _check_per_module(per_module)
     channel_dim = None if channel_dim is None else _check_axis(channel_dim, "add_nora: channel_dim")
     _check_arguments(rank, **nora_kwargs)
@@ -761,10 +701,8 @@ def _find_activations(model, target, init, per_module):
         has = _tally(f"{type(m).__name__}" + (f" ({activation_name(m)})" if activation_name(m) else "")
                      for m in model.modules() if not any(m.children()) and next(m.parameters(), None) is None)
         raise ValueError(f"add_nora: the model has no {names} module; its parameter-free modules are {has}: pass "
-                         f"target= a function they compute, or target=TheirClass, init=nora.fit_rational(fn) for a "
-                         f"class computing fn (NoRA modules are not replaced again; activations called as "
-                         f"functions, F.gelu or TransformerEncoderLayer(activation='gelu'), cannot be: give the "
-                         f"model a module, activation=nn.GELU())")
+                         f"target= a function they compute, or target=TheirClass, init=nora.fit_rational(fn) (NoRA "
+                         f"modules are not replaced again; for F.gelu called in forward, give the model a module)")
     if set(per_module) - set(found):
         raise ValueError(f"add_nora: per_module names {sorted(set(per_module) - set(found))}, which are not "
                          f"activations it replaces; those are {list(found)[:8]}")
@@ -772,9 +710,8 @@ def _find_activations(model, target, init, per_module):
 
 
 def _settle(path, calls, groups, given):
-    """(channel axis, widths, troubles) of one activation from ``calls``, [(shape, axis seen or None,
-    device)] of each input the example gave it, and the axis ``given``: the axis seen, else the one
-    given, and one in every call; ``groups`` must divide each width."""
+    """(channel axis, widths, troubles) of one activation from ``calls``, [(shape, axis seen, device)] of
+    its inputs on the example: the axis seen, else the one ``given``, one in every call."""
     fix = lambda **own: f"; pass per_module={{'{path}': dict({', '.join(f'{k}={v}' for k, v in own.items())})}}"
     if not calls:
         return None, None, [f"did not run on the example: add_nora replaces only what it sees run; pass an example "
@@ -859,23 +796,11 @@ def _input_of(args, made):
     return tuple(x.shape), None, x.device
 
 
-def _warn_if_far_at_init(functions):
-    """Warn where a shipped rational is far from the function it replaces (ReLU: its kink), since the
-    model's outputs then change at step 0."""
-    for f in sorted(set(functions) & set(COEFFS)):
-        (error, at), (at_0, _) = fit_error(ACTIVATIONS[f], *COEFFS[f]), fit_error(ACTIVATIONS[f], *COEFFS[f], (0, 0))
-        if error > 0.05:
-            warnings.warn(f"add_nora: {functions.count(f)} module(s) compute {f}, whose rational is up to {error:.2g} "
-                          f"off on [-8, 8] (at x = {at:.3g}; {at_0:.2g} at 0), so the model's outputs move at init; "
-                          f"measure the change on your inputs")
-
-
 CONV1D = "transformers.pytorch_utils.Conv1D"              # HF's linear layer that stores its weight (in, out)
 
 
 def _plan_lora(model, rank, alpha, targets, rows, layer):
-    """[(path, LoRA layer)] for every layer add_lora adapts, each checked and built before anything
-    changes; a refusal names every layer in trouble."""
+    """[(path, LoRA layer)] for every layer add_lora adapts, all checked and built before any goes in."""
     targets, rows = _check_names(targets, "add_lora: targets"), {} if rows is None else rows
     _positive_int(rank, "add_lora: rank"), _positive_number(alpha, "add_lora: alpha")
     if not isinstance(rows, dict) or set(rows) - set(targets):
@@ -943,16 +868,15 @@ def _describe(model):
         elif type(m) is LoRALinear:
             out[path] = dict(add="lora", rank=m.rank, alpha=m.scaling * m.rank, rows=m.row_ranges,
                              fan_in_fan_out=m.fan_in_fan_out)
-        elif isinstance(m, (*ADAPTERS, GroupRational)):
+        elif isinstance(m, ADAPTERS):
             raise ValueError(f"save_adapter: {path} is a {type(m).__name__}, which load_adapter cannot check; keep it "
                              f"with adapter_state_dict and torch.save")
     return json.loads(json.dumps(out))                    # as a file gives it back: lists, not tuples
 
 
 def _check_adapter_state(model, state, extra, statistics):
-    """Refuse ``state`` before anything changes: a tensor that is neither one of the model's adapters'
-    nor under ``extra`` (nor, with ``statistics``, a BatchNorm statistic); an adapter's tensor missing;
-    another shape or kind of dtype; NaN, inf (in the dtype it loads into) or values beyond 1e6."""
+    """Refuse a tensor neither an adapter's nor under ``extra`` (nor, with ``statistics``, a BatchNorm
+    statistic), an adapter's missing, another shape or dtype kind, NaN, inf or values beyond 1e6."""
     mine, stats, adapters = model.state_dict(), _running_statistics(model), _adapter_keys(model)
     allowed = adapters | {k for k in mine if _under(k, extra) or statistics and k in stats}
     strangers, missing = sorted(set(state) - allowed), sorted(adapters - set(state))
@@ -963,8 +887,8 @@ def _check_adapter_state(model, state, extra, statistics):
                          f"into the model it was trained on")
     for k, v in state.items():
         if v.shape != mine[k].shape or v.is_floating_point() != mine[k].is_floating_point():
-            raise ValueError(f"load_adapter: the file's {k} is {v.dtype} {tuple(v.shape)}, this model's {mine[k].dtype} "
-                             f"{tuple(mine[k].shape)}; load it into the model it was trained on")
+            raise ValueError(f"load_adapter: the file's {k} is {v.dtype} {tuple(v.shape)}, this model's "
+                             f"{mine[k].dtype} {tuple(mine[k].shape)}; load it into the model it was trained on")
         loaded = v.to(mine[k].dtype)
         if v.is_floating_point() and v.numel() and not (loaded.isfinite().all() and loaded.abs().max() <= 1e6):
             raise ValueError(f"load_adapter: {k} holds NaN, inf (as {mine[k].dtype}) or values beyond 1e6: the run "
@@ -1008,16 +932,16 @@ def _tally(names):
 
 
 def _extra_names(model, extra, default, who):
-    """``extra`` as a tuple of names of the model's modules or parameters, each checked to be one (a typo
-    would leave a tensor out unseen); None: those of ``default`` the model has."""
+    """``extra`` as a tuple of names, each checked to be a module or parameter of the model (a typo would
+    leave a tensor out unseen); None: those of ``default`` the model has."""
     keys = model.state_dict().keys()
     if extra is None:
         return tuple(n for n in default if any(_under(k, (n,)) for k in keys))
     extra = _check_names(extra, f"{who}: extra")
     unknown = [n for n in extra if not any(_under(k, (n,)) for k in keys)]
     if unknown:
-        raise ValueError(f"{who}: extra names {unknown}, which are no modules or parameters of the model; its "
-                         f"modules are {[n for n, _ in model.named_children()][:8]}")
+        raise ValueError(f"{who}: {unknown} name no module or parameter of the model; its modules are "
+                         f"{[n for n, _ in model.named_children()][:8]}")
     return extra
 
 
@@ -1032,20 +956,18 @@ def _full_name(cls):
 # =============================================================================
 # Appendix C. Checks, files and the fit's optimiser
 #
-# Every argument is checked when it is given (a constructor, an add_* call), not at the first
-# forward or at save. Files: safetensors read and written with the standard library (nothing in
-# one can run code), through one atomic writer. Then the Levenberg-Marquardt steps of fit_rational.
+# Arguments are checked when given, not at the first forward. Safetensors files are read and written
+# with the standard library (nothing in one can run code), through one atomic writer.
 # =============================================================================
 
 def _init_coefficients(init, groups):
     """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair
     of 1-D (shared by the groups) or (G, .) tensors."""
     groups = _positive_int(groups, "groups")
-    if isinstance(init, str):
-        if init not in COEFFS:
-            raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
-                             f"or pass (numerator, denominator) tensors, e.g. from fit_rational()")
-        init = COEFFS[init]
+    if isinstance(init, str) and init not in COEFFS:
+        raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "
+                         f"or pass (numerator, denominator) tensors, e.g. from fit_rational()")
+    init = COEFFS[init] if isinstance(init, str) else init
     try:
         num, den = (torch.as_tensor(c, dtype=torch.float32, device="cpu") for c in init)   # checked here, moved later
     except (TypeError, ValueError, RuntimeError) as e:
@@ -1106,8 +1028,9 @@ def _check_fit(num_degree, den_degree, iters, points, x_range):
 def _check_per_module(per_module):
     """{path: dict(groups=int, channel_dim=int) or None}, as plain Python."""
     checks = dict(groups=_positive_int, channel_dim=_check_axis)
-    if not (per_module is None or isinstance(per_module, dict) and all(isinstance(p, str) and (
-            own is None or isinstance(own, dict) and own and set(own) <= set(checks)) for p, own in per_module.items())):
+    ok = lambda own: own is None or isinstance(own, dict) and own and set(own) <= set(checks)
+    if not (per_module is None or isinstance(per_module, dict) and all(isinstance(p, str) and ok(own)
+                                                                       for p, own in per_module.items())):
         raise ValueError(f"add_nora: per_module must be a dict {{module path: dict(groups=..., channel_dim=...) or "
                          f"None}}, got {per_module!r}")
     return {p: own and {k: checks[k](v, f"add_nora: per_module[{p!r}][{k!r}]") for k, v in own.items()}
@@ -1141,7 +1064,7 @@ def _check_rational_inputs(x, numerator, denominator, dim):
     if (numerator.dim() != 2 or denominator.dim() != 2 or numerator.shape[0] != denominator.shape[0]
             or min(numerator.shape[1], denominator.shape[1]) < 2):
         raise ValueError(f"rational: numerator must be (G, m+1) and denominator (G, n) with the same G, m >= 1 and "
-                         f"n >= 2 (the kernels' Horner steps); got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
+                         f"n >= 2; got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
     if numerator.device != x.device or denominator.device != x.device:
         raise ValueError(f"rational: the input is on {x.device} but the coefficients on {numerator.device}; "
                          f"move the module to the input's device (model.to(device))")
@@ -1155,9 +1078,8 @@ def _check_rational_inputs(x, numerator, denominator, dim):
 
 
 def _least_squares(coeffs, V, W, f, root_weight, iters=200):
-    """Levenberg-Marquardt on sum (root_weight (P/(1+|S|) - f))^2 from ``coeffs`` (a_0 .. a_m, b_1 .. b_n),
-    P = V a and S = W b on the grid: each step solves the damped normal equations, the damping
-    falling after a step that lowers the error and rising until one does. Returns (coefficients, error)."""
+    """(coefficients, error): Levenberg-Marquardt on sum (root_weight (P/(1+|S|) - f))^2 from ``coeffs``
+    (a_0 .. a_m, b_1 .. b_n), P = V a and S = W b; the damping falls after a step that lowers the error."""
     m = V.shape[1]
 
     def residual(c):
@@ -1190,9 +1112,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def write_safetensors(path, state, metadata=None):
-    """Write {name: tensor} as a .safetensors file (an 8-byte little-endian header length, a JSON
-    header of each tensor's dtype, shape and byte range, padded to 8 bytes, then the raw bytes) with
-    {str: str} ``metadata``, through write_atomic."""
+    """Write {name: tensor} and {str: str} ``metadata`` as a .safetensors file: an 8-byte header length,
+    a JSON header of each tensor's dtype, shape and byte range, then the raw bytes."""
     names, header, blobs, offset = {v: k for k, v in _SAFETENSORS_DTYPES.items()}, {}, [], 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -1207,9 +1128,8 @@ def write_safetensors(path, state, metadata=None):
 
 
 def read_safetensors(path, metadata=False):
-    """{name: tensor} from a .safetensors file (and its metadata, if asked). Every entry is checked: a
-    known dtype, a shape whose size is its byte range, and ranges in the file that do not overlap
-    (overlapping ones would make a small file huge in memory)."""
+    """{name: tensor} from a .safetensors file (and its metadata, if asked), each entry checked: a known
+    dtype, a shape whose size is its byte range, in the file and overlapping no other's."""
     if not Path(path).is_file():
         raise ValueError(f"{path} is {'a folder' if Path(path).is_dir() else 'missing'}, not a .safetensors file; "
                          f"pass the path of one")
@@ -1255,9 +1175,8 @@ def read_adapter(path):
 
 
 def check_writable(path, replace=True):
-    """The resolved ``path`` (symlinks followed) if write_atomic can write it: a regular file or a new
-    name in a folder that takes a new file, with no other hard link (a new file would break it) where
-    it would be replaced. The scripts ask before they work."""
+    """The resolved ``path`` if write_atomic can write it: a regular file with no other hard link (the
+    new file would break it), or a new name, in a folder that takes a new file."""
     path = Path(os.path.realpath(path))
     why = "is a folder" if path.is_dir() else "is no regular file (a device, a FIFO?)" if path.exists() and \
         not path.is_file() else None if path.parent.is_dir() else "is in a folder that does not exist"
@@ -1271,10 +1190,9 @@ def check_writable(path, replace=True):
 
 
 def write_atomic(path, data, replace=True):
-    """Write ``data`` (bytes or str) to ``path`` through a new temporary file beside it (an unpredictable
-    name), then move it into place: a crash or a full disk mid-write leaves the old file whole. A
-    symlink's target gets the data, the old file's permissions are kept, and what check_writable
-    refuses is refused. ``replace=False``: never replace a file (FileExistsError)."""
+    """Write ``data`` (bytes or str) to ``path`` through a new temporary file beside it, then move that into
+    place: a crash or a full disk leaves the old file whole. A symlink's target gets the data, the old
+    mode is kept. ``replace=False``: never replace a file (FileExistsError)."""
     path = check_writable(path, replace)
     old = os.stat(path) if path.exists() and replace else None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -1297,9 +1215,8 @@ def write_atomic(path, data, replace=True):
 # Appendix D. A small ViT with timm's names, and pretrained weights
 #
 # The paper fine-tunes "ViT-Tiny pretrained on ImageNet-1K": pre-norm blocks of attention and an
-# MLP with exact GELU, a class token whose final state feeds the head. The modules below use
-# exactly timm's attribute names, so a timm state dict loads with no renaming. `layer_scale=True`
-# adds the per-channel LayerScale of DeiT-III and DINOv2 (`ls1.gamma`, `ls2.gamma`).
+# MLP with exact GELU, the class token's final state feeding the head, with timm's attribute names
+# so that a timm state dict loads as it is. `layer_scale=True` adds DINOv2's LayerScale.
 # =============================================================================
 
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}   # width, depth, heads
@@ -1365,8 +1282,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT with timm's module names. ``size`` is 'tiny', 'small' or 'base' (VIT_SIZES); ``depth``
-    overrides the size's block count (fewer blocks make quick experiments and tests)."""
+    """ViT with timm's module names; ``size`` in VIT_SIZES, ``depth`` fewer blocks (quick experiments)."""
 
     def __init__(self, size="tiny", patch_size=16, img_size=224, num_classes=1000, layer_scale=False, depth=None):
         super().__init__()
@@ -1389,8 +1305,7 @@ class VisionTransformer(nn.Module):
         return self.head(self.forward_features(x)[:, 0])   # class-token pooling
 
 
-# Pretrained weights as data, in the spirit of timm's `_cfg`: each record names a checkpoint on
-# the Hugging Face hub (timm's name, so the URL follows from it) and holds what the checkpoint
+# Pretrained weights as data, as timm's `_cfg`: a checkpoint on the hub by timm's name, and what it
 # needs: the ViT's size, patch size and LayerScale, and the input normalisation it was trained with.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRETRAINED = {
@@ -1405,18 +1320,15 @@ DEFAULT_WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
 def create_vit(name=DEFAULT_WEIGHTS, **kwargs):
-    """A VisionTransformer shaped for the PRETRAINED record ``name``; ``kwargs`` (img_size,
-    num_classes, depth) go to VisionTransformer. Load its weights with load_pretrained(model, name)."""
+    """A VisionTransformer shaped for the PRETRAINED record ``name`` (``kwargs``: img_size, num_classes, depth)."""
     cfg = PRETRAINED[name]
     return VisionTransformer(cfg["size"], cfg["patch_size"], layer_scale=cfg["layer_scale"], **kwargs)
 
 
 def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True):
-    """Load a timm-layout checkpoint into ``model`` (a VisionTransformer, or any module with timm's names):
-    a name in PRETRAINED, a local .safetensors file (the hub's format) or its URL (downloaded once and
-    cached, see :func:`download`). The position embedding is resampled to the model's image size; a
-    head for another number of classes (or none) leaves the model's own; a model of fewer blocks
-    takes the checkpoint's first ones."""
+    """Load a timm-layout checkpoint into ``model``: a name in PRETRAINED, a local .safetensors file or its
+    URL. The position embedding is resampled to the model's image size; a head for another number of
+    classes (or none) leaves the model's own; a model of fewer blocks takes the first ones."""
     if source in PRETRAINED:                              # timm's name on the hub gives the URL
         source = f"https://huggingface.co/timm/{source}/resolve/main/model.safetensors"
     url = str(source).startswith(("http://", "https://"))
@@ -1436,8 +1348,9 @@ def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True)
         if head is None or "head.weight" not in own or head.shape != own["head.weight"].shape:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
             if verbose and "head.weight" in own:
-                print(f"load_pretrained: checkpoint has {'no head' if head is None else f'a head for {len(head)} classes'}"
-                      f"; keeping the model's new {len(own['head.weight'])}-class head (randomly initialised)")
+                had = "no head" if head is None else f"a head for {len(head)} classes"
+                print(f"load_pretrained: checkpoint has {had}; keeping the model's new "
+                      f"{len(own['head.weight'])}-class head (randomly initialised)")
         bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                for k, v in state.items() if k in own and v.shape != own[k].shape]
         missing = [k for k in own if k not in state and not k.startswith("head.")]
@@ -1464,27 +1377,24 @@ def resample_pos_embed(pos_embed, grid_size):
     return torch.cat([cls_pos.float(), patch_pos.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
 
-def download(url, cache_dir=None, sha256=None):
-    """Download ``url`` once into the cache (``cache_dir``, else $NORA_CACHE, else ~/.cache/nora) and
-    return the local path. torch.hub's downloader writes a temporary file, shows progress and checks
-    ``sha256`` if given before moving it into place, so an interrupted download leaves nothing."""
+def download(url, cache_dir=None):
+    """The local path of ``url``, downloaded once into ``cache_dir`` (else $NORA_CACHE, else ~/.cache/nora)
+    by torch.hub, which moves a temporary file into place when it is whole."""
     if not url.isprintable() or " " in url:
         raise ValueError(f"download: {url!r} is not a URL (it holds spaces or control characters)")
     cache_dir = Path(cache_dir or os.environ.get("NORA_CACHE") or Path.home() / ".cache" / "nora")
     name = Path(urllib.parse.urlparse(url).path).name or "download"      # no ?query in the file name
-    dest = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{name[-200:]}"   # (file names end at 255 bytes)
+    dest = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{name[-200:]}"   # (names end at 255 bytes)
     if dest.is_file():
         return dest
     if dest.exists():
         raise RuntimeError(f"download: the cache's copy of {url}, {dest}, is not a file; remove it and run again")
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=sys.stderr.isatty())
+        torch.hub.download_url_to_file(url, str(dest), progress=sys.stderr.isatty())
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(
             f"could not download {url} ({e}).\nIf this machine is offline, download the file on one that "
             f"is online and pass its local path instead (load_pretrained(model, 'path/to/file'), or "
             f"--weights path/to/file in train_vit.py), or copy it to {dest}") from None
-    except RuntimeError as e:                             # torch.hub: the sha256 did not match
-        raise RuntimeError(f"download of {url} is corrupt ({e}); try again") from None
     return dest

@@ -202,7 +202,7 @@ def prepare(model, method, groups=8, rank=2, alpha=None, lora_rank=8, lora_alpha
         if method == "nora++":
             nora.add_lora(model, lora_rank, lora_alpha, rows=qv)
     elif method == "rational":
-        replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(groups))
+        replace_modules(model, lambda m: isinstance(m, nn.GELU), lambda m: GroupRational(groups))
     elif method in ("zero-init", "const"):
         replace_modules(model, lambda m: isinstance(m, nn.GELU),
                              lambda m: DeltaRational(groups, *((6, 4) if method == "zero-init" else (1, 0))))
@@ -472,7 +472,7 @@ def plot_activations(model, path, x_range=8.0):
     (grey, dashed), and its difference from GELU, on [-x_range, x_range]; nothing where there are none."""
     x, panels = torch.linspace(-x_range, x_range, 161), []
     for name, m in model.named_modules():
-        if isinstance(m, (nora.NoRA, nora.GroupRational)):
+        if isinstance(m, (nora.NoRA, GroupRational)):
             y = group_curves(m, x)
             colours = [fit_gelu.hue(300 * g / y.shape[1]) for g in range(y.shape[1])]
             layer = name.replace(".mlp.act", "")
@@ -615,6 +615,19 @@ class Adapter(nn.Module):
         return x + self.up(self.act(self.down(x)))
 
 
+class GroupRational(nn.Module):
+    """Group-KAN's group-wise rational with every coefficient trainable, G (m+1+n) per layer: Table 4's
+    "rational tuning". ``init``: as for nora.NoRA."""
+
+    def __init__(self, groups=8, init="gelu"):
+        super().__init__()
+        num, den = nora._init_coefficients(init, groups)
+        self.numerator, self.denominator = nn.Parameter(num), nn.Parameter(den)
+
+    def forward(self, x):
+        return nora.rational(x, self.numerator, self.denominator)
+
+
 class DeltaRational(nn.Module):
     """Frozen base coefficients plus a trained, zero-initialised update of the first ``num_terms`` numerator and
     ``den_terms`` denominator coefficients (Table 4): all of them is "zero-init tuning" (NoRA without the low-rank
@@ -622,9 +635,9 @@ class DeltaRational(nn.Module):
 
     def __init__(self, groups=8, num_terms=6, den_terms=4, init="gelu"):
         super().__init__()
-        base = nora.GroupRational(groups, init)
-        self.register_buffer("numerator", base.numerator.detach())
-        self.register_buffer("denominator", base.denominator.detach())
+        num, den = nora._init_coefficients(init, groups)
+        self.register_buffer("numerator", num)
+        self.register_buffer("denominator", den)
         self.delta_num = nn.Parameter(torch.zeros(groups, num_terms))
         self.delta_den = nn.Parameter(torch.zeros(groups, den_terms))
 
