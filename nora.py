@@ -393,7 +393,7 @@ def freeze(model, *trainable):
     """requires_grad=False for every parameter but the adapters' own and those under ``trainable`` (module
     paths such as 'head', or parameter names). add_nora and add_lora freeze nothing: call it after them."""
     inner = _unwrap(model)
-    trainable = _extra_names(inner, trainable, (), "freeze")
+    trainable = _extra_names(inner, trainable, (), "freeze: trainable")
     own = {id(p) for m in inner.modules() if isinstance(m, ADAPTERS) for p in m.parameters(recurse=False)}
     for name, p in inner.named_parameters():
         p.requires_grad_(id(p) in own and p.requires_grad or _under(name, trainable))
@@ -461,7 +461,7 @@ def adapter_state_dict(model, extra=None, statistics=None):
     mode moves (a model that has them must say True or False). Refused after a LoRA merge."""
     model = _unwrap(model)
     trained = (n for n, p in model.named_parameters() if p.requires_grad)
-    extra = _extra_names(model, extra, ("head", *trained), "adapter_state_dict")
+    extra = _extra_names(model, extra, ("head", *trained), "adapter_state_dict: extra")
     merged = [p for p, m in model.named_modules() if isinstance(m, LoRALinear) and m.merged]
     if merged:
         raise ValueError(f"adapter_state_dict: {merged[:3]} are merged: their update is in the base weights, in no "
@@ -494,7 +494,7 @@ def load_adapter(model, path, extra=None, statistics=False):
     the adapters' tensors, those under ``extra`` (default 'head') and, with ``statistics=True``,
     BatchNorm statistics; anything else, other shapes, NaN, inf and |x| > 1e6 are refused first."""
     model = _unwrap(model)
-    extra = _extra_names(model, extra, ("head",), "load_adapter")
+    extra = _extra_names(model, extra, ("head",), "load_adapter: extra")
     state, theirs = read_adapter(path)
     mine = _describe(model)
     if mine != theirs:
@@ -583,8 +583,8 @@ def _rational_backward(x, numerator, denominator, grad, needs=(True, True, True)
 
 
 class _RationalFunction(torch.autograd.Function):
-    """Autograd glue for the kernels above. Their backward is not differentiable, so torch refuses a second
-    derivative (create_graph=True, torch.func): differentiate rational_reference for that."""
+    """Autograd glue for the kernels above, which have no second derivative (create_graph=True) and no
+    torch.func rules: both are refused. rational_reference has them."""
 
     @staticmethod
     def forward(ctx, x, numerator, denominator):
@@ -593,8 +593,9 @@ class _RationalFunction(torch.autograd.Function):
         return ys[0] if len(ys) == 1 else torch.cat(ys)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():                       # create_graph=True: refused, not silently zero
+            raise RuntimeError("rational: the kernels have no second derivative; differentiate rational_reference")
         x, numerator, denominator = ctx.saved_tensors
         grad, needs = grad.contiguous(), tuple(ctx.needs_input_grad)
         parts = [_kernels["backward"](x[c], numerator, denominator, grad[c], needs) for c in _chunks(x)]
@@ -937,7 +938,7 @@ def _extra_names(model, extra, default, who):
     keys = model.state_dict().keys()
     if extra is None:
         return tuple(n for n in default if any(_under(k, (n,)) for k in keys))
-    extra = _check_names(extra, f"{who}: extra")
+    extra = _check_names(extra, who)
     unknown = [n for n in extra if not any(_under(k, (n,)) for k in keys)]
     if unknown:
         raise ValueError(f"{who}: {unknown} name no module or parameter of the model; its modules are "
@@ -1138,11 +1139,11 @@ def read_safetensors(path, metadata=False):
         n = struct.unpack("<Q", data[:8])[0]
         if n > len(data) - 8:
             raise ValueError(f"a header of {n} bytes in a file of {len(data)}")
-        header, state, end_of_last = json.loads(data[8:8 + n]), {}, 0
+        header, state, end_of_last, body = json.loads(data[8:8 + n]), {}, 0, len(data) - 8 - n
         extra = header.pop("__metadata__", None) or {}
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
             dtype, (start, end), shape = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"], info["shape"]
-            if not (all(type(i) is int and i >= 0 for i in shape) and end_of_last <= start <= end <= len(data) - 8 - n
+            if not (all(type(i) is int and i >= 0 for i in (start, end, *shape)) and end_of_last <= start <= end <= body
                     and end - start == math.prod(shape) * dtype.itemsize):
                 raise ValueError(f"{name}'s bytes {info['data_offsets']} overlap another tensor's, lie past the end of "
                                  f"the file, or do not hold its shape {shape}")
@@ -1152,8 +1153,9 @@ def read_safetensors(path, metadata=False):
         if not (isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values())):
             raise ValueError("its __metadata__ is not a map of strings")
     except (struct.error, ValueError, KeyError, TypeError, RuntimeError, AttributeError, RecursionError) as e:
-        raise ValueError(f"{path} is not a valid .safetensors file ({type(e).__name__}: {e}); it may be truncated "
-                         f"or an error page. Download it again, or pass another file") from None
+        what = f"no field or an unknown dtype {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path} is not a valid .safetensors file ({what}); it may be truncated or an error "
+                         f"page. Download it again, or pass another file") from None
     return (state, extra) if metadata else state
 
 

@@ -214,40 +214,23 @@ def test_rational_rejects_bad_shapes_with_clear_errors():
         nora.rational(torch.randn(2, 64), num, torch.zeros(4, 4))
 
 
-def test_rational_rejects_integers_handles_empty_batches_and_double_backward():
+def test_rational_rejects_integers_handles_empty_batches_and_refuses_a_second_derivative():
     with pytest.raises(TypeError, match="floating-point"):
         nora.NoRA(2, 2)(torch.tensor([[1, 2, 3, 4]]))
     with pytest.raises(TypeError, match="floating-point"):
         nora.NoRA(2, 2)(torch.ones(1, 4, dtype=torch.bool))
     assert nora.NoRA(2, 2)(torch.empty(0, 4)).shape == (0, 4)
-    # double backward (gradient penalties) goes through Eq. 6 itself
+    # the kernels' backward is not differentiable: a second derivative (a gradient penalty) or torch.func
+    # is refused, not silently wrong; rational_reference has one
     torch.manual_seed(0)
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     num = (torch.randn(2, 6, dtype=torch.float64) * 0.5).requires_grad_()
     den = (torch.randn(2, 4, dtype=torch.float64) * 0.5).requires_grad_()
-    assert torch.autograd.gradgradcheck(nora.rational, (x, num, den))
-
-
-def test_torch_func_grad_vmap_and_jvp_go_through_the_rational():
-    from torch.func import functional_call, grad, jvp, vmap
-    torch.manual_seed(0)
-    model = nora.add_nora(nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3)), groups=4, example=torch.randn(2, 6))
-    with torch.no_grad():
-        model[1].B_P.normal_(), model[1].B_Q.normal_()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    x = torch.randn(5, 6)
-    loss = lambda p, xb: functional_call(model, p, (xb[None],)).square().sum()
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
-    for i in range(5):
-        p = {k: v.clone().requires_grad_() for k, v in params.items()}
-        expected = torch.autograd.grad(loss(p, x[i]), [p["1.B_P"], p["1.B_Q"]])
-        torch.testing.assert_close(per_sample["1.B_P"][i], expected[0])
-        torch.testing.assert_close(per_sample["1.B_Q"][i], expected[1])
-    model64, x64, t = model.double(), x.double(), torch.randn(5, 6, dtype=torch.float64)
-    _, tangent = jvp(model64, (x64,), (t,))
-    with torch.no_grad():
-        fd = (model64(x64 + 1e-6 * t) - model64(x64 - 1e-6 * t)) / 2e-6
-    torch.testing.assert_close(tangent, fd, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(nora.rational(x, num, den).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda t: nora.rational(t, num.detach(), den.detach()).sum())(x.detach())
+    assert torch.autograd.gradgradcheck(nora.rational_reference, (x, num, den))
 
 
 # --- 2. Fitting the coefficients --------------------------------------------------------------
@@ -298,29 +281,27 @@ def test_fit_rational_fits_tanh():
     assert (nora.rational(x[None], num[None], den[None])[0] - torch.tanh(x)).abs().max() < 0.01
 
 
-# --- 3. GroupRational -------------------------------------------------------------------------
+# --- 4. NoRA ----------------------------------------------------------------------------------
 
-def test_group_rational_init_and_errors():
-    act = nora.GroupRational(4, "silu")
+def test_group_rational_baseline_init_and_errors():
+    act = train_vit.GroupRational(4, "silu")                 # Table 4's "rational tuning": every coefficient trains
     assert act.numerator.shape == (4, 6) and act.denominator.shape == (4, 4) and act.numerator.requires_grad
     x = torch.linspace(-5, 5, 64)[None]
     assert (act(x) - F.silu(x)).abs().max() < 0.005
     with pytest.raises(ValueError, match="unknown activation"):
-        nora.GroupRational(4, "mish")
+        nora.NoRA(4, init="mish")
     with pytest.raises(ValueError, match="NaN"):
-        nora.GroupRational(2, (torch.tensor([0.0, float("nan"), 0, 0, 0, 0]), torch.zeros(4)))
+        nora.NoRA(2, init=(torch.tensor([0.0, float("nan"), 0, 0, 0, 0]), torch.zeros(4)))
     with pytest.raises(ValueError, match="expected 4 groups"):
-        nora.GroupRational(4, (torch.zeros(3, 6), torch.zeros(3, 4)))
+        nora.NoRA(4, init=(torch.zeros(3, 6), torch.zeros(3, 4)))
 
-
-# --- 4. NoRA ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("form", ["shared", "per_group"])
 def test_nora_at_init_equals_its_base_rational_exactly(form):
     torch.manual_seed(0)
     x = torch.randn(2, 7, 64) * 3
-    base = nora.GroupRational(8, "gelu")
-    assert torch.equal(nora.NoRA(8, 2, form=form)(x), base(x))
+    base = [torch.tensor(c).expand(8, -1) for c in nora.GELU_COEFFS]
+    assert torch.equal(nora.NoRA(8, 2, form=form)(x), nora.rational(x, *base))
 
 
 def test_nora_parameter_counts_match_the_formulas():
@@ -341,8 +322,8 @@ def test_nora_merge_and_grow_leave_outputs_unchanged_after_training(form):
         (m(x) - torch.sin(x)).pow(2).mean().backward()
         opt.step()
     before = m(x).detach()
-    assert not torch.allclose(before, nora.GroupRational(4)(x))      # training did move it
-    m.grow(16)
+    assert not torch.allclose(before, nora.NoRA(4)(x))               # training did move it
+    train_vit.grow_groups(m, 16)
     assert m.numerator.shape == (16, 6)
     torch.testing.assert_close(m(x).detach(), before)
     m.merge()
@@ -350,7 +331,7 @@ def test_nora_merge_and_grow_leave_outputs_unchanged_after_training(form):
     torch.testing.assert_close(m(x).detach(), before)
     torch.testing.assert_close(nora.rational(x, m.numerator, m.denominator), before)
     with pytest.raises(ValueError, match="multiple of 16"):
-        m.grow(24)
+        train_vit.grow_groups(m, 24)
 
 
 def test_nora_merge_refuses_nan():
@@ -499,9 +480,9 @@ def test_lora_on_an_in_out_weight_merges_exactly():
 
 def test_everything_but_the_vit_works_on_its_own_for_a_copier_with_another_model():
     source = open(nora.__file__).read()
-    cut = source.index("# =============================================================================\n# Appendix E.")
+    cut = source.index("# =============================================================================\n# Appendix D.")
     lib = {}
-    exec(compile(source[:cut], "nora.py without Appendix E", "exec"), lib)        # the ViT and loaders left out
+    exec(compile(source[:cut], "nora.py without Appendix D", "exec"), lib)        # the ViT and loaders left out
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)), torch.randn(5, 16)
     lib["add_lora"](lib["add_nora"](model, groups=8, rank=2, example=x), targets=("0", "2"))
@@ -518,10 +499,10 @@ def test_nora_py_copied_into_a_package_adapts_its_own_vit(tmp_path):
     shutil.copy(nora.__file__, tmp_path / "myproj" / "nora.py")
     code = ("import torch; from myproj import nora; m = nora.VisionTransformer('tiny', img_size=32, depth=1); "
             "nora.add_lora(nora.add_nora(m, example=torch.zeros(1, 3, 32, 32)), rank=2); "
-            "print(m.blocks[0].attn.qkv.row_ranges)")
+            "print(m.blocks[0].attn.qkv.row_ranges, type(m.blocks[0].mlp.act).__name__)")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[(0, 192), (384, 576)]"                       # q and v of our own fused qkv
+    assert done.stdout.strip() == "[(0, 576)] NoRA"                              # all of qkv: no rows given
 
 
 def test_add_nora_keeps_the_model_close_to_gelu_and_equal_to_the_rational_swap():
@@ -530,7 +511,7 @@ def test_add_nora_keeps_the_model_close_to_gelu_and_equal_to_the_rational_swap()
     with torch.no_grad():
         ref = gelu_model(x)
     swapped = tiny_vit()
-    train_vit.replace_modules(swapped, lambda m: isinstance(m, nn.GELU), lambda m: nora.GroupRational(8, "gelu"))
+    train_vit.replace_modules(swapped, lambda m: isinstance(m, nn.GELU), lambda m: train_vit.GroupRational(8, "gelu"))
     adapted = nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1))
     with torch.no_grad():
         out, out_swapped = adapted(x), swapped(x)
@@ -540,7 +521,7 @@ def test_add_nora_keeps_the_model_close_to_gelu_and_equal_to_the_rational_swap()
 
 def test_add_nora_trains_only_the_adapters_and_head_and_counts_match():
     model = nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1))
-    nora.mark_trainable(model, "head")
+    nora.freeze(model, "head")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {f"blocks.{i}.mlp.act.{p}" for i in range(2) for p in ("A_P", "B_P", "A_Q", "B_Q")} | {"head.weight", "head.bias"}
     assert nora.count_parameters(model)[0] == 2 * 52 + 192 * 10 + 10
@@ -549,21 +530,24 @@ def test_add_nora_trains_only_the_adapters_and_head_and_counts_match():
 
 
 def test_add_nora_then_add_lora_keeps_nora_trainable():
-    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1)), rank=4, alpha=8)
+    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1)), rank=4, alpha=8,
+                          rows={"qkv": [(0, 192), (384, 576)]})
+    nora.freeze(model)
     trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"A_P", "B_P", "A_Q", "B_Q", "lora_A", "lora_B"}
     assert nora.count_parameters(model)[0] == 2 * 52 + 2 * 2 * (4 * 192 + 192 * 4)
 
 
-def test_adding_an_adapter_keeps_earlier_choices_of_what_trains():
-    model = nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1))
-    nora.mark_trainable(model, "head")
+def test_adding_an_adapter_changes_nothing_of_what_trains_and_freeze_keeps_what_it_is_told():
+    model = nora.freeze(nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1)), "head")
     nora.add_lora(model, rank=2)
     assert model.head.weight.requires_grad and model.blocks[0].mlp.act.A_P.requires_grad
-    dora = nora.add_lora(tiny_vit(), rank=2, layer=train_vit.DoRALinear)
-    nora.add_nora(dora, example=images(1))
-    assert dora.blocks[0].attn.qkv.magnitude.requires_grad
+    assert model.blocks[0].attn.qkv.lora_A.requires_grad and not model.blocks[0].attn.qkv.base.weight.requires_grad
+    dora = nora.freeze(nora.add_nora(nora.add_lora(tiny_vit(), rank=2, layer=train_vit.DoRALinear), example=images(1)))
+    assert dora.blocks[0].attn.qkv.magnitude.requires_grad and dora.blocks[0].mlp.act.B_P.requires_grad
     assert not dora.blocks[0].attn.qkv.base.weight.requires_grad and not dora.blocks[0].mlp.fc1.weight.requires_grad
+    with pytest.raises(ValueError, match=r"freeze: trainable: \['clasifier'\] name no module"):
+        nora.freeze(model, "clasifier")
 
 
 def test_add_nora_takes_classes_and_names_and_a_refusal_leaves_the_model_alone():
@@ -574,7 +558,7 @@ def test_add_nora_takes_classes_and_names_and_a_refusal_leaves_the_model_alone()
     model = nora.add_nora(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU()), groups=2,
                           target=(nn.GELU, nn.SiLU), example=x)
     assert isinstance(model[1], nora.NoRA) and isinstance(model[3], nora.NoRA) and model[3].function == "silu"
-    nora.mark_trainable(model, ["0.weight", "0.bias"])
+    nora.freeze(model, "0.weight", "0.bias")
     assert model[0].weight.requires_grad
     fresh = tiny_vit()
     for bad in (lambda: nora.add_nora(fresh, rank=0, example=images(1)), lambda: nora.add_lora(fresh, rank=-1),
@@ -596,7 +580,7 @@ def test_training_lowers_the_loss_and_merge_keeps_outputs(method):
         nora.add_nora(model, groups=8, rank=2, example=images(1))
     if method != "nora":
         nora.add_lora(model, rank=4, alpha=8)
-    nora.mark_trainable(model, "head")
+    nora.freeze(model, "head")
     losses = train_steps(model, steps=8, lr=1e-2)
     assert losses[-1] < 0.7 * losses[0]
     x = images(3, seed=5)
@@ -611,14 +595,14 @@ def test_training_lowers_the_loss_and_merge_keeps_outputs(method):
 
 def test_nora_alone_moves_the_backbone_function():
     """With the head frozen, only NoRA can lower the loss, so its gradients must reach it."""
-    model = nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1))
+    model = nora.freeze(nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1)))
     losses = train_steps(model, steps=8, lr=5e-2)
     assert losses[-1] < losses[0] - 0.01
 
 
 def test_param_groups_give_the_head_its_own_lr():
     model = nora.add_nora(tiny_vit(), example=images(1))
-    nora.mark_trainable(model, "head")
+    nora.freeze(model, "head")
     head, rest = train_vit.param_groups(model, 1e-3, head_lr=1e-2)
     assert head["lr"] == 1e-2 and rest["lr"] == 1e-3
     assert {id(p) for p in head["params"]} == {id(model.head.weight), id(model.head.bias)}
@@ -629,46 +613,36 @@ def test_param_groups_give_the_head_its_own_lr():
     assert len(noras["params"]) == 2 * 4 and len(loras["params"]) == 2 * 2      # lora_A, lora_B per block
 
 
-def test_adapter_state_dict_loads_with_plain_torch_and_checks_settings():
+def test_adapter_state_dict_loads_with_plain_torch():
     model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, form="per_group", example=images(1)), rank=2)
-    nora.mark_trainable(model, "head")
+    nora.freeze(model, "head")
     train_steps(model, steps=3)
     model.requires_grad_(False)                                  # common before export: the head is still kept
     state = nora.adapter_state_dict(model)
-    assert all(k.startswith("head.") or "mlp.act." in k or "lora_" in k or k.endswith("qkv._extra_state") for k in state)
+    assert all(k.startswith("head.") or "mlp.act." in k or "lora_" in k for k in state)
     assert {"head.weight", "blocks.0.mlp.act.B_Q"} <= set(state)
     fresh = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, form="per_group", example=images(1)), rank=2)
     fresh.load_state_dict(state, strict=False)
     x = images(3, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
-    for other in (dict(alpha=1.0), dict(basis_scale=2.0)):       # settings no shape shows
-        with pytest.raises(ValueError, match="other settings"):
-            nora.add_nora(tiny_vit(), groups=8, rank=2, form="per_group", example=images(1), **other).load_state_dict(
-                state, strict=False)
     with pytest.raises(ValueError, match=r"\['head.weight', 'head.bias'\] train but"):
-        nora.adapter_state_dict(nora.mark_trainable(nora.add_nora(tiny_vit(), example=images(1)), "head"), extra=())
-    with pytest.raises(ValueError, match="mark_trainable: name the modules"):
-        nora.mark_trainable(tiny_vit(), "")                    # not "every parameter"
+        nora.adapter_state_dict(nora.freeze(nora.add_nora(tiny_vit(), example=images(1)), "head"), extra=())
+    with pytest.raises(ValueError, match="freeze: trainable must name modules"):
+        nora.freeze(tiny_vit(), "")                    # not "every parameter"
 
 
-def test_a_merged_lora_state_is_refused_by_an_unmerged_layer_before_anything_is_copied():
+def test_saving_after_a_lora_merge_is_refused():
     model = nora.add_lora(tiny_vit(), rank=2, alpha=4)
     train_steps(model, steps=2)
-    full = nora.merge(model).state_dict()                 # its base weights hold B A already
-    unmerged = nora.add_lora(tiny_vit(), rank=2, alpha=4)
-    before = {k: v.clone() for k, v in unmerged.state_dict().items()}
-    with pytest.raises(ValueError, match="merged"):
-        unmerged.load_state_dict(full)                    # plain torch: B A is never added twice
-    assert all(torch.equal(v, before[k]) for k, v in unmerged.state_dict().items())
     with pytest.raises(ValueError, match="save before merge"):
-        nora.adapter_state_dict(model)
+        nora.adapter_state_dict(nora.merge(model))        # its base weights hold B A: in no adapter tensor
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")   # shape checks seen while tracing
 def test_state_dict_holds_only_tensors_and_exports(tmp_path):
     model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1)), rank=2)
-    nora.mark_trainable(model, "head")
+    nora.freeze(model, "head")
     train_steps(model, steps=2)
     assert all(isinstance(v, torch.Tensor) for v in model.state_dict().values())
     x = images(2)
@@ -705,16 +679,19 @@ def torchvision_vit():
 
 
 @pytest.mark.parametrize("kind", ["nora", "nora++", "torchvision vit_b_16 classes", "compiled"])
-def test_save_adapter_then_load_adapter_onto_a_plain_model_reproduces_it(tmp_path, kind):
+def test_save_adapter_then_load_adapter_into_the_same_adapters_reproduces_it(tmp_path, kind):
     import copy
-    x = images(2)
-    base = torchvision_vit() if kind.startswith("torchvision") else tiny_vit()
-    model = nora.add_nora(copy.deepcopy(base), groups=4 if kind.startswith("torchvision") else 8, example=x)
-    if kind.startswith("torchvision"):
-        model = nora.add_lora(model, rank=2, targets=("in_proj", "out_proj"))
-    elif kind == "nora++":
-        model = nora.add_lora(model, rank=2)
-    nora.mark_trainable(model, "heads" if kind.startswith("torchvision") else "head")
+    x, tv = images(2), kind.startswith("torchvision")
+    base = torchvision_vit() if tv else tiny_vit()
+
+    def adapted(model):                                   # the same calls, to train and to load into
+        model = nora.add_nora(model, groups=4 if tv else 8, example=x)
+        if tv:                                            # nn.MultiheadAttention reads out_proj.weight itself
+            model = nora.add_lora(model, rank=2, targets=("out_proj",))
+        elif kind == "nora++":
+            model = nora.add_lora(model, rank=2)
+        return model
+    model = nora.freeze(adapted(copy.deepcopy(base)), "heads" if tv else "head")
     train_steps(model, steps=2, x=x)
     model.eval()
     with torch.no_grad():
@@ -722,17 +699,19 @@ def test_save_adapter_then_load_adapter_onto_a_plain_model_reproduces_it(tmp_pat
     saved = torch.compile(model) if kind == "compiled" else model          # its names are the model's
     nora.save_adapter(saved, tmp_path / "a.safetensors")
     assert not any("_orig_mod" in k for k in nora.read_safetensors(tmp_path / "a.safetensors"))
-    plain = copy.deepcopy(base)
-    extra = ("heads",) if kind.startswith("torchvision") else ("head",)
+    extra = ("heads",) if tv else ("head",)
+    with pytest.raises(ValueError, match="does not hold the file's adapters"):   # the calls were not made
+        nora.load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors", extra=extra)
+    plain = adapted(copy.deepcopy(base))
     fresh = nora.load_adapter(torch.compile(plain) if kind == "compiled" else plain, tmp_path / "a.safetensors",
-                              example=x, extra=extra)                      # no add_nora, no add_lora
+                              extra=extra)
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x), y, atol=0, rtol=0)
     assert fresh is plain                                 # (the compiled model's own module)
     nora.merge(model)
     if kind in ("nora", "compiled"):                      # a merged NoRA is a NoRA: its file gives the same model
         nora.save_adapter(model, tmp_path / "b.safetensors")
-        merged = nora.load_adapter(copy.deepcopy(base), tmp_path / "b.safetensors", example=x)
+        merged = nora.load_adapter(adapted(copy.deepcopy(base)), tmp_path / "b.safetensors")
         with torch.no_grad():
             torch.testing.assert_close(merged.eval()(x), y, atol=1e-5, rtol=1e-5)
         return
@@ -741,30 +720,38 @@ def test_save_adapter_then_load_adapter_onto_a_plain_model_reproduces_it(tmp_pat
     assert not (tmp_path / "b.safetensors").exists()
 
 
-def edited(path, out, tensors=None, calls=None):
-    """A copy of an adapter file with its tensors (a dict to update, or a function) and calls changed."""
+def edited(path, out, tensors=None, described=None):
+    """A copy of an adapter file with its tensors (a dict to update, or a function) and description changed."""
     import json
     state, meta = nora.read_safetensors(path, metadata=True)
-    described = json.loads(meta["nora"])
+    about = json.loads(meta["nora"])
     state = tensors(state) if callable(tensors) else {**state, **(tensors or {})}
-    if calls:
-        calls(described)
-    nora.write_safetensors(out, state, {"nora": described if isinstance(described, str) else json.dumps(described)})
+    if described:
+        described(about)
+    nora.write_safetensors(out, state, {"nora": json.dumps(about)})
     return out
+
+
+def unchanged(model):
+    """A check that ``model``'s state is still what it is now."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    return lambda: set(model.state_dict()) == set(before) and all(
+        torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_a_refused_adapter_leaves_the_model_as_it_was(tmp_path):
     def deep(depth):
         torch.manual_seed(0)
-        return nora.VisionTransformer("tiny", patch_size=16, img_size=32, num_classes=10, depth=depth)
-    source = nora.add_nora(deep(3), groups=8, example=images(1))
+        model = nora.VisionTransformer("tiny", patch_size=16, img_size=32, num_classes=10, depth=depth)
+        return nora.freeze(nora.add_nora(model, groups=8, example=images(1)), "head")
+    source = deep(3)
     train_steps(source, steps=1)
     nora.save_adapter(source, tmp_path / "deep.safetensors")
-    nora.save_adapter(nora.add_nora(deep(2), groups=8, example=images(1)), tmp_path / "a.safetensors")
+    nora.save_adapter(deep(2), tmp_path / "a.safetensors")
     a = tmp_path / "a.safetensors"
-    for bad, match in ((tmp_path / "deep.safetensors", "per_module names"),      # a depth-3 adapter, a depth-2 model
-                       (edited(a, tmp_path / "s.safetensors", {"blocks.1.mlp.act._extra_state":
-                                                               torch.tensor([9.0, 3.0], dtype=torch.float64)}), "settings"),
+    for bad, match in ((tmp_path / "deep.safetensors", "does not hold"),        # a depth-3 adapter, a depth-2 model
+                       (edited(a, tmp_path / "s.safetensors", described=lambda d: d["blocks.1.mlp.act"].update(
+                           alpha=9.0)), "1 modules differ: blocks.1.mlp.act"),
                        (edited(a, tmp_path / "n.safetensors", {"blocks.0.mlp.act.B_P": torch.full((8, 2), float("nan"))}),
                         "NaN"),
                        (edited(a, tmp_path / "h.safetensors", {"blocks.0.mlp.act.B_P": torch.full((8, 2), 1e30)}), "1e6"),
@@ -773,65 +760,48 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(tmp_path):
                        (edited(a, tmp_path / "w.safetensors", {"blocks.0.attn.qkv.weight": torch.zeros(576, 192)}),
                         "neither the adapters")):
         target = deep(2)
-        before = {k: v.clone() for k, v in target.state_dict().items()}
+        same = unchanged(target)
         with pytest.raises(ValueError, match=match):
-            nora.load_adapter(target, bad, example=images(1))
-        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())   # nothing moved
-        assert not any(isinstance(m, nora.NoRA) for m in target.modules())
+            nora.load_adapter(target, bad)
+        assert same()                                     # nothing moved
 
 
-def test_an_adapter_file_cannot_write_the_backbone_or_allocate_what_it_does_not_hold(tmp_path):
+def test_an_adapter_file_cannot_write_the_backbone_or_allocate_anything(tmp_path):
     x = torch.randn(4, 8)
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-    trained = nora.add_lora(nora.add_nora(copy_of(plain), groups=4, example=x), rank=2, targets=("2",))
+    adapted = lambda model: nora.add_lora(nora.add_nora(model, groups=4, example=x), rank=2, targets=("2",))
+    trained = nora.freeze(adapted(copy_of(plain)))
     train_steps(trained, steps=2, x=x, classes=4)
     a = tmp_path / "a.safetensors"
     nora.save_adapter(trained, a)
-    weight = plain[0].weight.detach().clone()
     cases = {
         "backbone tensor": ({"0.weight": torch.zeros(16, 8)}, None, "neither the adapters"),
-        "backbone path as an activation": (None, lambda d: d["add_nora"][0]["per_module"].update(
-            {"0": dict(groups=1, channel_dim=-1, channels=[16])}), "not those its calls build"),
-        "huge rank": (None, lambda d: d["add_nora"][0].update(rank=10 ** 9), "not those its calls build"),
-        "huge lora rank": (None, lambda d: d["add_lora"][0].update(rank=10 ** 9), "not those its calls build"),
-        "lora on a weight no layer has": (None, lambda d: d["add_lora"][0]["per_module"]["2"].update(
-            fan_in_fan_out=None), "not those its calls build"),
-        "a list for a call": (None, lambda d: d.update(add_nora=[[[[[]]]]]), "damaged|no readable"),
-        "wrong type": (None, lambda d: d["add_nora"][0].update(rank="2"), "not those its calls build"),
-        "wrong type, no tensor size": (None, lambda d: d["add_nora"][0].update(alpha="2"), "positive number"),
+        "backbone path as an activation": (None, lambda d: d.update({"0": dict(d["1"], channels=[16])}),
+                                           "does not hold"),
+        "huge rank": (None, lambda d: d["1"].update(rank=10 ** 9), "does not hold"),
+        "huge lora rank": (None, lambda d: d["2"].update(rank=10 ** 9), "does not hold"),
+        "a list for a module": (None, lambda d: d.update({"1": [[[[[]]]]]}), "no readable"),
+        "wrong type": (None, lambda d: d["1"].update(rank="2"), "does not hold"),
     }
-    for name, (tensors, calls, match) in cases.items():
-        bad = edited(a, tmp_path / f"{len(name)}.safetensors", tensors, calls)
-        model = copy_of(plain)
+    for name, (tensors, described, match) in cases.items():
+        bad = edited(a, tmp_path / f"{len(name)}.safetensors", tensors, described)
+        model = adapted(copy_of(plain))
+        same = unchanged(model)
         with pytest.raises(ValueError, match=match):
-            nora.load_adapter(model, bad, example=x)
-        assert torch.equal(model[0].weight, weight) and type(model[1]) is nn.GELU, name
-    calm = edited(a, tmp_path / "calm.safetensors", calls=lambda d: d["add_nora"].append(
-        dict(d["add_nora"][0], degrees=[10 ** 12, 4], per_module={"1": None})))
-    nora.load_adapter(copy_of(plain), calm, example=x)   # a call that builds nothing allocates nothing
+            nora.load_adapter(model, bad)
+        assert same(), name
     deep = tmp_path / "deep.safetensors"
-    state = nora.read_safetensors(a)
-    nora.write_safetensors(deep, state, {"nora": "[" * 100_000 + "]" * 100_000})
+    nora.write_safetensors(deep, nora.read_safetensors(a), {"nora": "[" * 100_000 + "]" * 100_000})
     with pytest.raises(ValueError, match="no readable description"):
-        nora.load_adapter(copy_of(plain), deep, example=x)
-    for wrong in (nn.Identity(), nn.Dropout(0.1), nn.SiLU(), nn.GELU(approximate="tanh")):   # not what it replaced
-        other = nn.Sequential(nn.Linear(8, 16), wrong, nn.Linear(16, 4))
-        with pytest.raises(ValueError, match="no gelu module"):
-            nora.load_adapter(other, a, example=x)
-        assert other[1] is wrong
+        nora.load_adapter(adapted(copy_of(plain)), deep)
     narrow = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 4))          # 12 channels, not 16
-    with pytest.raises(ValueError, match=r"2.lora_A \(1, 2, 16\) for \(1, 2, 12\)\): it was trained on another"):
-        nora.load_adapter(narrow, a, example=x)
-    nora.save_adapter(nora.add_nora(copy_of(plain), groups=4, example=x), tmp_path / "n.safetensors")
-    with pytest.raises(ValueError, match=r"acts on \[12\] channels, not on the \[16\]"):
-        nora.load_adapter(narrow, tmp_path / "n.safetensors", example=x)
-    with pytest.raises(ValueError, match="pass example="):
-        nora.load_adapter(copy_of(plain), a)
+    with pytest.raises(ValueError, match=r"'channels': \[16\].* in the file, .*'channels': \[12\].* here"):
+        nora.load_adapter(adapted(narrow), a)
     with pytest.raises(ValueError, match="a folder"):
-        nora.load_adapter(copy_of(plain), tmp_path, example=x)
+        nora.load_adapter(adapted(copy_of(plain)), tmp_path)
     with pytest.raises(TypeError, match="load_state_dict"):
-        nora.load_adapter(copy_of(plain), nora.adapter_state_dict(trained), example=x)
+        nora.load_adapter(adapted(copy_of(plain)), nora.adapter_state_dict(trained))
 
 
 def test_an_adapter_of_two_calls_or_of_a_class_named_with_its_init_loads_back(tmp_path):
@@ -841,62 +811,57 @@ def test_an_adapter_of_two_calls_or_of_a_class_named_with_its_init_loads_back(tm
     x = torch.randn(4, 8)
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 16), MyAct(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
-    model = nora.add_nora(copy_of(base), groups=4, target=MyAct, init="gelu", example=x)
-    nora.add_nora(model, groups=2, rank=4, example=x)     # a second call, with other settings, on the GELU
+
+    def adapted(model, alpha=None):
+        model = nora.add_nora(model, groups=4, target=MyAct, init="gelu", example=x)
+        return nora.add_nora(model, groups=2, rank=4, alpha=alpha, example=x)   # a second call, other settings
+    model = nora.freeze(adapted(copy_of(base)))
     train_steps(model, steps=2, x=x, classes=4)
     nora.save_adapter(model, tmp_path / "a.safetensors")
-    fresh = nora.load_adapter(copy_of(base), tmp_path / "a.safetensors", example=x)
+    fresh = nora.load_adapter(adapted(copy_of(base)), tmp_path / "a.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+    other = adapted(copy_of(base), alpha=1.0)             # a setting no shape shows
+    same = unchanged(other)
+    with pytest.raises(ValueError, match="'alpha': 8.0.* in the file, .*'alpha': 1.0.* here"):
+        nora.load_adapter(other, tmp_path / "a.safetensors")
+    assert same()
     hand = nora.freeze(copy_of(base))
     hand[3] = nora.NoRA(2)                                # put there by hand: what it replaced is not known
     with pytest.raises(ValueError, match="not put there by add_nora"):
         nora.save_adapter(hand, tmp_path / "b.safetensors")
-    saved, other = nora.NoRA(2, alpha=2.0), nora.NoRA(2, alpha=1.0)
-    with torch.no_grad():
-        saved.B_P.fill_(1.0)
-    with pytest.raises(ValueError, match="other settings"):
-        other.load_state_dict(saved.state_dict())        # refused before any tensor is copied
-    assert not other.B_P.any()
 
 
 def test_a_second_hostile_pass_finds_no_silent_wrong_load(tmp_path):
     x = torch.randn(4, 8)
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-    trained = nora.add_nora(copy_of(plain), groups=4, example=x)
+    adapted = lambda model: nora.add_nora(model, groups=4, example=x)
+    trained = nora.freeze(adapted(copy_of(plain)))
     a = tmp_path / "a.safetensors"
     nora.save_adapter(trained, a)
     state = nora.read_safetensors(a)
     moved = {f"2.{k[2:]}": v for k, v in state.items() if k.startswith("1.")}  # the activation's tensors, on "2"
-    for name, tensors, calls, match in (
-            ("a Linear named as an activation", lambda s: {**s, **moved}, lambda d: d["add_nora"][0].update(
-                target=["gelu", "torch.nn.modules.linear.Linear"], per_module={
-                    **d["add_nora"][0]["per_module"], "2": dict(groups=4, channel_dim=-1, channels=[4]), "0": None}),
-             "holds parameters, buffers or modules"),
+    for name, tensors, described, match in (
+            ("a Linear named as an activation", lambda s: {**s, **moved}, lambda d: d.update(
+                {"2": dict(d["1"], function="torch.nn.modules.linear.Linear", channels=[4])}), "does not hold"),
             ("integers", {"1.B_P": torch.full((4, 2), 10 ** 18, dtype=torch.int64)}, None, "int64")):
-        model = copy_of(plain)
+        model = adapted(copy_of(plain))
+        same = unchanged(model)
         with pytest.raises(ValueError, match=match):
-            nora.load_adapter(model, edited(a, tmp_path / f"{len(name)}.safetensors", tensors, calls), example=x)
-        assert type(model[1]) is nn.GELU and type(model[2]) is nn.Linear, name
-    lora = nora.mark_trainable(nora.add_lora(copy_of(plain), rank=2, targets=("2",)), "0.bias")
-    nora.save_adapter(lora, tmp_path / "l.safetensors")
-    rank = 500_000                                        # a small file claiming a rank whose lora_A is huge
-    huge = edited(tmp_path / "l.safetensors", tmp_path / "huge.safetensors",
-                  {"2.lora_B": torch.zeros(1, 1, rank), "2.lora_A": torch.zeros(0)}, lambda d: (
-                      d["add_lora"][0].update(rank=rank), d["add_lora"][0]["per_module"]["2"].update(rows=[[0, 1]])))
-    with pytest.raises(ValueError, match=r"2.lora_A \(0,\) for \(1, 500000, 16\)"):
-        nora.load_adapter(copy_of(plain), huge, extra=("0",))
-    head = nora.mark_trainable(nora.add_lora(copy_of(plain), rank=2, targets=("2",)), "2")   # LoRA and its base trained
+            nora.load_adapter(model, edited(a, tmp_path / f"{len(name)}.safetensors", tensors, described))
+        assert same() and type(model[2]) is nn.Linear, name
+    head = nora.freeze(nora.add_lora(copy_of(plain), rank=2, targets=("2",)), "2")   # LoRA and its base trained
     nora.save_adapter(head, tmp_path / "h.safetensors")
-    back = nora.load_adapter(copy_of(plain), tmp_path / "h.safetensors", extra=("2",))      # "2" names its base too
+    back = nora.load_adapter(nora.add_lora(copy_of(plain), rank=2, targets=("2",)), tmp_path / "h.safetensors",
+                             extra=("2",))                # "2" names its base too
     with torch.no_grad():
         torch.testing.assert_close(back(x), head(x), atol=0, rtol=0)
-    with pytest.raises(ValueError, match=r"extra names \['clasifier'\]"):
+    with pytest.raises(ValueError, match=r"extra: \['clasifier'\] name no module"):
         nora.save_adapter(nora.freeze(copy_of(trained)), tmp_path / "t.safetensors", extra=("clasifier",))
     nora.save_adapter(nn.DataParallel(trained), tmp_path / "dp.safetensors")               # the wrapper's names go
     assert all(not k.startswith("module.") for k in nora.read_safetensors(tmp_path / "dp.safetensors"))
-    nora.load_adapter(nn.DataParallel(copy_of(plain)), tmp_path / "dp.safetensors", example=x)
+    nora.load_adapter(nn.DataParallel(adapted(copy_of(plain))), tmp_path / "dp.safetensors")
 
 
 def test_a_third_pass_shared_modules_tied_weights_merges_and_names(tmp_path):
@@ -923,10 +888,10 @@ def test_a_third_pass_shared_modules_tied_weights_merges_and_names(tmp_path):
     with pytest.raises(TypeError, match="no stored weight"):
         nora.merge(model)                                  # the second cannot merge: the first is put back
     assert not model[0].merged and not model[2].merged
-    marked = nora.mark_trainable(nn.Sequential(nn.Linear(4, 8), nn.GELU()), "0.weight")
+    marked = nora.freeze(nn.Sequential(nn.Linear(4, 8), nn.GELU()), "0.weight")
     nora.add_lora(marked, rank=2, targets=("0",))
     assert marked[0].base.weight.requires_grad and "0.base.weight" in nora.adapter_state_dict(marked)
-    assert nora.mark_trainable(torch.compile(nn.Sequential(nn.Linear(4, 4))), "0") is not None   # through wrappers
+    assert nora.freeze(torch.compile(nn.Sequential(nn.Linear(4, 4))), "0") is not None   # through wrappers
     from collections import UserDict
 
     class Keywords(nn.Module):                            # a tokenizer's output is a Mapping, not a dict
@@ -955,14 +920,17 @@ def test_save_and_load_name_what_else_they_write_and_keep_a_classifier_across_fr
     x = torch.randn(6, 8)
     torch.manual_seed(0)
     base = Classifier()
-    model = nora.mark_trainable(nora.add_nora(copy_of(base), groups=4, example=x), "classifier")
+    model = nora.freeze(nora.add_nora(copy_of(base), groups=4, example=x), "classifier")
     train_steps(model, steps=2, x=x, classes=3)
+    nora.save_adapter(model, tmp_path / "a.safetensors")   # the classifier trains, so it is kept
     nora.freeze(model)                                    # as before deployment: the classifier no longer trains
-    nora.save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"\['classifier.weight', 'classifier.bias'\] train but"):
+        nora.save_adapter(nora.freeze(copy_of(model), "classifier"), tmp_path / "x.safetensors", extra=())
     assert "classifier.weight" in nora.read_safetensors(tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match=r"(?s)holds \['classifier.bias', 'classifier.weight'\].*extra="):
-        nora.load_adapter(copy_of(base), tmp_path / "a.safetensors", example=x)    # the caller names it
-    fresh = nora.load_adapter(copy_of(base), tmp_path / "a.safetensors", example=x, extra=("classifier",))
+        nora.load_adapter(nora.add_nora(copy_of(base), groups=4, example=x), tmp_path / "a.safetensors")
+    fresh = nora.load_adapter(nora.add_nora(copy_of(base), groups=4, example=x), tmp_path / "a.safetensors",
+                              extra=("classifier",))       # the caller names it
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
     bn = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.GELU())
@@ -971,26 +939,26 @@ def test_save_and_load_name_what_else_they_write_and_keep_a_classifier_across_fr
         nora.save_adapter(bn, tmp_path / "bn.safetensors")
     nora.save_adapter(bn, tmp_path / "bn.safetensors", statistics=True)
     with pytest.raises(ValueError, match="statistics=True for BatchNorm"):
-        nora.load_adapter(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.GELU()), tmp_path / "bn.safetensors",
-                          example=images(2))
+        nora.load_adapter(nora.add_nora(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.GELU()), groups=2,
+                                        example=images(2)), tmp_path / "bn.safetensors")
 
 
-@pytest.mark.parametrize("edit", ["missing groups", "bad rows", "no calls", "not json", "mixed per_module"])
-def test_a_hand_edited_adapter_description_is_refused_as_damaged(tmp_path, edit):
-    model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, example=images(1)), rank=2)
-    nora.save_adapter(model, tmp_path / "a.safetensors")
-    nora_call = lambda d: d["add_nora"][0]["per_module"]["blocks.0.mlp.act"]
-    bad = edited(tmp_path / "a.safetensors", tmp_path / "b.safetensors", calls={
-        "missing groups": lambda d: nora_call(d).pop("groups"),
-        "bad rows": lambda d: d["add_lora"][0]["per_module"]["blocks.0.attn.qkv"].update(rows=5),
-        "no calls": lambda d: d.pop("add_lora"), "not json": lambda d: d.clear(),
-        "mixed per_module": lambda d: d["add_nora"][0].update(per_module=[1, 2])}[edit])
+@pytest.mark.parametrize("edit", ["missing groups", "bad rows", "a module fewer", "not json", "a list of settings"])
+def test_a_hand_edited_adapter_description_is_refused(tmp_path, edit):
+    adapted = lambda model: nora.add_lora(nora.add_nora(model, groups=8, example=images(1)), rank=2)
+    nora.save_adapter(adapted(tiny_vit()), tmp_path / "a.safetensors")
+    bad = edited(tmp_path / "a.safetensors", tmp_path / "b.safetensors", described={
+        "missing groups": lambda d: d["blocks.0.mlp.act"].pop("groups"),
+        "bad rows": lambda d: d["blocks.0.attn.qkv"].update(rows=5),
+        "a module fewer": lambda d: d.pop("blocks.1.attn.qkv"), "not json": lambda d: d.clear(),
+        "a list of settings": lambda d: d.update({"blocks.0.mlp.act": [1, 2]})}[edit])
     if edit == "not json":
         nora.write_safetensors(bad, nora.read_safetensors(bad), {"nora": "{not json"})
-    model = tiny_vit()
-    with pytest.raises(ValueError, match="damaged|no readable description"):
-        nora.load_adapter(model, bad, example=images(1))
-    assert not any(isinstance(m, nora.ADAPTERS) for m in model.modules())
+    model = adapted(tiny_vit())
+    same = unchanged(model)
+    with pytest.raises(ValueError, match="does not hold|no readable description"):
+        nora.load_adapter(model, bad)
+    assert same()
 
 
 def test_add_nora_and_add_lora_refuse_what_they_cannot_get_right_by_name():
@@ -1025,9 +993,8 @@ def test_add_nora_and_add_lora_refuse_what_they_cannot_get_right_by_name():
             self.qkv = nn.Linear(4, 12)
     with pytest.raises(ValueError, match="neither an nn.Linear nor HF's Conv1D"):
         nora.add_lora(nn.Sequential(Square()), targets=("0",))
-    attention = type("Attention", (MyAttention,), {})             # a user's own class called Attention
-    with pytest.raises(ValueError, match="not known to be q"):
-        nora.add_lora(nn.Sequential(attention()), targets=("qkv",))
+    attention = type("Attention", (MyAttention,), {})             # a user's own class called Attention: all rows
+    assert nora.add_lora(nn.Sequential(attention()), targets=("qkv",))[0].qkv.row_ranges == [(0, 12)]
     for rows in ([(4, 2)], [(-3, 3)], (0, 3), [(0, 4), (2, 6)], [(0, 4), (4, 6)]):   # reversed, negative, ...
         with pytest.raises(ValueError, match="rows must be \\(start, stop\\) ranges"):
             nora.add_lora(nn.Sequential(MyAttention()), targets=("qkv",), rows={"qkv": rows})
@@ -1038,23 +1005,19 @@ def test_add_nora_and_add_lora_refuse_what_they_cannot_get_right_by_name():
         nora.add_lora(twice, targets=("qkv",), rows={"qkv": [(0, 4)]})
 
 
-def test_a_fused_qkv_is_split_in_thirds_only_in_classes_known_exactly():
+def test_a_fused_qkv_gets_lora_on_every_row_unless_rows_say_which():
     class Attention(nn.Module):                           # timm's TinyViT and EfficientFormer: q, k, v per head
         def __init__(self):
             super().__init__()
             self.qkv = nn.Linear(8, 24)
-    for module in ("timm.models.tiny_vit", "timm.models.efficientformer", __name__):
-        Attention.__module__ = module
-        model = nn.Sequential(Attention())
-        with pytest.raises(ValueError, match=r"0\.qkv \(Linear\) in Attention is a fused projection of 24 rows"):
-            nora.add_lora(model, targets=("qkv",))
-        assert type(model[0].qkv) is nn.Linear
+    model = nora.add_lora(nn.Sequential(Attention()), targets=("qkv",))
+    assert model[0].qkv.row_ranges == [(0, 24)]           # no class name decides a layout
     timm = pytest.importorskip("timm")
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32)
-    assert nora.add_lora(vit, rank=2).blocks[0].attn.qkv.row_ranges == [(0, 192), (384, 576)]
-    tiny = timm.create_model("tiny_vit_5m_224", pretrained=False)
-    with pytest.raises(ValueError, match="in Attention is a fused projection"):
-        nora.add_lora(tiny, rank=2)
+    assert nora.add_lora(vit, rank=2).blocks[0].attn.qkv.row_ranges == [(0, 576)]
+    qv = nora.add_lora(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32), rank=2,
+                       rows={"qkv": [(0, 192), (384, 576)]})
+    assert qv.blocks[0].attn.qkv.row_ranges == [(0, 192), (384, 576)]
 
 
 # --- Appendix A. Kernels and speed ------------------------------------------------------------
@@ -1078,7 +1041,7 @@ def test_blocked_eager_kernels_and_compiled_path_match_the_whole_tensor_kernels(
     torch.testing.assert_close(nora.rational(x, num, den), y_whole)
     for a, b in zip(grads(), whole):
         torch.testing.assert_close(a, b)
-    if not nora.use_compiled_rational():                                   # takes ~10 s; warns where it cannot
+    if not train_vit.use_compiled_rational():                              # takes ~10 s; warns where it cannot
         pytest.skip("torch.compile is not available here")
     try:
         for a, b in zip(grads(), whole):
@@ -1091,7 +1054,7 @@ def test_blocked_eager_kernels_and_compiled_path_match_the_whole_tensor_kernels(
             torch.testing.assert_close(nora.rational(xr, num, den), expected, atol=1e-5, rtol=1e-5)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     finally:
-        nora.use_compiled_rational(False)
+        nora._kernels.update(nora._EAGER)
     assert nora._kernels["forward"] is nora._rational_forward
 
 
@@ -1120,8 +1083,8 @@ def test_backward_computes_only_the_gradients_autograd_asks_for(monkeypatch):
 def test_use_compiled_rational_does_not_move_the_global_rng(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)        # the warm-up, without compiling
     torch.manual_seed(0)
-    nora.use_compiled_rational()
-    nora.use_compiled_rational(False)
+    train_vit.use_compiled_rational()
+    nora._kernels.update(nora._EAGER)
     after = torch.rand(3)
     torch.manual_seed(0)
     torch.testing.assert_close(after, torch.rand(3))
@@ -1131,7 +1094,7 @@ def test_compiled_kernels_run_only_on_the_device_they_were_compiled_for(monkeypa
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda *a: calls.append(a[0].device.type) or fn(*a)))
     try:
-        assert nora.use_compiled_rational(device="meta")          # stands in for a GPU here
+        assert train_vit.use_compiled_rational(device="meta")     # stands in for a GPU here
         calls.clear()
         num, den = (torch.tensor(c).repeat(2, 1) for c in nora.GELU_COEFFS)
         nora.rational(torch.randn(3, 8), num, den)                    # a CPU tensor: the eager kernels
@@ -1139,7 +1102,7 @@ def test_compiled_kernels_run_only_on_the_device_they_were_compiled_for(monkeypa
         nora._kernels["forward"](torch.randn(3, 8).to("meta"), num.to("meta"), den.to("meta"))
         assert calls == ["meta"]
     finally:
-        nora.use_compiled_rational(False)
+        nora._kernels.update(nora._EAGER)
 
 
 # --- Appendix B. Reading other people's models ------------------------------------------------
@@ -1331,9 +1294,9 @@ def test_a_layernorm_over_several_axes_shows_no_channel_axis_and_grow_keeps_to_t
         nora.add_nora(model, groups=4, example=torch.randn(2, 3, 8, 8))
     nora.add_nora(model, groups=4, example=torch.randn(2, 3, 8, 8), channel_dim=1)
     with pytest.raises(ValueError, match="divide the \\[16\\] channels"):
-        model[2].grow(40)
+        train_vit.grow_groups(model[2], 40)
     assert model[2].numerator.shape[0] == 4
-    model[2].grow(16)
+    train_vit.grow_groups(model[2], 16)
 
 
 def test_an_activation_the_example_does_not_run_is_refused_or_left_as_the_caller_says():
@@ -1372,30 +1335,25 @@ def test_a_squeeze_excitation_width_is_refused_before_any_change_with_the_call_t
     model(x)
 
 
-def test_lora_on_multihead_attention_q_and_v_merges_exactly():
+def test_lora_refuses_multihead_attentions_own_qkv_weight_and_adapts_its_out_proj_exactly():
     from torchvision.models import VisionTransformer
     torch.manual_seed(0)
     model = VisionTransformer(32, 8, 1, 2, 32, 64, num_classes=10).eval()
-    plain = nora.add_lora(copy_of(model), rank=2, alpha=4, targets=("qkv", "out_proj"))   # "qkv" names no module
-    assert not torch.nn.utils.parametrize.is_parametrized(plain.encoder.layers[0].self_attention)  # here: none taken
-    nora.add_lora(model, rank=2, alpha=4, targets=("in_proj",))   # its q | k | v weight, said by name
+    for targets in (("in_proj",), ("self_attention",)):  # q | k | v in a weight no layer owns: nothing to wrap
+        with pytest.raises(ValueError, match=r"keeps q \| k \| v in a weight of its own, in_proj_weight"):
+            nora.add_lora(model, rank=2, targets=targets)
+    assert not any(isinstance(m, nora.LoRALinear) for m in model.modules())
+    nora.add_lora(model, rank=2, alpha=4, targets=("out_proj",))   # read as .weight by nn.MultiheadAttention
     attention = model.encoder.layers[0].self_attention
-    lora = attention.parametrizations.in_proj_weight[0]
-    assert isinstance(lora, nora.LoRAWeight) and lora.row_ranges == [(0, 32), (64, 96)]          # q and v
-    assert not attention.parametrizations.in_proj_weight.original.requires_grad and lora.lora_A.requires_grad
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model.heads.head.weight.normal_()                 # torchvision starts the head at zero
         before = model(x)
-        lora.lora_B.normal_()
+        attention.out_proj.lora_B.normal_()
         after = model(x)
         assert (after - before).abs().max() > 1e-3        # the attention reads the adapted weight
-        torch.testing.assert_close(attention.in_proj_weight[32:64], attention.parametrizations.in_proj_weight.original[32:64])
         nora.merge(model)
-        assert not torch.nn.utils.parametrize.is_parametrized(attention)
         torch.testing.assert_close(model(x), after, atol=1e-6, rtol=1e-6)
-    nora.add_lora(model, rank=2, targets=("out_proj",))   # read as .weight by nn.MultiheadAttention
-    assert isinstance(attention.out_proj, nora.LoRALinear)
 
 
 def test_nora_in_a_transformer_encoder_layer_is_used_in_eval_mode_too():
@@ -1411,7 +1369,7 @@ def test_nora_in_a_transformer_encoder_layer_is_used_in_eval_mode_too():
     torch.testing.assert_close(evaluated, train, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_projections_of_unknown_layout_are_refused_and_names_match_at_dots():
+def test_fused_projections_get_the_rows_the_caller_gives_and_names_match_at_dots():
     class GPTBigCodeAttention(nn.Module):                 # multi-query: q | k | v = 16 | 4 | 4 rows
         def __init__(self):
             super().__init__()
@@ -1420,10 +1378,8 @@ def test_fused_projections_of_unknown_layout_are_refused_and_names_match_at_dots
         def forward(self, x):
             return self.c_proj(self.c_attn(x)[..., :16])
 
-    model = nn.Sequential(GPTBigCodeAttention())
-    with pytest.raises(ValueError, match=r"0\.c_attn \(Linear\) in GPTBigCodeAttention is a fused projection .*rows="):
-        nora.add_lora(model, targets=("c_attn",))
-    assert type(model[0].c_attn) is nn.Linear                                    # refused: nothing changed
+    assert nora.add_lora(nn.Sequential(GPTBigCodeAttention()), targets=("c_attn",))[0].c_attn.row_ranges == [(0, 24)]
+    model = nn.Sequential(GPTBigCodeAttention())          # all rows, as no layout is guessed; or those given:
     nora.add_lora(model, rank=2, targets=("c_attn",), rows={"c_attn": [(0, 16)]})   # q alone, said by the caller
     assert model[0].c_attn.row_ranges == [(0, 16)]
 
@@ -1449,7 +1405,7 @@ def test_lora_on_hugging_faces_conv1d_merges_exactly():
 
 
 def test_replacing_relu_says_that_the_model_moves_at_init():
-    with pytest.warns(UserWarning, match=r"compute relu, whose rational is up to 0\.18 off"):
+    with pytest.warns(UserWarning, match=r"ReLU's rational is up to 0\.18 off"):
         nora.add_nora(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), groups=2, target="relu", example=torch.randn(2, 4))
 
 
@@ -1457,7 +1413,8 @@ def test_replacing_relu_says_that_the_model_moves_at_init():
 
 @pytest.mark.parametrize("make", [
     lambda: nora.NoRA(0, 2), lambda: nora.NoRA(8, 0), lambda: nora.NoRA(8, 2, alpha=0.0),
-    lambda: nora.NoRA(8, 2, alpha=float("nan")), lambda: nora.NoRA(8, 2).grow(0), lambda: nora.NoRA(8, 2).grow(True),
+    lambda: nora.NoRA(8, 2, alpha=float("nan")), lambda: train_vit.grow_groups(nora.NoRA(8, 2), 0),
+    lambda: train_vit.grow_groups(nora.NoRA(8, 2), True),
     lambda: nora.NoRA(8, 2, alpha=1e300), lambda: nora.NoRA(8, 2, basis_scale=1e-9),
     lambda: nora.NoRA(8, 2, channel_dim="x"), lambda: nora.NoRA(8, 2, channel_dim=1.0),
     lambda: nora.NoRA(2, init=(torch.tensor(1.0), torch.tensor(2.0))),
@@ -1467,8 +1424,8 @@ def test_replacing_relu_says_that_the_model_moves_at_init():
     lambda: nora.fit_rational(F.gelu, iters=0), lambda: nora.fit_rational(torch.log),
     lambda: nora.fit_rational(F.gelu, x_range=(0, 0)), lambda: nora.fit_rational(F.gelu, x_range=(0, 1e-300)),
     lambda: nora.fit_rational(F.gelu, x_range=(-1e80, 1e80)), lambda: nora.fit_rational(F.gelu, weight=lambda x: -x * x),
-    lambda: nora.add_lora(tiny_vit(), rank=0), lambda: nora.add_lora(tiny_vit(), qkv_parts="x"),
-    lambda: nora.mark_trainable(tiny_vit()), lambda: nora.mark_trainable(tiny_vit(), ""),
+    lambda: nora.add_lora(tiny_vit(), rank=0), lambda: nora.add_lora(tiny_vit(), rows={"qkv": [(0, 1000)]}),
+    lambda: nora.freeze(tiny_vit(), 3), lambda: nora.freeze(tiny_vit(), ""),
     lambda: nora.add_nora(tiny_vit(), example=images(1), per_module=[("blocks.0.mlp.act", {})]),
     lambda: nora.add_nora(tiny_vit(), example=images(1), per_module={"blocks.0.mlp.act": dict(channel_dim=1.5)}),
     lambda: nora.add_nora(tiny_vit(), example=images(1), per_module={0: dict(groups=2), "blocks.0.mlp.act": None}),
@@ -1503,21 +1460,17 @@ def test_a_rational_of_the_lowest_degrees_fit_rational_accepts_trains():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_double_backward_and_jvp_of_half_inputs_run_in_float32(dtype):
+def test_gradients_of_half_inputs_are_computed_in_float32(dtype):
     num, den = (torch.tensor(c).repeat(1, 1) for c in nora.GELU_COEFFS)
     x = torch.tensor([[10.0, -10.0, 3.0, 0.5]])
-    g32, = torch.autograd.grad(nora.rational(x.requires_grad_(), num, den).sum(), x, create_graph=True)
+    g32, = torch.autograd.grad(nora.rational(x.requires_grad_(), num, den).sum(), x)
     xh = x.detach().to(dtype).requires_grad_()
-    g, = torch.autograd.grad(nora.rational(xh, num, den).sum(), xh, create_graph=True)   # x^5 overflows float16
-    gg, = torch.autograd.grad(g.sum(), xh)
-    assert torch.isfinite(g).all() and torch.isfinite(gg).all()
-    torch.testing.assert_close(g.float(), g32.detach(), atol=0.02, rtol=0.02)
-    y, t = torch.func.jvp(lambda v: nora.rational(v, num, den), (x.detach().to(dtype),), (torch.ones_like(xh),))
-    y32 = nora.rational(x.detach(), num, den)
-    assert torch.isfinite(t).all() and (y.float().sign() == y32.sign()).all()   # bfloat16 lost the sign at -10
+    g, = torch.autograd.grad(nora.rational(xh, num, den).sum(), xh)   # x^5 overflows float16
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g.float(), g32, atol=0.02, rtol=0.02)
 
 
-@pytest.mark.parametrize("damage", ["overlap", "duplicate", "bool offsets", "negative shape", "huge header", "short"])
+@pytest.mark.parametrize("damage", ["overlap", "bool offsets", "negative shape", "huge header", "short"])
 def test_safetensors_reader_refuses_files_that_would_blow_up_or_lie(tmp_path, damage):
     import json
     import struct
@@ -1525,8 +1478,6 @@ def test_safetensors_reader_refuses_files_that_would_blow_up_or_lie(tmp_path, da
     header = {"overlap": {"a": t, "b": t}, "bool offsets": {"a": {**t, "data_offsets": [False, 16]}},
               "negative shape": {"a": {**t, "shape": [-1, -4]}}}.get(damage, {"a": t})
     head = json.dumps(header).encode()
-    if damage == "duplicate":
-        head = b'{"a": %s, "a": %s}' % (json.dumps(t).encode(), json.dumps(t).encode())
     length = 2 ** 64 - 1 if damage == "huge header" else len(head)
     data = struct.pack("<Q", length) + head + bytes(16)
     (tmp_path / "x.safetensors").write_bytes(data[:6] if damage == "short" else data)
@@ -1702,9 +1653,6 @@ def test_download_from_loopback_server_caches_and_verifies(tmp_path):
     # the server is gone: the cached copy is used
     assert nora.download(f"{server.url}/model.safetensors", cache_dir=tmp_path / "cache") == cached[0]
     with _Server(payload) as server:
-        with pytest.raises(RuntimeError, match="corrupt"):
-            nora.download(f"{server.url}/model.safetensors", cache_dir=tmp_path / "other", sha256="0" * 64)
-        assert not any((tmp_path / "other").iterdir())            # nothing half-written left behind
         # the hub's download button adds a query string: the cached name must keep its suffix
         path = nora.download(f"{server.url}/model.safetensors?download=true", cache_dir=tmp_path / "q")
         assert path.name.endswith("-model.safetensors")
@@ -2169,7 +2117,7 @@ def test_fit_gelu_refuses_before_any_work_and_never_writes_over_its_inputs(tmp_p
 def test_train_vit_says_what_is_missing_before_it_compiles_and_saves_only_what_it_can_load(tmp_path, monkeypatch,
                                                                                             capsys):
     import train_vit
-    monkeypatch.setattr(nora, "use_compiled_rational", lambda **k: pytest.fail("compiled before finding the data"))
+    monkeypatch.setattr(train_vit, "use_compiled_rational", lambda **k: pytest.fail("compiled before finding the data"))
     with pytest.raises(SystemExit, match="not found. Put the extracted"):
         train_vit.main(["--data-root", str(tmp_path), "--no-download", "--weights", "none", "--depth", "1"])
     with pytest.raises(SystemExit) as e:

@@ -316,14 +316,14 @@ def merge_check(rep, dev, S):
 
 
 def round_trip(rep, dev, S):
-    """save_adapter on the device, load_adapter onto a plain model on the CPU, and back again."""
+    """save_adapter on the device, load_adapter into the same adapters on a plain model on the CPU, and back again."""
     cpu = torch.device("cpu")
     model, (x, _) = build("nora++", dev, S).eval(), batch(dev, S)
 
-    def plain(device, path):                              # the same backbone (seed 0), the adapter from the file
+    def plain(device, path):                              # the same backbone (seed 0) and adapters, the file's tensors
         torch.manual_seed(0)
-        vit = nora.VisionTransformer("tiny", img_size=S["model_img"], num_classes=10).to(device).eval()
-        return nora.load_adapter(vit, path, example=x[:1].to(device))
+        vit = tv.prepare(nora.VisionTransformer("tiny", img_size=S["model_img"], num_classes=10), "nora++")
+        return nora.load_adapter(vit.to(device).eval(), path)
     with torch.no_grad(), precision(False), tempfile.TemporaryDirectory() as folder:
         for p in model.parameters():
             if p.requires_grad:
