@@ -19,6 +19,7 @@ The appendices hold the machinery, and what the scripts build on:
   C. Checks, files and the fit's optimiser
   D. A small ViT with timm's names, and its weights (what train_vit.py fine-tunes)
 """
+import collections.abc
 import hashlib
 import json
 import math
@@ -31,7 +32,6 @@ import tempfile
 import urllib.error
 import urllib.parse
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -203,8 +203,15 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tan
 # at G = 8, r = 2). As in LoRA, A starts as small noise (Sec. 3: A ~ N(0, 0.02)) and B at zero,
 # so at step 0 phi' is exactly the base rational: training starts from the pretrained model with
 # each GELU replaced by its fit.
-# Besides the released code's choices (no b_0, the shared form), one departure is ours: the basis
-# (x/s)^i in which the update is learned, explained after the class.
+#
+# Besides the released code's choices (no b_0, the shared form), one departure is ours: the update
+# is learned in the basis (x/s)^i, s = 3. `_delta` divides column i of B A by s^i, so NoRA learns
+# dP(x) = sum_i dp_i (x/s)^i, i.e. da_i = dp_i / s^i:
+# the same functions (merge folds it into plain coefficients), but well conditioned. GELU's tails
+# hang on tiny leading coefficients (a_5 = 5.3e-4, b_4 = 1.1e-3), yet over a real ViT's inputs the
+# output is 290 times more sensitive to a_5 than to a_1. Adam moves every entry of A and B by about
+# the same step, so in monomials the first steps change a_5 and b_4 by more than their own size;
+# at s = 3 the sensitivities to dp_0 .. dp_5 span 6.5x instead. `basis_scale=1` is the paper's form.
 # -----------------------------------------------------------------------------
 
 class NoRA(nn.Module):
@@ -213,9 +220,8 @@ class NoRA(nn.Module):
     in COEFFS or a (numerator, denominator) pair of 1-D or (G, .) tensors. ``form``: 'shared' (the
     released code's dP = B @ A, A shared by the groups) or 'per_group' (the paper's dP_g = A_g B_g).
     ``basis_scale``: s of the basis (x/s)^i (3 is ours, 1 the paper's monomials). ``channel_dim``: -1,
-    or 1 for an (N, C, H, W) map; add_nora sets it.
-    Train under autocast rather than ``model.half()``, which rounds the base coefficients too (the
-    GELU fit's max error on [-8, 8]: 0.0165; rounded to float16 0.0158, to bfloat16 0.0169)."""
+    or 1 for an (N, C, H, W) map; add_nora sets it. Train under autocast, not ``model.half()``, which
+    rounds the base too (the GELU fit's max error on [-8, 8]: 0.0165; float16 0.0158, bfloat16 0.0169)."""
 
     def __init__(self, groups=8, rank=2, alpha=None, init="gelu", form="shared", basis_scale=3.0, channel_dim=-1):
         super().__init__()
@@ -277,14 +283,6 @@ class NoRA(nn.Module):
         return (f"groups={self.numerator.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"form={self.form}, basis_scale={self.basis_scale:g}, channel_dim={self.channel_dim}")
 
-# Why the update is learned in the basis (x/s)^i, s = 3 (our departure from the paper). `_delta`
-# divides column i of B A by s^i, so NoRA learns dP(x) = sum_i dp_i (x/s)^i, i.e. da_i = dp_i / s^i:
-# the same functions (merge folds it into plain coefficients), but well conditioned. GELU's tails
-# hang on tiny leading coefficients (a_5 = 5.3e-4, b_4 = 1.1e-3), yet over a real ViT's inputs the
-# output is 290 times more sensitive to a_5 than to a_1. Adam moves every entry of A and B by about
-# the same step, so in monomials the first steps change a_5 and b_4 by more than their own size;
-# at s = 3 the sensitivities to dp_0 .. dp_5 span 6.5x instead. `basis_scale=1` is the paper's form.
-
 # -----------------------------------------------------------------------------
 # 4. LoRA, for NoRA++ (Eqs. 2, 3)
 #
@@ -297,8 +295,8 @@ class NoRA(nn.Module):
 # -----------------------------------------------------------------------------
 
 class LoRALinear(nn.Module):
-    """A frozen linear ``base`` plus a LoRA update on all its output rows, or on the (start, stop) ranges
-    in ``row_ranges``. ``fan_in_fan_out``: the base computes x @ weight, weight (in, out) (HF's Conv1D)."""
+    """A linear ``base`` (freeze() freezes it) plus a LoRA update on all its output rows, or on the (start,
+    stop) ranges in ``row_ranges``. ``fan_in_fan_out``: the base computes x @ weight (HF's Conv1D)."""
 
     def __init__(self, base, rank=8, alpha=16, row_ranges=None, fan_in_fan_out=False):
         super().__init__()
@@ -334,8 +332,7 @@ class LoRALinear(nn.Module):
         return self._add_to_rows(y, d * self.scaling, dim=-1)
 
     def _add_to_weight(self, w, delta):
-        """``w``, in the base's layout ((out, in), or (in, out) if fan_in_fan_out), plus ``delta`` on its
-        adapted rows, in place."""
+        """``w`` (in the base's layout) plus ``delta`` on its adapted rows, in place."""
         return self._add_to_rows(w, delta.mT if self.fan_in_fan_out else delta, dim=int(self.fan_in_fan_out))
 
     @property
@@ -358,7 +355,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             self.base.weight.copy_(self.weight)
             self.merged = True
-            self.requires_grad_(False)
+            self.lora_A.requires_grad_(False), self.lora_B.requires_grad_(False)
 
     @torch.no_grad()
     def unmerge(self):
@@ -376,14 +373,18 @@ class LoRALinear(nn.Module):
 # -----------------------------------------------------------------------------
 # 5. Putting adapters on a model
 #
-# On a model you know, sections 1-4 are all you need: `block.mlp.act = NoRA(8, 2)` in each block,
-# then freeze the rest. `add_nora` is that loop for models you do not know, where three things
-# must be right, each found by one sure means or asked for (Appendix B): the function each
-# activation computes (from its class), the axis of its input that holds the channels (seen on
-# one run of `example`), and for LoRA the layout of a layer's weight (by class). A refusal comes
-# before any module is replaced and lists every module in trouble with the call to make. An
-# adapter file holds the tensors and each adapter's settings: as with any state dict, build the
-# model first (the same add_* calls), and load_adapter loads exactly what those adapters own.
+# On a model you know, sections 1-4 are all you need:
+#       for block in model.blocks:
+#           block.mlp.act = NoRA(groups=8, rank=2)       # GELU's rational, plus a zero update
+#       freeze(model, "head")                            # all but the adapters and the head
+#       ... train; then merge(model): one plain rational per activation
+# `add_nora` is that loop for models you do not know, where three things must be right, each found
+# by one sure means or asked for (Appendix B): the function each activation computes (from its
+# class), the axis of its input that holds the channels (seen on one run of `example`), and for
+# LoRA the layout of a layer's weight (by class). A refusal comes before any module is replaced
+# and lists every module in trouble with the call to make. An adapter file holds the tensors and
+# each adapter's settings: as with any state dict, build the model first (the same add_* calls),
+# and load_adapter loads exactly what those adapters own.
 # -----------------------------------------------------------------------------
 
 ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves trainable
@@ -440,7 +441,8 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), rows=None, layer=LoRALin
 
 def merge(model):
     """Fold every NoRA and LoRA update into its base, in place: the same outputs at the base model's cost.
-    Merged LoRA stops training and is in no adapter tensor: save before merge. A refusal merges nothing."""
+    Merged LoRA stops training and is in no adapter tensor: save before merge. A refusal unmerges the
+    LoRA merged before it (NoRA merged before it computes what it did)."""
     done = []
     try:
         for m in model.modules():
@@ -489,10 +491,9 @@ def save_adapter(model, path, extra=None, statistics=None, metadata=None):
 
 
 def load_adapter(model, path, extra=None, statistics=False):
-    """Load a :func:`save_adapter` file into ``model``, which must hold the same adapters: make the calls
-    that made them on the plain model first, as you build a model before loading its state dict. Loads
-    the adapters' tensors, those under ``extra`` (default 'head') and, with ``statistics=True``,
-    BatchNorm statistics; anything else, other shapes, NaN, inf and |x| > 1e6 are refused first."""
+    """Load a :func:`save_adapter` file into ``model``, which must hold the same adapters (make the same
+    calls first, as for any state dict): their tensors, those under ``extra`` (default 'head') and, with
+    ``statistics=True``, BatchNorm statistics; anything else, NaN, inf and |x| > 1e6 are refused first."""
     model = _unwrap(model)
     extra = _extra_names(model, extra, ("head",), "load_adapter: extra")
     state, theirs = read_adapter(path)
@@ -513,13 +514,10 @@ def load_adapter(model, path, extra=None, statistics=False):
 #
 # Nothing here changes a result. Autograd would keep every power of x for backward, so the
 # kernels evaluate P and Q by Horner's rule, a0 + x(a1 + x(a2 + ...)), with a hand-written
-# backward that keeps only x and recomputes. x is viewed as (N, C) and each group's coefficients
-# repeated to one row per channel, (k, C), so every broadcast and sum runs along contiguous memory,
-# in place where it can (in the backward, s, S and Q are one tensor in turn, and y takes P's).
-# `_kernels` holds what `rational` runs. On a CPU the eager kernels take x in chunks of `chunk`
-# elements, so their dozen forward and ~50 backward passes run from cache, not memory;
-# train_vit.py's use_compiled_rational puts torch.compile'd kernels here, which fuse the passes
-# into a few loops and take x whole.
+# backward that keeps only x and recomputes, in place where it can, on x viewed as (N, C) with each
+# group's coefficients repeated to one row per channel, (k, C): every sum runs along contiguous
+# memory. `_kernels` holds what `rational` runs: on a CPU the eager kernels take x in chunks, so
+# their dozen passes run from cache; train_vit.py's use_compiled_rational puts fused ones here.
 # =============================================================================
 
 def _per_channel(coeffs, channels):
@@ -539,8 +537,7 @@ def _horner(x, c, derivative=False):
 
 
 def _rational_forward(x, numerator, denominator):
-    """y = P(x) / (1 + |x s(x)|), where S(x) = b1 x + ... + bn x^n = x s(x), computed in the
-    coefficients' precision (float32 at least) and returned in x's."""
+    """y = P(x) / (1 + |x s(x)|), S(x) = x s(x), computed in the coefficients' dtype, returned in x's."""
     C, dtype = x.shape[-1], x.dtype
     x = x.to(numerator.dtype)
     P = _horner(x, _per_channel(numerator, C))
@@ -626,8 +623,8 @@ def _chunks(x):
 #     certain (a linear layer's channels are last, a convolution's and a BatchNorm's on dim 1); an
 #     activation's input takes their axis only if it is one of them, or a view of one that keeps
 #     the axis whole (a reshape, a transpose; not a chunk, a copy or a product);
-#   - a weight's layout: by class, (out, in) in nn.Linear and (in, out) in HF's Conv1D. Which rows of a
-#     fused q | k | v projection are q and v no class tells for sure: add_lora adapts all, or the rows given.
+#   - a weight's layout: by class, (out, in) in nn.Linear and (in, out) in HF's Conv1D. Which rows of
+#     a fused q | k | v are q and v no class says for sure: LoRA adapts them all, or the rows given.
 # Activations called as functions (F.gelu inside forward) cannot be replaced.
 # =============================================================================
 
@@ -762,12 +759,12 @@ def _probe(model, example, activations):
               for m in activations]
     modes, fast = {m: m.training for m in model.modules()}, torch.backends.mha.get_fastpath_enabled()
     buffers = [(m, k, b, b.clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
-    args = example if isinstance(example, (tuple, list, Mapping)) else (example,)
+    args = example if isinstance(example, (tuple, list, collections.abc.Mapping)) else (example,)
     try:
         with torch.random.fork_rng(devices=[]):
             model.eval()
             torch.backends.mha.set_fastpath_enabled(False)   # else nn.TransformerEncoderLayer skips its activation
-            model(**args) if isinstance(args, Mapping) else model(*args)
+            model(**args) if isinstance(args, collections.abc.Mapping) else model(*args)
     except Exception as e:
         raise ValueError(f"add_nora: the model fails on the example= input ({type(e).__name__}: {e}); pass an "
                          f"input the model takes (a tensor, a tuple of arguments or a dict)") from e
@@ -868,7 +865,7 @@ def _describe(model):
                              channels=m.channels)
         elif type(m) is LoRALinear:
             out[path] = dict(add="lora", rank=m.rank, alpha=m.scaling * m.rank, rows=m.row_ranges,
-                             fan_in_fan_out=m.fan_in_fan_out)
+                             fan_in_fan_out=m.fan_in_fan_out, merged=m.merged)
         elif isinstance(m, ADAPTERS):
             raise ValueError(f"save_adapter: {path} is a {type(m).__name__}, which load_adapter cannot check; keep it "
                              f"with adapter_state_dict and torch.save")
@@ -926,15 +923,13 @@ def _unwrap(model):
 
 def _tally(names):
     """'name xN, ...' for a refusal: what the model has."""
-    counts = {}
-    for n in names:
-        counts[n] = counts.get(n, 0) + 1
+    counts = collections.Counter(names)
     return ", ".join(f"{n} x{c}" for n, c in list(counts.items())[:10]) or "none"
 
 
 def _extra_names(model, extra, default, who):
-    """``extra`` as a tuple of names, each checked to be a module or parameter of the model (a typo would
-    leave a tensor out unseen); None: those of ``default`` the model has."""
+    """``extra``'s names, each checked to be in the model (a typo would leave a tensor out); None: those
+    of ``default`` in the model."""
     keys = model.state_dict().keys()
     if extra is None:
         return tuple(n for n in default if any(_under(k, (n,)) for k in keys))
@@ -962,8 +957,7 @@ def _full_name(cls):
 # =============================================================================
 
 def _init_coefficients(init, groups):
-    """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a (numerator, denominator) pair
-    of 1-D (shared by the groups) or (G, .) tensors."""
+    """(G, m+1) and (G, n) float32 coefficients from a name in COEFFS or a pair of 1-D or (G, .) tensors."""
     groups = _positive_int(groups, "groups")
     if isinstance(init, str) and init not in COEFFS:
         raise ValueError(f"unknown activation {init!r}; known: {sorted(COEFFS)}, "

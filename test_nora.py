@@ -632,11 +632,20 @@ def test_adapter_state_dict_loads_with_plain_torch():
         nora.freeze(tiny_vit(), "")                    # not "every parameter"
 
 
-def test_saving_after_a_lora_merge_is_refused():
-    model = nora.add_lora(tiny_vit(), rank=2, alpha=4)
+def test_saving_after_a_lora_merge_and_loading_into_a_merged_model_are_refused(tmp_path):
+    model = nora.freeze(nora.add_lora(tiny_vit(), rank=2, alpha=4), "head")
     train_steps(model, steps=2)
+    nora.save_adapter(model, tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="save before merge"):
         nora.adapter_state_dict(nora.merge(model))        # its base weights hold B A: in no adapter tensor
+    merged = nora.merge(nora.add_lora(tiny_vit(), rank=2, alpha=4))
+    same = unchanged(merged)
+    with pytest.raises(ValueError, match="'merged': False.* in the file, .*'merged': True.* here"):
+        nora.load_adapter(merged, tmp_path / "a.safetensors")   # B A would never reach the output
+    assert same()
+    layer = nora.LoRALinear(nn.Linear(4, 4), rank=2)      # a base left trainable stays so through merge
+    layer.merge()
+    assert layer.base.weight.requires_grad and not layer.lora_A.requires_grad and not layer.lora_B.requires_grad
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")   # shape checks seen while tracing
