@@ -857,7 +857,7 @@ def _describe(model):
     for path, m in model.named_modules():
         if type(m) is NoRA:
             if m.replaced is None:
-                raise ValueError(f"save_adapter: the NoRA at {path} was not put there by add_nora, so what it replaced "
+                raise ValueError(f"adapter file: the NoRA at {path} was not put there by add_nora, so what it replaced "
                                  f"is not known; use add_nora, or keep it with adapter_state_dict and torch.save")
             out[path] = dict(add="nora", function=m.function or m.replaced, rank=m.rank, alpha=m.scaling * m.rank,
                              form=m.form, basis_scale=m.basis_scale, groups=len(m.numerator),
@@ -867,7 +867,7 @@ def _describe(model):
             out[path] = dict(add="lora", rank=m.rank, alpha=m.scaling * m.rank, rows=m.row_ranges,
                              fan_in_fan_out=m.fan_in_fan_out, merged=m.merged)
         elif isinstance(m, ADAPTERS):
-            raise ValueError(f"save_adapter: {path} is a {type(m).__name__}, which load_adapter cannot check; keep it "
+            raise ValueError(f"adapter file: {path} is a {type(m).__name__}, which load_adapter cannot check; keep it "
                              f"with adapter_state_dict and torch.save")
     return json.loads(json.dumps(out))                    # as a file gives it back: lists, not tuples
 
