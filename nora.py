@@ -13,7 +13,8 @@ Part one is the method; read it top to bottom, each section building on the last
   3. NoRA: a low-rank update of the coefficients      paper Sec. 3, Eqs. 7, 8
   4. LoRA, for NoRA++                                  paper Eqs. 2, 3
   5. Putting adapters on a model
-The appendices hold the machinery, and what the scripts build on:
+The appendices hold the machinery, written with torch and the standard library alone (nora.py
+needs nothing else: no timm, safetensors or peft), and what the scripts build on:
   A. Kernels and speed
   B. Reading other people's models
   C. Checks, files and the fit's optimiser
@@ -953,7 +954,7 @@ def _full_name(cls):
 # Appendix C. Checks, files and the fit's optimiser
 #
 # Arguments are checked when given, not at the first forward. Safetensors files are read and written
-# with the standard library (nothing in one can run code), through one atomic writer.
+# with the standard library, so no package is needed and nothing in a file can run code.
 # =============================================================================
 
 def _init_coefficients(init, groups):
