@@ -392,13 +392,14 @@ ADAPTERS = (NoRA, LoRALinear)                             # what freeze() leaves
 
 
 def freeze(model, *trainable):
-    """requires_grad=False for every parameter but the adapters' own and those under ``trainable`` (module
-    paths such as 'head', or parameter names). add_nora and add_lora freeze nothing: call it after them."""
+    """requires_grad=False for every parameter but the adapters' own (left as they are) and those under
+    ``trainable`` (module paths such as 'head', or parameter names). add_* freeze nothing: call it after."""
     inner = _unwrap(model)
     trainable = _extra_names(inner, trainable, (), "freeze: trainable")
     own = {id(p) for m in inner.modules() if isinstance(m, ADAPTERS) for p in m.parameters(recurse=False)}
-    for name, p in inner.named_parameters():
-        p.requires_grad_(id(p) in own and p.requires_grad or _under(name, trainable))
+    chosen = {id(p) for n, p in inner.named_parameters(remove_duplicate=False) if _under(n, trainable)}
+    for p in inner.parameters():
+        p.requires_grad_(id(p) in own and p.requires_grad or id(p) in chosen)
     return model
 
 
@@ -450,7 +451,7 @@ def merge(model):
             if isinstance(m, ADAPTERS):
                 m.merge()                                 # (a merged NoRA computes what it did: nothing to undo)
                 done.append(m)
-    except (TypeError, ValueError):
+    except Exception:
         for m in done:
             if isinstance(m, LoRALinear):
                 m.unmerge()
@@ -471,9 +472,8 @@ def adapter_state_dict(model, extra=None, statistics=None):
                          f"adapter tensor; save before merge (a merged LoRALinear can unmerge())")
     stats = _running_statistics(model)
     if stats and statistics is None:
-        raise ValueError(f"adapter_state_dict: the model has {len(stats) // 3} BatchNorm layers, whose running "
-                         f"statistics training moves in train mode: pass statistics=True to keep them, or "
-                         f"statistics=False if they did not train")
+        raise ValueError(f"adapter_state_dict: the model has BatchNorm statistics, which training in train mode "
+                         f"moves: pass statistics=True to keep them, or statistics=False if they did not train")
     state = model.state_dict()
     keep = _adapter_keys(model) | {k for k in state if _under(k, extra)} | (stats if statistics else set())
     lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in keep]
@@ -498,6 +498,8 @@ def load_adapter(model, path, extra=None, statistics=False):
     model = _unwrap(model)
     extra = _extra_names(model, extra, ("head",), "load_adapter: extra")
     state, theirs = read_adapter(path)
+    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
+        raise ValueError("load_adapter: the model's LoRA is merged, so a loaded update would not count; load first")
     mine = _describe(model)
     if mine != theirs:
         differ = [f"{p}: {theirs.get(p, 'none')} in the file, {mine.get(p, 'none')} here"
@@ -697,8 +699,8 @@ def _find_activations(model, target, init, per_module):
             found[path] = m, function
     if not found:
         names = " or ".join(t if isinstance(t, str) else t.__name__ for t in targets)
-        has = _tally(f"{type(m).__name__}" + (f" ({activation_name(m)})" if activation_name(m) else "")
-                     for m in model.modules() if not any(m.children()) and next(m.parameters(), None) is None)
+        has = sorted({type(m).__name__ + (f" ({activation_name(m)})" if activation_name(m) else "")
+                      for m in model.modules() if not any(m.children()) and next(m.parameters(), None) is None})
         raise ValueError(f"add_nora: the model has no {names} module; its parameter-free modules are {has}: pass "
                          f"target= a function they compute, or target=TheirClass, init=nora.fit_rational(fn) (NoRA "
                          f"modules are not replaced again; for F.gelu called in forward, give the model a module)")
@@ -734,25 +736,27 @@ def _settle(path, calls, groups, given):
         fits = max(d for d in range(1, groups + 1) if all(w % d == 0 for w in widths))
         return None, None, [f"acts on {widths} channels, which cannot be split into {groups} equal groups"
                             + fix(groups=fits)]
-    return (-1 if dim == -1 else dim + len(calls[0][0])), widths, []
+    return dim, widths, []                                # counted from the end: the same for a batch of one
 
 
 def _output_axis(layer):
     """The axis of ``layer``'s output that holds its channels, for layers whose layout is certain; else None."""
-    if isinstance(layer, nn.Linear) or _full_name(type(layer)) == CONV1D or type(layer) is nn.Embedding or (
+    if _plain(layer, nn.Linear, nn.Embedding) or _full_name(type(layer)) == CONV1D or (
             type(layer) is nn.LayerNorm and len(layer.normalized_shape) == 1):   # (over several axes: no channels)
         return -1
-    if isinstance(layer, nn.modules.conv._ConvNd):      # (N, C, *spatial) or unbatched (C, *spatial)
-        return -1 - len(layer.kernel_size)
-    if isinstance(layer, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-        return 1
-    return None
+    if _plain(layer, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        return -1 - len(layer.kernel_size)                # (N, C, *spatial) or unbatched (C, *spatial)
+    return 1 if _plain(layer, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm) else None
+
+
+def _plain(module, *classes):
+    """Whether ``module`` is one of ``classes``, or of a subclass computing the same (its forward not overridden)."""
+    return any(isinstance(module, c) and type(module).forward is c.forward for c in classes)
 
 
 @torch.no_grad()
 def _probe(model, example, activations):
-    """{id: [(shape, channel axis or None, device)]} of each input of the modules in ``activations`` on one
-    run of ``example`` (eval mode; the RNG, the modes and every buffer put back afterwards)."""
+    """{id: [(shape, channel axis, device)]} of each activation's input on one run of the example, put back after."""
     made, seen = [], {id(m): [] for m in activations}     # made: kept alive, so no output is mistaken for another
     record = lambda layer, args, out: made.append((out, _output_axis(layer))) if isinstance(out, torch.Tensor) else None
     hooks = [m.register_forward_hook(record) for m in model.modules() if _output_axis(m) is not None]
@@ -781,8 +785,8 @@ def _probe(model, example, activations):
 
 
 def _input_of(args, made):
-    """(shape, channel axis or None, device) of an activation's input: the axis of the layer output in ``made``
-    that it is, or is a view of with that axis whole (its size and stride kept, nothing cut away)."""
+    """(shape, channel axis or None, device) of an activation's input: the axis of the output in ``made`` it is,
+    or is a view of with that axis whole (its size and stride kept, nothing cut away)."""
     x = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else None
     if x is None:
         return (), None, "cpu"
@@ -818,18 +822,19 @@ def _plan_lora(model, rank, alpha, targets, rows, layer):
         if tied:
             trouble.append(f"{where} (or its weight) is used at {tied}: LoRA would adapt one place and its merge "
                            f"change all; untie them, or leave it out of targets")
-        elif isinstance(m, LoRALinear) or not (isinstance(m, nn.Linear) or _full_name(type(m)) == CONV1D):
+        elif isinstance(m, LoRALinear) or not (_plain(m, nn.Linear) or _full_name(type(m)) == CONV1D):
             trouble.append(f"{where} " + ("has LoRA already" if isinstance(m, LoRALinear) else
-                                          "is neither an nn.Linear nor HF's Conv1D, so its weight's layout is not "
-                                          "known: wrap it with LoRALinear(layer, ...)"))
+                                          "is neither an nn.Linear nor HF's Conv1D (or its forward is its own), so its "
+                                          "weight's use is not known: wrap it with LoRALinear(layer, ...)"))
         elif not trouble:
             out_features = m.weight.shape[0 if isinstance(m, nn.Linear) else 1]
             ranges = _check_rows(rows.get(target), out_features, where)
             plan.append((path, layer(m, rank, alpha, ranges, fan_in_fan_out=not isinstance(m, nn.Linear))))
-    if trouble or not plan:
-        names = _tally(p.rpartition(".")[2] for p, m in model.named_modules() if getattr(m, "weight", None) is not None)
+    missing = [t for t in targets if not any(_named(p, (t,)) for p, _ in plan)]   # (a typo beside a good target)
+    if trouble or missing:
+        names = sorted({p.rpartition(".")[2] for p, m in model.named_modules() if hasattr(m, "weight")})
         raise ValueError("add_lora: " + ("\nadd_lora: ".join(trouble[:16]) if trouble else
-                                         f"no linear layer named {' or '.join(targets)}; its layers are named {names}"))
+                                         f"no linear layer named {' or '.join(missing)}; its layers are named {names}"))
     return [(p, new.train(model.get_submodule(p).training)) for p, new in plan]
 
 
@@ -848,10 +853,8 @@ def _build_in(model, plan):
             parent.activation_relu_or_gelu = 0            # else its eval-mode fast path computes GELU itself
 
 
-# An adapter file is a .safetensors file of the adapters' tensors (and the head's, ...) whose
-# metadata describes every adapter module: what add_nora was given and found for a NoRA (function,
-# groups, channel axis, widths), what add_lora made for LoRA (rank, rows, layout). load_adapter
-# loads it only into a model whose adapters have that very description.
+# An adapter file is a .safetensors file of the adapters' tensors (and the head's, ...), its metadata
+# describing every adapter module; load_adapter loads it only into adapters of that very description.
 def _describe(model):
     """{path: settings} of every adapter module of ``model``."""
     out = {}
@@ -866,7 +869,7 @@ def _describe(model):
                              channels=m.channels)
         elif type(m) is LoRALinear:
             out[path] = dict(add="lora", rank=m.rank, alpha=m.scaling * m.rank, rows=m.row_ranges,
-                             fan_in_fan_out=m.fan_in_fan_out, merged=m.merged)
+                             fan_in_fan_out=m.fan_in_fan_out)
         elif isinstance(m, ADAPTERS):
             raise ValueError(f"adapter file: {path} is a {type(m).__name__}, which load_adapter cannot check; keep it "
                              f"with adapter_state_dict and torch.save")
@@ -874,16 +877,21 @@ def _describe(model):
 
 
 def _check_adapter_state(model, state, extra, statistics):
-    """Refuse a tensor neither an adapter's nor under ``extra`` (nor, with ``statistics``, a BatchNorm
-    statistic), an adapter's missing, another shape or dtype kind, NaN, inf or values beyond 1e6."""
+    """Refuse a tensor not an adapter's or under ``extra`` (or a statistic), an adapter's missing, another
+    shape or dtype kind, NaN, inf, |x| > 1e6, and a file that holds nothing for ``extra``."""
     mine, stats, adapters = model.state_dict(), _running_statistics(model), _adapter_keys(model)
     allowed = adapters | {k for k in mine if _under(k, extra) or statistics and k in stats}
+    tied = [p for paths in _shared(model).values() if set(paths) & set(state) for p in paths if p not in allowed]
+    empty = [n for n in extra if not any(_under(k, (n,)) for k in state)] + ["statistics"] * bool(
+        statistics and stats and not stats & set(state))
+    if tied or empty:
+        raise ValueError(f"load_adapter: {tied[:3]} share a tensor the file writes but are not under extra={extra}; "
+                         f"the file holds nothing for {empty} (name in extra= what it holds)")
     strangers, missing = sorted(set(state) - allowed), sorted(adapters - set(state))
     if strangers or missing:
-        raise ValueError(f"load_adapter: the file holds {strangers[:4]}, which are neither the adapters' tensors "
-                         f"nor under extra={extra}, and lacks {missing[:4]}. Name the modules whose tensors it may "
-                         f"write in extra= (e.g. 'classifier'), statistics=True for BatchNorm statistics; or load it "
-                         f"into the model it was trained on")
+        raise ValueError(f"load_adapter: the file holds {strangers[:4]}, neither the adapters' nor under "
+                         f"extra={extra}, and lacks {missing[:4]}: name what it may write in extra= (e.g. "
+                         f"'classifier'), statistics=True for BatchNorm statistics; or load it into its own model")
     for k, v in state.items():
         if v.shape != mine[k].shape or v.is_floating_point() != mine[k].is_floating_point():
             raise ValueError(f"load_adapter: the file's {k} is {v.dtype} {tuple(v.shape)}, this model's "
@@ -920,12 +928,6 @@ def _unwrap(model):
     while isinstance(model, wrappers) or isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model.module if isinstance(model, wrappers) else model._orig_mod
     return model
-
-
-def _tally(names):
-    """'name xN, ...' for a refusal: what the model has."""
-    counts = collections.Counter(names)
-    return ", ".join(f"{n} x{c}" for n, c in list(counts.items())[:10]) or "none"
 
 
 def _extra_names(model, extra, default, who):
@@ -1165,9 +1167,8 @@ def read_adapter(path):
         if not (isinstance(described, dict) and all(isinstance(v, dict) for v in described.values())):
             raise ValueError("not a map of module paths to settings")
     except (KeyError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path} holds no readable description of the calls that made its adapters ({e}): it is "
-                         f"damaged, or not written by save_adapter (a plain state dict loads with "
-                         f"model.load_state_dict)") from None
+        raise ValueError(f"{path} holds no readable description of its adapters ({e}): it is damaged, or not "
+                         f"written by save_adapter (a plain state dict loads with model.load_state_dict)") from None
     return state, described
 
 
@@ -1365,8 +1366,7 @@ def load_pretrained(model, source=DEFAULT_WEIGHTS, cache_dir=None, verbose=True)
 
 
 def resample_pos_embed(pos_embed, grid_size):
-    """Resize the patch part of a (1, 1 + h*w, D) position embedding to ``grid_size``, bicubically,
-    as timm does; the class-token position is kept as it is."""
+    """Resize the patch part of a (1, 1 + h*w, D) position embedding to ``grid_size`` bicubically, as timm does."""
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old = int(math.sqrt(patch_pos.shape[1]))
     patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
@@ -1390,8 +1390,7 @@ def download(url, cache_dir=None):
     try:
         torch.hub.download_url_to_file(url, str(dest), progress=sys.stderr.isatty())
     except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(
-            f"could not download {url} ({e}).\nIf this machine is offline, download the file on one that "
-            f"is online and pass its local path instead (load_pretrained(model, 'path/to/file'), or "
-            f"--weights path/to/file in train_vit.py), or copy it to {dest}") from None
+        raise RuntimeError(f"could not download {url} ({e}).\nIf this machine is offline, download the file on one "
+                           f"that is online and pass its local path instead (load_pretrained(model, 'path/to/file'), "
+                           f"or --weights path/to/file in train_vit.py), or copy it to {dest}") from None
     return dest

@@ -640,7 +640,7 @@ def test_saving_after_a_lora_merge_and_loading_into_a_merged_model_are_refused(t
         nora.adapter_state_dict(nora.merge(model))        # its base weights hold B A: in no adapter tensor
     merged = nora.merge(nora.add_lora(tiny_vit(), rank=2, alpha=4))
     same = unchanged(merged)
-    with pytest.raises(ValueError, match="'merged': False.* in the file, .*'merged': True.* here"):
+    with pytest.raises(ValueError, match="LoRA is merged, so a loaded update would not count"):
         nora.load_adapter(merged, tmp_path / "a.safetensors")   # B A would never reach the output
     assert same()
     layer = nora.LoRALinear(nn.Linear(4, 4), rank=2)      # a base left trainable stays so through merge
@@ -767,7 +767,7 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(tmp_path):
                        (edited(a, tmp_path / "d.safetensors", {"blocks.0.mlp.act.numerator":
                                                                torch.full((8, 6), 1e300, dtype=torch.float64)}), "inf"),
                        (edited(a, tmp_path / "w.safetensors", {"blocks.0.attn.qkv.weight": torch.zeros(576, 192)}),
-                        "neither the adapters")):
+                        "neither the adapters'")):
         target = deep(2)
         same = unchanged(target)
         with pytest.raises(ValueError, match=match):
@@ -785,7 +785,7 @@ def test_an_adapter_file_cannot_write_the_backbone_or_allocate_anything(tmp_path
     a = tmp_path / "a.safetensors"
     nora.save_adapter(trained, a)
     cases = {
-        "backbone tensor": ({"0.weight": torch.zeros(16, 8)}, None, "neither the adapters"),
+        "backbone tensor": ({"0.weight": torch.zeros(16, 8)}, None, "neither the adapters'"),
         "backbone path as an activation": (None, lambda d: d.update({"0": dict(d["1"], channels=[16])}),
                                            "does not hold"),
         "huge rank": (None, lambda d: d["1"].update(rank=10 ** 9), "does not hold"),
@@ -871,6 +871,52 @@ def test_a_second_hostile_pass_finds_no_silent_wrong_load(tmp_path):
     nora.save_adapter(nn.DataParallel(trained), tmp_path / "dp.safetensors")               # the wrapper's names go
     assert all(not k.startswith("module.") for k in nora.read_safetensors(tmp_path / "dp.safetensors"))
     nora.load_adapter(nn.DataParallel(adapted(copy_of(plain))), tmp_path / "dp.safetensors")
+
+
+def test_a_fourth_pass_tied_heads_ranks_subclasses_typos_and_what_a_file_lacks(tmp_path):
+    class LM(nn.Module):                                  # a language model's head tied to its embedding
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.fc, self.act = nn.Embedding(10, 8), nn.Linear(8, 8), nn.GELU()
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, t):
+            return self.head(self.act(self.fc(self.embed(t))))
+    tokens = torch.tensor([[1, 2]])
+    lm = nora.freeze(nora.add_nora(LM(), groups=8, example=tokens))
+    with torch.no_grad():
+        lm.embed.weight.add_(5)
+    nora.save_adapter(lm, tmp_path / "lm.safetensors")   # 'head' by default: the tied weight with it
+    other = nora.add_nora(LM(), groups=8, example=tokens)
+    same = unchanged(other)
+    with pytest.raises(ValueError, match=r"\['embed.weight'\] share a tensor the file writes"):
+        nora.load_adapter(other, tmp_path / "lm.safetensors")
+    assert same()
+    with pytest.raises(ValueError, match=r"holds nothing for \['head'\]"):       # not the model's own random head
+        nora.save_adapter(nora.freeze(copy_of(lm)), tmp_path / "bare.safetensors", extra=())
+        nora.load_adapter(nora.add_nora(LM(), groups=8, example=tokens), tmp_path / "bare.safetensors")
+    tied = nora.freeze(LM(), "head")                      # a name that reaches a weight by its second path
+    assert tied.embed.weight.requires_grad
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 2, 1))
+    nora.add_nora(conv, groups=8, example=torch.randn(3, 8, 8))         # one unbatched image as the example
+    with torch.no_grad():
+        conv[1].B_P.normal_()
+        x = torch.randn(4, 3, 8, 8)
+        torch.testing.assert_close(conv(x)[0], conv(x[0]))               # batched or not, the same groups
+
+    class Transposed(nn.Linear):                          # an nn.Linear whose forward is its own
+        def forward(self, x):
+            return super().forward(x).transpose(1, 2)
+    with pytest.raises(ValueError, match="whose channel axis no layer's output shows"):
+        nora.add_nora(nn.Sequential(Transposed(8, 16), nn.GELU()), groups=4, example=torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="or its forward is its own"):
+        nora.add_lora(nn.Sequential(Transposed(8, 16)), targets=("0",))
+    vit = tiny_vit()
+    with pytest.raises(ValueError, match=r"no linear layer named fc_1 or mlp"):         # a typo beside a good target
+        nora.add_lora(vit, rank=2, targets=("qkv", "fc_1", "mlp"))
+    assert not any(isinstance(m, nora.LoRALinear) for m in vit.modules())
 
 
 def test_a_third_pass_shared_modules_tied_weights_merges_and_names(tmp_path):
@@ -1127,7 +1173,7 @@ def test_torchvision_models_swap_train_reload_merge_and_export(name):
     assert row["merge"] < 1e-5 and row.get("NoRA++ merge", 0) < 1e-5
     assert row["export"].startswith("ok") and float(row["export"][4:-1]) < 1e-5
     convolutional = ("maxvit", "efficientnet", "mobilenet")
-    assert ("(dim 1)" in row["replaced"]) == any(n in name for n in convolutional)   # (N, C, H, W) stages
+    assert ("(dim -3)" in row["replaced"]) == any(n in name for n in convolutional)   # (N, C, H, W) stages
     if not any(n in name for n in convolutional):         # their random BatchNorms leave inputs ~1e-4 (or ~0)
         assert row["init change"] < (0.1 if "v2" in name else 0.05)   # swin v2's post-norm: 0.087
 
@@ -1150,14 +1196,14 @@ def test_add_nora_knows_each_activation_by_its_class_and_never_calls_one():
     torch.testing.assert_close(model[1].numerator[0], torch.tensor(nora.GELU_TANH_COEFFS[0]))
     nora.add_nora(model, groups=2, target="silu", example=x)
     torch.testing.assert_close(model[5].numerator[0], torch.tensor(nora.SILU_COEFFS[0]))
-    with pytest.raises(ValueError, match=r"no gelu or gelu_tanh module; .* are .*MyGELU x1.*Tanh x1.*NoRA modules"):
+    with pytest.raises(ValueError, match=r"no gelu or gelu_tanh module; .* are .*'MyGELU'.*'Tanh'.*NoRA modules"):
         nora.add_nora(model, groups=2, example=x)
     with pytest.raises(ValueError, match=r"3 is a MyGELU, whose function add_nora does not know.*init="):
         nora.add_nora(model, groups=2, target=MyGELU, example=x)
     nora.add_nora(model, groups=2, target=MyGELU, init="gelu", example=x)
     nora.add_nora(model, groups=2, target=nn.Tanh, init=nora.fit_rational(torch.tanh, x_range=(-4, 4)), example=x)
     assert all(isinstance(m, nora.NoRA) for m in model[1::2])
-    with pytest.raises(ValueError, match=r"modules are SiLU \(silu\) x1"):      # what it has, said plainly
+    with pytest.raises(ValueError, match=r"modules are \['SiLU \(silu\)'\]"):    # what it has, said plainly
         nora.add_nora(nn.Sequential(nn.Linear(8, 16), nn.SiLU()), example=torch.randn(2, 8))
 
 
@@ -1184,7 +1230,7 @@ def test_gelu_on_an_nchw_feature_map_is_grouped_over_channels():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.GELU(), nn.Conv2d(16, 4, 1)).eval()
     nora.add_nora(model, groups=8, rank=2, example=torch.randn(2, 3, 9, 7))
     act = model[2]
-    assert act.channel_dim == 1
+    assert act.channel_dim == -3                          # counted from the end: one image (C, H, W) works too
     with torch.no_grad():
         act.B_P.normal_()                                 # give each group its own function
         x = torch.randn(2, 16, 6, 6)
@@ -1339,7 +1385,7 @@ def test_a_squeeze_excitation_width_is_refused_before_any_change_with_the_call_t
     assert len(per_module) == str(refusal.value).count("cannot be split")
     nora.add_nora(model, groups=8, target="silu", example=x, per_module=per_module)
     noras = {p: m for p, m in model.named_modules() if isinstance(m, nora.NoRA)}
-    assert len(noras) == 22 and all(m.channel_dim == 1 for m in noras.values())
+    assert len(noras) == 22 and all(m.channel_dim == -3 for m in noras.values())
     assert {noras[p].numerator.shape[0] for p in per_module} < {8} | {noras[p].numerator.shape[0] for p in per_module}
     model(x)
 
@@ -1400,7 +1446,7 @@ def test_fused_projections_get_the_rows_the_caller_gives_and_names_match_at_dots
     model = nn.Sequential(DebertaAttention())
     nora.add_lora(model, rank=2, targets=("query_proj",))
     assert isinstance(model[0].query_proj, nora.LoRALinear) and type(model[0].pos_query_proj) is nn.Linear
-    with pytest.raises(ValueError, match=r"named qkv; its layers are named query_proj x1, pos_query_proj x1"):
+    with pytest.raises(ValueError, match=r"named qkv; its layers are named \['pos_query_proj', 'query_proj'\]"):
         nora.add_lora(nn.Sequential(DebertaAttention()), targets=("qkv",))
 
 
