@@ -1300,11 +1300,11 @@ class MobileViTLike(nn.Module):
 
 @pytest.mark.parametrize("make, example, unseen, said, expected", [
     (LeViTMlp, torch.randn(2, 3, 2, 2), "attn_act", {"channel_dim": -1, "per_module": {"stem_act": dict(channel_dim=1)}},
-     {"stem_act": 1, "act": -1, "attn_act": -1}),
+     {"stem_act": -3, "act": -1, "attn_act": -1}),
     (Wav2Vec2Like, torch.randn(2, 1, 6), "pos_act", {"per_module": {"pos_act": dict(channel_dim=1)}},
-     {"act": 1, "pos_act": 1}),
+     {"act": -2, "pos_act": -2}),
     (MobileViTLike, torch.randn(2, 3, 4, 4), "bn.act", {"per_module": {"bn.act": dict(channel_dim=1)}},
-     {"bn.act": 1, "act": -1}),
+     {"bn.act": -3, "act": -1}),
 ], ids=["levit", "wav2vec2", "mobilevit"])
 def test_the_channel_axis_is_seen_through_views_and_asked_for_elsewhere(make, example, unseen, said, expected):
     torch.manual_seed(0)
