@@ -741,7 +741,7 @@ def _settle(path, calls, groups, given):
 
 def _output_axis(layer):
     """The axis of ``layer``'s output that holds its channels, for layers whose layout is certain; else None."""
-    if _plain(layer, nn.Linear, nn.Embedding) or _full_name(type(layer)) == CONV1D or (
+    if _plain(layer, nn.Linear, nn.Embedding) or _full_name(type(layer)) in (CONV1D, *LINEARS) or (
             type(layer) is nn.LayerNorm and len(layer.normalized_shape) == 1):   # (over several axes: no channels)
         return -1
     if _plain(layer, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
@@ -799,7 +799,9 @@ def _input_of(args, made):
     return tuple(x.shape), None, x.device
 
 
-CONV1D = "transformers.pytorch_utils.Conv1D"              # HF's linear layer that stores its weight (in, out)
+# Linear layers of other classes whose source we have read: HF's Conv1D stores its weight (in, out);
+# Falcon's FalconLinear computes x W^T + b as nn.Linear does, in a forward of its own.
+CONV1D, LINEARS = "transformers.pytorch_utils.Conv1D", ("transformers.models.falcon.modeling_falcon.FalconLinear",)
 
 
 def _plan_lora(model, rank, alpha, targets, rows, layer):
@@ -822,7 +824,7 @@ def _plan_lora(model, rank, alpha, targets, rows, layer):
         if tied:
             trouble.append(f"{where} (or its weight) is used at {tied}: LoRA would adapt one place and its merge "
                            f"change all; untie them, or leave it out of targets")
-        elif isinstance(m, LoRALinear) or not (_plain(m, nn.Linear) or _full_name(type(m)) == CONV1D):
+        elif isinstance(m, LoRALinear) or not (_plain(m, nn.Linear) or _full_name(type(m)) in (CONV1D, *LINEARS)):
             trouble.append(f"{where} " + ("has LoRA already" if isinstance(m, LoRALinear) else
                                           "is neither an nn.Linear nor HF's Conv1D (or its forward is its own), so its "
                                           "weight's use is not known: wrap it with LoRALinear(layer, ...)"))
@@ -859,10 +861,7 @@ def _describe(model):
     """{path: settings} of every adapter module of ``model``."""
     out = {}
     for path, m in model.named_modules():
-        if type(m) is NoRA:
-            if m.replaced is None:
-                raise ValueError(f"adapter file: the NoRA at {path} was not put there by add_nora, so what it replaced "
-                                 f"is not known; use add_nora, or keep it with adapter_state_dict and torch.save")
+        if type(m) is NoRA:                               # (placed by hand: function and channels None)
             out[path] = dict(add="nora", function=m.function or m.replaced, rank=m.rank, alpha=m.scaling * m.rank,
                              form=m.form, basis_scale=m.basis_scale, groups=len(m.numerator),
                              degrees=[m.numerator.shape[1] - 1, m.denominator.shape[1]], channel_dim=m.channel_dim,
