@@ -355,17 +355,16 @@ class LoRALinear(nn.Module):
                             f"merge into (a quantised layer?); keep the model unmerged")
         if not self.merged:
             self.base.weight.copy_(self.weight)
-            self.merged = True
+            self.merged, self.trained = True, (self.lora_A.requires_grad, self.lora_B.requires_grad)
             self.lora_A.requires_grad_(False), self.lora_B.requires_grad_(False)
 
     @torch.no_grad()
     def unmerge(self):
-        """Take B A out of the base weight again; A and B train again."""
+        """Take B A out of the base weight again; A and B train as they did before merge."""
         if self.merged:
             self._add_to_weight(self.base.weight, -self.delta_weight())
             self.merged = False
-            self.lora_A.requires_grad_(True)
-            self.lora_B.requires_grad_(True)
+            self.lora_A.requires_grad_(self.trained[0]), self.lora_B.requires_grad_(self.trained[1])
 
     def extra_repr(self):
         return (f"rank={self.rank}, scaling={self.scaling:g}, row_ranges={self.row_ranges}"

@@ -944,9 +944,11 @@ def test_a_third_pass_shared_modules_tied_weights_merges_and_names(tmp_path):
         nora.add_lora(tied, targets=("head",))
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), torch.nn.utils.parametrizations.weight_norm(nn.Linear(8, 2)))
     nora.add_lora(model, rank=2, targets=("0", "2"))
+    model[0].lora_A.requires_grad_(False)                  # a side the caller froze
     with pytest.raises(TypeError, match="no stored weight"):
         nora.merge(model)                                  # the second cannot merge: the first is put back
     assert not model[0].merged and not model[2].merged
+    assert not model[0].lora_A.requires_grad and model[0].lora_B.requires_grad    # as the caller left them
     marked = nora.freeze(nn.Sequential(nn.Linear(4, 8), nn.GELU()), "0.weight")
     nora.add_lora(marked, rank=2, targets=("0",))
     assert marked[0].base.weight.requires_grad and "0.base.weight" in nora.adapter_state_dict(marked)
