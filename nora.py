@@ -212,7 +212,7 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tan
 # hang on tiny leading coefficients (a_5 = 5.3e-4, b_4 = 1.1e-3), yet over a real ViT's inputs the
 # output is 290 times more sensitive to a_5 than to a_1. Adam moves every entry of A and B by about
 # the same step, so in monomials the first steps change a_5 and b_4 by more than their own size;
-# at s = 3 the sensitivities to dp_0 .. dp_5 span 6.5x instead. `basis_scale=1` is the paper's form.
+# at s = 3 they span 6.5x instead (fit_gelu.py --model prints both). `basis_scale=1` is the paper's.
 # -----------------------------------------------------------------------------
 
 class NoRA(nn.Module):
@@ -471,8 +471,8 @@ def adapter_state_dict(model, extra=None, statistics=None):
                          f"adapter tensor; save before merge (a merged LoRALinear can unmerge())")
     stats = _running_statistics(model)
     if stats and statistics is None:
-        raise ValueError(f"adapter_state_dict: the model has BatchNorm statistics, which training in train mode "
-                         f"moves: pass statistics=True to keep them, or statistics=False if they did not train")
+        raise ValueError("adapter_state_dict: the model has BatchNorm statistics, which training in train mode "
+                         "moves: pass statistics=True to keep them, or statistics=False if they did not train")
     state = model.state_dict()
     keep = _adapter_keys(model) | {k for k in state if _under(k, extra)} | (stats if statistics else set())
     lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in keep]
@@ -875,8 +875,8 @@ def _describe(model):
 
 
 def _check_adapter_state(model, state, extra, statistics):
-    """Refuse a tensor not an adapter's or under ``extra`` (or a statistic), an adapter's missing, another
-    shape or dtype kind, NaN, inf, |x| > 1e6, and a file that holds nothing for ``extra``."""
+    """Refuse a tensor not an adapter's or under ``extra`` (or a statistic) or tied to one outside, an adapter's
+    missing, another shape or dtype kind, NaN, inf, |x| > 1e6, and a file holding nothing for ``extra``."""
     mine, stats, adapters = model.state_dict(), _running_statistics(model), _adapter_keys(model)
     allowed = adapters | {k for k in mine if _under(k, extra) or statistics and k in stats}
     tied = [p for paths in _shared(model).values() if set(paths) & set(state) for p in paths if p not in allowed]
