@@ -422,8 +422,9 @@ def add_nora(model, groups=8, rank=2, *, example, target=("gelu", "gelu_tanh"), 
     per_module: {module path: dict(groups=..., channel_dim=...)} where one value cannot serve all,
         or {module path: None} to leave that module as it is.
     nora_kwargs: alpha, form, basis_scale (see NoRA)."""
-    plan = _plan_nora(model, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs)
-    _build_in(model, plan)
+    inner = _unwrap(model)                                # (paths as freeze and the files name them)
+    plan = _plan_nora(inner, groups, rank, example, target, init, channel_dim, per_module, nora_kwargs)
+    _build_in(inner, plan)
     if init is None and any(new.function == "relu" for _, new in plan):   # (the others are within 0.017)
         warnings.warn("add_nora: ReLU's rational is up to 0.18 off on [-8, 8] (0.064 at its kink), so the model's "
                       "outputs move at init; measure the change on your inputs")
@@ -435,8 +436,7 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), rows=None, layer=LoRALin
     path is one of ``targets`` or ends with "." and one of them, on all its output rows or on those
     ``rows`` gives, {target: [(start, stop), ...]} of equal widths (the q and v of a fused q | k | v,
     as in the paper's C.1: [(0, d), (2 * d, 3 * d)] for timm's and our `qkv`)."""
-    plan = _plan_lora(model, rank, alpha, targets, rows, layer)
-    _build_in(model, plan)
+    _build_in(_unwrap(model), _plan_lora(_unwrap(model), rank, alpha, targets, rows, layer))
     return model
 
 
@@ -497,8 +497,10 @@ def load_adapter(model, path, extra=None, statistics=False):
     model = _unwrap(model)
     extra = _extra_names(model, extra, ("head",), "load_adapter: extra")
     state, theirs = read_adapter(path)
-    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
-        raise ValueError("load_adapter: the model's LoRA is merged, so a loaded update would not count; load first")
+    if any(isinstance(m, LoRALinear) and m.merged or any(p.is_meta for p in m.parameters(recurse=False))
+           for m in model.modules()):
+        raise ValueError("load_adapter: the model's LoRA is merged, so a loaded update would not count, or it is on "
+                         "the meta device (model.to_empty(device=...) it first); load before merge")
     mine = _describe(model)
     if mine != theirs:
         differ = [f"{p}: {theirs.get(p, 'none')} in the file, {mine.get(p, 'none')} here"

@@ -667,11 +667,14 @@ def test_state_dict_holds_only_tensors_and_exports(tmp_path):
     assert (tmp_path / "m.onnx").stat().st_size > 0
 
 
-def test_a_model_built_on_the_meta_device_loads_to_the_same_outputs():
+def test_a_model_built_on_the_meta_device_loads_to_the_same_outputs(tmp_path):
     model = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1)), rank=2)
     train_steps(model, steps=2)
     with torch.device("meta"):                            # build without memory, then load real weights
         empty = nora.add_lora(nora.add_nora(tiny_vit(), groups=8, rank=2, example=images(1)), rank=2)
+    nora.save_adapter(nora.freeze(model), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="meta device"):                   # loading there would do nothing
+        nora.load_adapter(empty, tmp_path / "a.safetensors")
     empty.to_empty(device="cpu").load_state_dict(model.state_dict())
     x = images(2)
     with torch.no_grad():
@@ -917,6 +920,9 @@ def test_a_fourth_pass_tied_heads_ranks_subclasses_typos_and_what_a_file_lacks(t
         nora.add_nora(nn.Sequential(Transposed(8, 16), nn.GELU()), groups=4, example=torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match="or its forward is its own"):
         nora.add_lora(nn.Sequential(Transposed(8, 16)), targets=("0",))
+    wrapped = nora.add_nora(nn.DataParallel(nn.Sequential(nn.Linear(8, 16), nn.GELU())), groups=4,
+                            example=torch.randn(2, 8), per_module={"1": dict(groups=2)})   # the model's own names
+    assert wrapped.module[1].numerator.shape[0] == 2
     vit = tiny_vit()
     with pytest.raises(ValueError, match=r"no linear layer named fc_1 or mlp"):         # a typo beside a good target
         nora.add_lora(vit, rank=2, targets=("qkv", "fc_1", "mlp"))
