@@ -436,7 +436,8 @@ def add_lora(model, rank=8, alpha=16, targets=("qkv",), rows=None, layer=LoRALin
     path is one of ``targets`` or ends with "." and one of them, on all its output rows or on those
     ``rows`` gives, {target: [(start, stop), ...]} of equal widths (the q and v of a fused q | k | v,
     as in the paper's C.1: [(0, d), (2 * d, 3 * d)] for timm's and our `qkv`)."""
-    _build_in(_unwrap(model), _plan_lora(_unwrap(model), rank, alpha, targets, rows, layer))
+    inner = _unwrap(model)                                # (paths as freeze and the files name them)
+    _build_in(inner, _plan_lora(inner, rank, alpha, targets, rows, layer))
     return model
 
 
